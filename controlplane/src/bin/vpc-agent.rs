@@ -1,0 +1,228 @@
+//! `vpc-agent`: the host agent. Today it loads the datapath, attaches it to interfaces and
+//! keeps it running; later issues add the control-plane watch and the compute/storage agents.
+//!
+//! The datapath outlives the agent: maps and links are pinned, so stopping (or crashing) the
+//! agent leaves packets flowing, and the next agent takes over the same links atomically.
+//! `--detach-on-exit` (what `cargo xtask run` uses) removes everything on Ctrl-C instead.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use controlplane::datapath::{
+    AttachOutcome, Datapath, LoadOptions, PinLayout, PinnedMaps, XdpAttachMode,
+};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{info, warn};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "VPC host agent: loads and runs the eBPF datapath on this host"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Detach the datapath and remove every pin under the pin directory.
+    Teardown {
+        /// bpffs directory holding the pins.
+        #[arg(long, env = "VPC_PIN_DIR", default_value = "/sys/fs/bpf/vpc")]
+        pin_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Interface to attach to (XDP receive, TC ingress and egress). Repeatable. Default: the
+    /// interface of the IPv4 default route.
+    #[arg(long = "iface", short = 'i')]
+    ifaces: Vec<String>,
+    /// bpffs directory for the pins (mounted automatically under /sys/fs/bpf).
+    #[arg(long, env = "VPC_PIN_DIR", default_value = "/sys/fs/bpf/vpc")]
+    pin_dir: PathBuf,
+    /// XDP attach mode.
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+    xdp_mode: XdpModeArg,
+    /// Detach and remove all pins when stopping (default: leave the datapath running).
+    #[arg(long)]
+    detach_on_exit: bool,
+    /// Most verbose level of datapath (aya-log) messages; more verbose costs per packet.
+    #[arg(long, value_enum, default_value_t = LogLevel::Info)]
+    datapath_log_level: LogLevel,
+    /// Seconds between counter summaries in the log (0: never).
+    #[arg(long, default_value_t = 30)]
+    stats_interval: u64,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum XdpModeArg {
+    /// Native (driver) mode, falling back to generic.
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic (skb) mode.
+    Generic,
+    /// No XDP; TC ingress handles receive.
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogLevel {
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+    Trace = 5,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Teardown { pin_dir }) => {
+            Datapath::teardown(&PinLayout::new(&pin_dir))?;
+            println!("removed datapath pins under {}", pin_dir.display());
+            Ok(())
+        }
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(run(cli.run)),
+    }
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let ifaces = if args.ifaces.is_empty() {
+        vec![default_route_iface().context("no --iface given and no default route found")?]
+    } else {
+        args.ifaces.clone()
+    };
+    let layout = PinLayout::new(&args.pin_dir);
+    let mut datapath = Datapath::load(&LoadOptions {
+        layout: layout.clone(),
+        log_level: args.datapath_log_level as u8,
+    })
+    .context("loading the datapath")?;
+    // The logger owns the log ring buffer's fd: it must live as long as the programs run.
+    let logger = aya_log::EbpfLogger::init(datapath.ebpf_mut()).context("starting aya-log")?;
+    // SAFETY: the logger owns its ring-buffer fd (a `RingBuf<MapData>`), which stays open and
+    // unchanged for the logger's whole life; the `AsyncFd` owns the logger, so the fd outlives
+    // the registration.
+    let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .map_err(std::io::Error::from)
+        .context("watching the aya-log ring buffer")?;
+
+    let xdp_mode = match args.xdp_mode {
+        XdpModeArg::Auto => XdpAttachMode::Auto,
+        XdpModeArg::Native => XdpAttachMode::Native,
+        XdpModeArg::Generic => XdpAttachMode::Generic,
+        XdpModeArg::Off => XdpAttachMode::Off,
+    };
+    for iface in &ifaces {
+        let attached = datapath
+            .attach(iface, xdp_mode)
+            .with_context(|| format!("attaching to {iface}"))?;
+        for a in attached {
+            let how = match a.outcome {
+                AttachOutcome::Attached => "attached",
+                AttachOutcome::Replaced => "took over pinned link",
+            };
+            let mode = match a.xdp_native {
+                Some(true) => " (native)",
+                Some(false) => " (generic)",
+                None => "",
+            };
+            println!(
+                "{how}: {} on {}{mode}, link {} program {}",
+                a.program, a.iface, a.link_id, a.program_id
+            );
+        }
+    }
+    println!("ready: pins under {}", layout.root().display());
+
+    let maps = PinnedMaps::open(&layout)?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut ticker = tokio::time::interval(Duration::from_secs(args.stats_interval.max(1)));
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            guard = logger.readable_mut() => {
+                let mut guard = guard?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            _ = ticker.tick(), if args.stats_interval > 0 => log_stats(&maps),
+        }
+    }
+    logger.get_mut().flush();
+    log_stats(&maps);
+    drop(maps);
+    drop(datapath);
+    if args.detach_on_exit {
+        Datapath::teardown(&layout)?;
+        info!("detached the datapath and removed its pins");
+    } else {
+        info!(
+            pins = %layout.root().display(),
+            "stopping; the datapath stays attached (`vpc-agent teardown` removes it)"
+        );
+    }
+    Ok(())
+}
+
+fn log_stats(maps: &PinnedMaps) {
+    match maps.stats() {
+        Ok(s) => {
+            for (hook, slot, c) in &s.actions {
+                info!(
+                    hook = hook.name(),
+                    action = slot,
+                    packets = c.packets,
+                    bytes = c.bytes,
+                    "datapath counters"
+                );
+            }
+            for (hook, reason, c) in &s.drops {
+                let name =
+                    dataplane_common::DropReason::from_u32(*reason).map_or("unknown", |r| r.name());
+                info!(
+                    hook = hook.name(),
+                    reason = name,
+                    packets = c.packets,
+                    "datapath drops"
+                );
+            }
+        }
+        Err(e) => warn!(error = %e, "reading counters"),
+    }
+}
+
+/// The interface of the IPv4 default route, from /proc/net/route.
+fn default_route_iface() -> Result<String> {
+    let table = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() > 7 && fields[1] == "00000000" && fields[7] == "00000000" {
+            return Ok(fields[0].to_owned());
+        }
+    }
+    bail!("no IPv4 default route in /proc/net/route")
+}

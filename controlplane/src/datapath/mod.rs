@@ -1,0 +1,19 @@
+//! Loading, pinning, attaching and programming the eBPF datapath.
+//!
+//! - [`bpffs`]: mounting bpffs and the pin directory layout.
+//! - [`loader`]: loading the object and attaching programs, reusing pins across restarts.
+//! - [`pinned`]: access to the pinned maps (counters, filter) without loading anything, for
+//!   the agent, the CLI and tests.
+//! - [`object`]: the embedded eBPF object.
+
+pub mod bpffs;
+mod error;
+pub mod loader;
+pub mod object;
+pub mod pinned;
+mod sys;
+
+pub use bpffs::PinLayout;
+pub use error::DatapathError;
+pub use loader::{AttachOutcome, Attachment, Datapath, LoadOptions, XdpAttachMode};
+pub use pinned::{PinnedMaps, StatsSnapshot};

@@ -1,0 +1,7 @@
+//! The control plane and host agent of the VPC appliance.
+//!
+//! Today this crate holds the host agent's datapath layer: [`datapath`] loads the embedded
+//! eBPF object, pins its maps and links under bpffs, attaches the programs to interfaces and
+//! reads and writes the pinned maps. The `vpc-agent` binary wraps it.
+
+pub mod datapath;

@@ -1,0 +1,95 @@
+//! Why a packet was dropped: one numbered list for the datapath, metrics and the API.
+//!
+//! Architecture invariant: numbers are never reused or renumbered. A reason that is retired
+//! keeps its number (and its proto enum value); new reasons take the next free number. The
+//! gRPC API (`proto/vpc/v1/datapath.proto`, enum `DropReason`) mirrors these values and a
+//! unit test in `vpc-proto` checks that they agree.
+
+/// Number of drop-reason slots reserved per hook in the drop counters.
+///
+/// Larger than the number of reasons defined today so new reasons do not change the map
+/// size (and so the pinned-map ABI) when they are added.
+pub const DROP_REASON_SLOTS: u32 = 64;
+
+/// Why the datapath dropped a packet.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The frame ends inside a header (Ethernet, VLAN, IP, L4) or before the length its IP
+    /// header announces.
+    Truncated = 1,
+    /// IPv4 header is inconsistent: version is not 4, IHL below 5, or total length shorter
+    /// than the header.
+    MalformedIpv4 = 2,
+    /// IPv6 header is inconsistent: version is not 6.
+    MalformedIpv6 = 3,
+    /// IPv6 extension-header chain is longer than the datapath walks or runs past the packet.
+    Ipv6ExtensionChain = 4,
+    /// L4 header is inconsistent or does not fit in the IP payload: TCP data offset below 5
+    /// or beyond the payload, UDP length below 8, ICMP shorter than 8 bytes.
+    MalformedL4 = 5,
+    /// A filter-map entry says this flow is dropped.
+    FilterRule = 6,
+}
+
+impl DropReason {
+    /// Every reason, in number order.
+    pub const ALL: [DropReason; 6] = [
+        DropReason::Truncated,
+        DropReason::MalformedIpv4,
+        DropReason::MalformedIpv6,
+        DropReason::Ipv6ExtensionChain,
+        DropReason::MalformedL4,
+        DropReason::FilterRule,
+    ];
+
+    /// The stable number of this reason.
+    pub const fn as_u32(self) -> u32 {
+        self as u32
+    }
+
+    /// The reason with this number, if it exists.
+    pub fn from_u32(value: u32) -> Option<DropReason> {
+        DropReason::ALL.into_iter().find(|r| r.as_u32() == value)
+    }
+
+    /// Short snake_case name used in metrics labels and CLI output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::Truncated => "truncated",
+            DropReason::MalformedIpv4 => "malformed_ipv4",
+            DropReason::MalformedIpv6 => "malformed_ipv6",
+            DropReason::Ipv6ExtensionChain => "ipv6_extension_chain",
+            DropReason::MalformedL4 => "malformed_l4",
+            DropReason::FilterRule => "filter_rule",
+        }
+    }
+}
+
+const _: () = {
+    // Every reason must fit in the counter slots reserved per hook.
+    let mut i = 0;
+    while i < DropReason::ALL.len() {
+        assert!(DropReason::ALL[i].as_u32() < DROP_REASON_SLOTS);
+        assert!(DropReason::ALL[i].as_u32() != 0);
+        i += 1;
+    }
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_unique_and_round_trip() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(DropReason::from_u32(r.as_u32()), Some(*r));
+            for other in &DropReason::ALL[i + 1..] {
+                assert_ne!(r.as_u32(), other.as_u32());
+                assert_ne!(r.name(), other.name());
+            }
+        }
+        assert_eq!(DropReason::from_u32(0), None);
+        assert_eq!(DropReason::from_u32(DROP_REASON_SLOTS), None);
+    }
+}

@@ -1,0 +1,34 @@
+//! Everything the eBPF datapath and user space must agree on, in one `no_std` crate.
+//!
+//! - [`drop_reason`]: the one numbered list of reasons a packet is dropped, shared by the
+//!   datapath, the metrics and the API.
+//! - [`stats`]: the per-CPU counter layout (by hook and action, by hook and drop reason).
+//! - [`filter`]: key and value of the filter map that decides pass/drop per flow.
+//! - [`maps`]: map names, sizes and the pin-layout ABI version.
+//! - [`packet`], [`parse`], [`verdict`]: the pure per-packet logic. It is written against the
+//!   [`packet::PacketView`] trait so the kernel (reading packet memory through one
+//!   bounds-checked accessor) and host unit tests (reading a byte slice) run the same code.
+//!
+//! Every map key and value is `#[repr(C)]`, has no implicit padding and has its size asserted
+//! at compile time, so kernel and user space can never disagree about a layout silently.
+#![no_std]
+
+#[cfg(any(test, feature = "testing"))]
+extern crate std;
+
+pub mod drop_reason;
+pub mod filter;
+pub mod maps;
+pub mod packet;
+pub mod parse;
+pub mod stats;
+#[cfg(any(test, feature = "testing"))]
+pub mod testpkt;
+pub mod verdict;
+
+#[cfg(feature = "user")]
+mod pod;
+
+pub use drop_reason::DropReason;
+pub use filter::{FilterAction, FilterKey, FilterValue};
+pub use stats::{Action, Counter, Hook};

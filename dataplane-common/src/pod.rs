@@ -1,0 +1,14 @@
+//! `aya::Pod` for the map types, so user space can read and write them through aya maps.
+
+use crate::{Counter, FilterKey, FilterValue};
+
+// SAFETY: `Counter` is `#[repr(C)]`, made of two `u64`, has no padding (size asserted) and
+// every bit pattern is a valid value.
+unsafe impl aya::Pod for Counter {}
+// SAFETY: `FilterKey` is `#[repr(C)]`, made of integers and byte arrays, has no implicit
+// padding (size asserted; the one spare byte is an explicit field) and every bit pattern is
+// valid.
+unsafe impl aya::Pod for FilterKey {}
+// SAFETY: `FilterValue` is `#[repr(C)]` around one `u32`; every bit pattern is valid (unknown
+// actions are interpreted as drop).
+unsafe impl aya::Pod for FilterValue {}

@@ -1,0 +1,148 @@
+//! Per-CPU packet and byte counters, by hook and action and by hook and drop reason.
+
+use crate::drop_reason::{DROP_REASON_SLOTS, DropReason};
+
+/// Where in the stack a program runs. Counters are kept per hook so a packet that crosses
+/// two hooks is visible in both.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hook {
+    /// XDP, on receive, before the kernel allocates an skb.
+    Xdp = 0,
+    /// TC (clsact/tcx) ingress.
+    TcIngress = 1,
+    /// TC (clsact/tcx) egress.
+    TcEgress = 2,
+}
+
+impl Hook {
+    /// Every hook, in number order.
+    pub const ALL: [Hook; 3] = [Hook::Xdp, Hook::TcIngress, Hook::TcEgress];
+
+    /// Short name used in metrics labels and CLI output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hook::Xdp => "xdp",
+            Hook::TcIngress => "tc_ingress",
+            Hook::TcEgress => "tc_egress",
+        }
+    }
+}
+
+/// Number of hooks; sizes the counter arrays.
+pub const HOOK_COUNT: u32 = Hook::ALL.len() as u32;
+
+/// What the datapath did with a packet, as counted (independent of the hook's return codes).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Handed on to the kernel stack unchanged.
+    Pass = 0,
+    /// Dropped; the drop counters say why.
+    Drop = 1,
+    /// The program hit an internal error (XDP_ABORTED / TC_ACT_SHOT on error).
+    Aborted = 2,
+}
+
+impl Action {
+    /// Every action, in number order.
+    pub const ALL: [Action; 3] = [Action::Pass, Action::Drop, Action::Aborted];
+
+    /// Short name used in metrics labels and CLI output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Action::Pass => "pass",
+            Action::Drop => "drop",
+            Action::Aborted => "aborted",
+        }
+    }
+}
+
+/// Action slots reserved per hook (room for redirect/tx/encap later without a map resize).
+pub const ACTION_SLOTS: u32 = 16;
+
+/// Entries of the `ACTION_STATS` per-CPU array.
+pub const ACTION_STATS_ENTRIES: u32 = HOOK_COUNT * ACTION_SLOTS;
+
+/// Entries of the `DROP_STATS` per-CPU array.
+pub const DROP_STATS_ENTRIES: u32 = HOOK_COUNT * DROP_REASON_SLOTS;
+
+/// Index of (hook, action) in `ACTION_STATS`.
+#[inline(always)]
+pub const fn action_index(hook: Hook, action: Action) -> u32 {
+    action_slot_index(hook, action as u32)
+}
+
+/// Index of (hook, action slot number) in `ACTION_STATS`; readers walk every slot this way.
+#[inline(always)]
+pub const fn action_slot_index(hook: Hook, slot: u32) -> u32 {
+    hook as u32 * ACTION_SLOTS + slot
+}
+
+/// Index of (hook, reason) in `DROP_STATS`.
+#[inline(always)]
+pub const fn drop_index(hook: Hook, reason: DropReason) -> u32 {
+    drop_slot_index(hook, reason as u32)
+}
+
+/// Index of (hook, drop-reason number) in `DROP_STATS`; readers walk every slot this way.
+#[inline(always)]
+pub const fn drop_slot_index(hook: Hook, slot: u32) -> u32 {
+    hook as u32 * DROP_REASON_SLOTS + slot
+}
+
+/// Packets and bytes seen, one value per CPU in the map (summed by user space).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    /// Packets counted.
+    pub packets: u64,
+    /// Bytes counted: the frame length as the hook saw it (L2 header included).
+    pub bytes: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+const _: () = assert!((Action::Aborted as u32) < ACTION_SLOTS);
+
+impl Counter {
+    /// Adds another CPU's (or snapshot's) values.
+    pub fn add(&mut self, other: &Counter) {
+        self.packets = self.packets.wrapping_add(other.packets);
+        self.bytes = self.bytes.wrapping_add(other.bytes);
+    }
+
+    /// The increase from `earlier` to `self` (counters only grow; wraps like the kernel's).
+    pub fn since(&self, earlier: &Counter) -> Counter {
+        Counter {
+            packets: self.packets.wrapping_sub(earlier.packets),
+            bytes: self.bytes.wrapping_sub(earlier.bytes),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_are_dense_and_distinct() {
+        let mut seen = std::vec::Vec::new();
+        for h in Hook::ALL {
+            for a in Action::ALL {
+                let i = action_index(h, a);
+                assert!(i < ACTION_STATS_ENTRIES);
+                assert!(!seen.contains(&i));
+                seen.push(i);
+            }
+        }
+        let mut seen = std::vec::Vec::new();
+        for h in Hook::ALL {
+            for r in DropReason::ALL {
+                let i = drop_index(h, r);
+                assert!(i < DROP_STATS_ENTRIES);
+                assert!(!seen.contains(&i));
+                seen.push(i);
+            }
+        }
+    }
+}

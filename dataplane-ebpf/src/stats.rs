@@ -1,0 +1,33 @@
+//! Per-CPU counting of actions and drop reasons.
+
+use dataplane_common::{
+    Action, DropReason, Hook,
+    stats::{action_index, drop_index},
+};
+
+use crate::maps::{ACTION_STATS, DROP_STATS};
+
+#[inline(always)]
+fn bump(map: &aya_ebpf::maps::PerCpuArray<dataplane_common::Counter>, index: u32, bytes: usize) {
+    if let Some(counter) = map.get_ptr_mut(index) {
+        // SAFETY: the pointer is this CPU's slot of a per-CPU array value, valid for the
+        // program's run; no other CPU writes it and the program is not re-entered on this CPU
+        // while it runs, so a plain read-modify-write is race free.
+        unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += bytes as u64;
+        }
+    }
+}
+
+/// Counts a packet under `action` for `hook`.
+#[inline(always)]
+pub fn count_action(hook: Hook, action: Action, bytes: usize) {
+    bump(&ACTION_STATS, action_index(hook, action), bytes);
+}
+
+/// Counts a dropped packet under its reason for `hook`.
+#[inline(always)]
+pub fn count_drop(hook: Hook, reason: DropReason, bytes: usize) {
+    bump(&DROP_STATS, drop_index(hook, reason), bytes);
+}

@@ -1,0 +1,92 @@
+//! The gRPC API of the VPC appliance: generated types and services, plus conversions from the
+//! datapath's own types (`dataplane-common`).
+//!
+//! The control-plane services (VPCs, subnets, security groups, ...) join `vpc.v1` with the
+//! control plane; today the package holds the datapath vocabulary they will report.
+
+/// `vpc.v1`, generated from `proto/vpc/v1/*.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("vpc.v1");
+}
+
+use dataplane_common as dp;
+
+impl From<dp::DropReason> for v1::DropReason {
+    fn from(r: dp::DropReason) -> Self {
+        match r {
+            dp::DropReason::Truncated => v1::DropReason::Truncated,
+            dp::DropReason::MalformedIpv4 => v1::DropReason::MalformedIpv4,
+            dp::DropReason::MalformedIpv6 => v1::DropReason::MalformedIpv6,
+            dp::DropReason::Ipv6ExtensionChain => v1::DropReason::Ipv6ExtensionChain,
+            dp::DropReason::MalformedL4 => v1::DropReason::MalformedL4,
+            dp::DropReason::FilterRule => v1::DropReason::FilterRule,
+        }
+    }
+}
+
+impl From<dp::Hook> for v1::Hook {
+    fn from(h: dp::Hook) -> Self {
+        match h {
+            dp::Hook::Xdp => v1::Hook::Xdp,
+            dp::Hook::TcIngress => v1::Hook::TcIngress,
+            dp::Hook::TcEgress => v1::Hook::TcEgress,
+        }
+    }
+}
+
+impl From<dp::Action> for v1::Action {
+    fn from(a: dp::Action) -> Self {
+        match a {
+            dp::Action::Pass => v1::Action::Pass,
+            dp::Action::Drop => v1::Action::Drop,
+            dp::Action::Aborted => v1::Action::Aborted,
+        }
+    }
+}
+
+impl From<dp::Counter> for v1::Counter {
+    fn from(c: dp::Counter) -> Self {
+        v1::Counter {
+            packets: c.packets,
+            bytes: c.bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_reason_numbers_and_names_match_the_datapath() {
+        for r in dp::DropReason::ALL {
+            let api = v1::DropReason::from(r);
+            assert_eq!(api as i32, r.as_u32() as i32, "{r:?}");
+            let want = format!("DROP_REASON_{}", r.name().to_uppercase());
+            assert_eq!(api.as_str_name(), want);
+        }
+        // Every API value except UNSPECIFIED is a datapath reason.
+        let mut n = 1;
+        while let Ok(api) = v1::DropReason::try_from(n) {
+            assert!(
+                dp::DropReason::from_u32(n as u32).is_some(),
+                "{api:?} has no datapath reason"
+            );
+            n += 1;
+        }
+        assert_eq!(n as usize, dp::DropReason::ALL.len() + 1);
+    }
+
+    #[test]
+    fn hook_and_action_names_match() {
+        for h in dp::Hook::ALL {
+            let want = format!("HOOK_{}", h.name().to_uppercase());
+            assert_eq!(v1::Hook::from(h).as_str_name(), want);
+        }
+        for a in dp::Action::ALL {
+            let want = format!("ACTION_{}", a.name().to_uppercase());
+            assert_eq!(v1::Action::from(a).as_str_name(), want);
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! Root-only test support: network namespaces, BPF_PROG_TEST_RUN on the real programs, and
+//! the real agent and CLI binaries as processes.
+//!
+//! Tests using this need root, a kernel with BPF, and bpffs (mounted on demand). `cargo
+//! xtask test` runs them; names are unique per test, so they run in parallel.
+
+pub mod netns;
+pub mod procs;
+pub mod testrun;

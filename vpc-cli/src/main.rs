@@ -1,0 +1,245 @@
+//! `vpc`: the command-line tool of the VPC appliance.
+//!
+//! Today it has the host-local `datapath` commands, which read and write the pinned maps of
+//! the agent on this host (like `cilium-dbg bpf ...`). The API-backed resource commands
+//! (`vpc create-vpc`, `vpc describe-subnets`, ...) come with the control plane.
+
+use std::{net::IpAddr, path::PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use controlplane::datapath::{PinLayout, PinnedMaps};
+use dataplane_common::{
+    Action, DropReason, FilterAction, FilterKey, FilterValue, Hook, filter::ipv4_mapped,
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "vpc", version, about = "Manage the VPC appliance")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Inspect and program the datapath of this host (needs root).
+    #[command(subcommand)]
+    Datapath(DatapathCommand),
+}
+
+#[derive(clap::Args, Debug)]
+struct PinArgs {
+    /// bpffs directory of the agent's pins.
+    #[arg(
+        long,
+        env = "VPC_PIN_DIR",
+        default_value = "/sys/fs/bpf/vpc",
+        global = true
+    )]
+    pin_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum DatapathCommand {
+    /// Show packet counters by hook and action, and drops by reason.
+    Stats {
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Per-destination pass/drop entries.
+    #[command(subcommand)]
+    Filter(FilterCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum FilterCommand {
+    /// Add or replace an entry.
+    Add {
+        #[command(flatten)]
+        entry: EntryArgs,
+        /// What to do with matching packets.
+        #[arg(long, value_enum, default_value_t = ActionArg::Drop)]
+        action: ActionArg,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Remove an entry.
+    Remove {
+        #[command(flatten)]
+        entry: EntryArgs,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// List the entries.
+    List {
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct EntryArgs {
+    /// Destination address (IPv4 or IPv6), or `any`.
+    #[arg(long)]
+    dst: String,
+    /// IP protocol: tcp, udp, icmp, icmpv6 or a number.
+    #[arg(long)]
+    protocol: String,
+    /// Destination port (TCP/UDP); 0 matches packets without ports.
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ActionArg {
+    Drop,
+    Pass,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Datapath(DatapathCommand::Stats { pins }) => stats(&pins),
+        Command::Datapath(DatapathCommand::Filter(cmd)) => filter(cmd),
+    }
+}
+
+fn open(pins: &PinArgs) -> Result<PinnedMaps> {
+    PinnedMaps::open(&PinLayout::new(&pins.pin_dir)).with_context(|| {
+        format!(
+            "no datapath pinned under {} (is vpc-agent running, and are you root?)",
+            pins.pin_dir.display()
+        )
+    })
+}
+
+fn stats(pins: &PinArgs) -> Result<()> {
+    let snap = open(pins)?.stats()?;
+    println!(
+        "{:<12} {:<22} {:>14} {:>16}",
+        "HOOK", "COUNTER", "PACKETS", "BYTES"
+    );
+    for hook in Hook::ALL {
+        for action in Action::ALL {
+            let c = snap.action(hook, action);
+            println!(
+                "{:<12} {:<22} {:>14} {:>16}",
+                hook.name(),
+                action.name(),
+                c.packets,
+                c.bytes
+            );
+        }
+        for (h, reason, c) in snap.drops.iter().filter(|(h, _, _)| *h == hook) {
+            let name = DropReason::from_u32(*reason)
+                .map_or_else(|| format!("reason_{reason}"), |r| r.name().to_owned());
+            println!(
+                "{:<12} {:<22} {:>14} {:>16}",
+                h.name(),
+                format!("drop:{name}"),
+                c.packets,
+                c.bytes
+            );
+        }
+    }
+    Ok(())
+}
+
+fn filter(cmd: FilterCommand) -> Result<()> {
+    match cmd {
+        FilterCommand::Add {
+            entry,
+            action,
+            pins,
+        } => {
+            let key = key(&entry)?;
+            let action = match action {
+                ActionArg::Drop => FilterAction::Drop,
+                ActionArg::Pass => FilterAction::Pass,
+            };
+            open(&pins)?.set_filter(key, FilterValue::new(action))?;
+            println!("{}", describe(&key, action));
+        }
+        FilterCommand::Remove { entry, pins } => {
+            let key = key(&entry)?;
+            if !open(&pins)?.remove_filter(&key)? {
+                bail!("no such entry: {}", describe_key(&key));
+            }
+            println!("removed {}", describe_key(&key));
+        }
+        FilterCommand::List { pins } => {
+            println!(
+                "{:<40} {:<9} {:>6} {:<6}",
+                "DESTINATION", "PROTOCOL", "PORT", "ACTION"
+            );
+            for (k, v) in open(&pins)?.filters()? {
+                println!(
+                    "{:<40} {:<9} {:>6} {:<6}",
+                    addr(&k.addr),
+                    proto_name(k.proto),
+                    k.port,
+                    action_name(v.action())
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn key(e: &EntryArgs) -> Result<FilterKey> {
+    let addr = if e.dst == "any" {
+        [0; 16]
+    } else {
+        match e
+            .dst
+            .parse::<IpAddr>()
+            .with_context(|| format!("--dst: `{}` is neither an IP address nor `any`", e.dst))?
+        {
+            IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+            IpAddr::V6(v6) => v6.octets(),
+        }
+    };
+    let proto = match e.protocol.as_str() {
+        "tcp" => 6,
+        "udp" => 17,
+        "icmp" => 1,
+        "icmpv6" => 58,
+        n => n.parse().with_context(|| {
+            format!("--protocol: `{n}` is not tcp, udp, icmp, icmpv6 or a number 0-255")
+        })?,
+    };
+    Ok(FilterKey::new(addr, proto, e.port))
+}
+
+fn addr(a: &[u8; 16]) -> String {
+    if *a == [0; 16] {
+        return "any".into();
+    }
+    let v6 = std::net::Ipv6Addr::from(*a);
+    v6.to_ipv4_mapped()
+        .map_or_else(|| v6.to_string(), |v4| v4.to_string())
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        1 => "icmp".into(),
+        58 => "icmpv6".into(),
+        n => n.to_string(),
+    }
+}
+
+fn action_name(a: FilterAction) -> &'static str {
+    match a {
+        FilterAction::Drop => "drop",
+        FilterAction::Pass => "pass",
+    }
+}
+
+fn describe_key(k: &FilterKey) -> String {
+    format!("{} {} port {}", addr(&k.addr), proto_name(k.proto), k.port)
+}
+
+fn describe(k: &FilterKey, a: FilterAction) -> String {
+    format!("{}: {}", describe_key(k), action_name(a))
+}

@@ -1,0 +1,48 @@
+//! `cargo xtask bench [NAME] [-- ARGS...]`: runs a benchmark of vpc-bench (as root).
+
+use std::ffi::OsString;
+
+use anyhow::Result;
+
+use crate::{setup, util};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Benchmark to run.
+    #[arg(default_value = "datapath")]
+    name: String,
+    /// Arguments for the benchmark.
+    #[arg(last = true)]
+    bench_args: Vec<OsString>,
+}
+
+pub fn main(args: &Args) -> Result<()> {
+    util::require_root(
+        "bench",
+        "benchmarks load eBPF programs and create network namespaces",
+    )?;
+    setup::ensure(true)?;
+    // The throughput benchmarks run the real agent: build it with the same profile.
+    util::run(&mut util::cargo([
+        "build",
+        "--release",
+        "-p",
+        "controlplane",
+        "--bin",
+        "vpc-agent",
+    ]))?;
+    let agent = util::target_dir()?.join("release").join("vpc-agent");
+    let mut cmd = util::cargo([
+        "run",
+        "--release",
+        "-p",
+        "vpc-tests",
+        "--bin",
+        "vpc-bench",
+        "--",
+    ]);
+    cmd.arg(&args.name)
+        .args(&args.bench_args)
+        .env("VPC_AGENT_BIN", agent);
+    util::run(&mut cmd)
+}
