@@ -33,8 +33,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use controlplane::datapath::bpffs;
 use nix::errno::Errno;
-use nix::mount::{MntFlags, MsFlags};
+use nix::mount::MntFlags;
 use nix::sched::CloneFlags;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -736,33 +737,17 @@ pub fn ping(ns: &NetNs, dst: &str, count: u32) -> Result<u32> {
     }
 }
 
-/// Whether a bpffs is mounted at [`BPFFS_ROOT`], according to /proc/self/mounts.
-fn bpffs_mounted() -> Result<bool> {
-    let mounts = fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    Ok(mounts.lines().any(|l| {
-        let mut f = l.split_whitespace();
-        f.nth(1) == Some(BPFFS_ROOT) && f.next() == Some("bpf")
-    }))
-}
-
-/// Mounts bpffs at /sys/fs/bpf unless one is already there. The mount is left in place (other
-/// processes may use it).
+/// Mounts bpffs at /sys/fs/bpf unless one is already there (the agent's own check and mount,
+/// serialized so parallel tests do not stack two mounts). The mount is left in place.
 pub fn ensure_bpffs() -> Result<()> {
-    // Serialize check-then-mount so that parallel tests do not stack two mounts.
     let _guard = BPFFS_MOUNT_LOCK
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if bpffs_mounted()? {
-        return Ok(());
+    let root = Path::new(BPFFS_ROOT);
+    if !bpffs::is_bpffs(root) {
+        bpffs::mount_bpffs(root)?;
     }
-    nix::mount::mount(
-        Some("bpf"),
-        BPFFS_ROOT,
-        Some("bpf"),
-        MsFlags::empty(),
-        None::<&str>,
-    )
-    .with_context(|| format!("mounting bpffs at {BPFFS_ROOT}"))
+    Ok(())
 }
 
 /// A private directory `/sys/fs/bpf/<unique name>` to pin maps and programs into, removed
@@ -1170,7 +1155,7 @@ mod tests {
         let dir = BpffsDir::new("bpf").unwrap();
         let path = dir.path().to_owned();
         assert!(path.is_dir());
-        assert!(bpffs_mounted().unwrap());
+        assert!(bpffs::is_bpffs(Path::new(BPFFS_ROOT)));
         assert!(path.starts_with(BPFFS_ROOT));
         fs::create_dir(path.join("sub")).unwrap();
         pin_test_map(&path.join("map"));

@@ -291,7 +291,10 @@ mod tests {
         let line = "ok. 15 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished";
         assert_eq!(count_before(line, " passed"), 15);
         assert_eq!(count_before(line, " failed"), 2);
-        assert_eq!(count_before("FAILED. 0 passed; 1 failed; 0 ignored", " failed"), 1);
+        assert_eq!(
+            count_before("FAILED. 0 passed; 1 failed; 0 ignored", " failed"),
+            1
+        );
         assert_eq!(count_before("garbage", " passed"), 0);
     }
 

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use controlplane::datapath::{
     AttachOutcome, Datapath, LoadOptions, PinLayout, PinnedMaps, XdpAttachMode,
 };
+use dataplane_common::Action;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -192,9 +193,13 @@ fn log_stats(maps: &PinnedMaps) {
     match maps.stats() {
         Ok(s) => {
             for (hook, slot, c) in &s.actions {
+                let action = Action::ALL
+                    .into_iter()
+                    .find(|a| *a as u32 == *slot)
+                    .map_or("unknown", Action::name);
                 info!(
                     hook = hook.name(),
-                    action = slot,
+                    action,
                     packets = c.packets,
                     bytes = c.bytes,
                     "datapath counters"

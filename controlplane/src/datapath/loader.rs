@@ -181,19 +181,30 @@ impl Datapath {
         if let Some(link) = swapped {
             return attachment(iface, name, AttachOutcome::Replaced, &link, None);
         }
-        let (id, native) = match mode {
-            XdpAttachMode::Native => (prog.attach(iface, XdpMode::Driver), true),
-            XdpAttachMode::Generic | XdpAttachMode::Off => {
-                (prog.attach(iface, XdpMode::Skb), false)
-            }
-            XdpAttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
-                Ok(id) => (Ok(id), true),
-                Err(e) => {
-                    tracing::info!(iface, error = %e, "native XDP refused, using generic XDP");
-                    (prog.attach(iface, XdpMode::Skb), false)
-                }
-            },
+        // Modes to try, in order; `Off` never gets here (see `attach`).
+        let tries: &[XdpMode] = match mode {
+            XdpAttachMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
+            XdpAttachMode::Native => &[XdpMode::Driver],
+            XdpAttachMode::Generic | XdpAttachMode::Off => &[XdpMode::Skb],
         };
+        let mut attached = Err(ProgramError::UnknownInterface {
+            name: iface.to_owned(),
+        });
+        let mut native = false;
+        for &xdp_mode in tries {
+            attached = prog.attach(iface, xdp_mode);
+            match &attached {
+                Ok(_) => {
+                    native = xdp_mode == XdpMode::Driver;
+                    break;
+                }
+                Err(e) if xdp_mode == XdpMode::Driver && tries.len() > 1 => {
+                    tracing::info!(iface, error = %e, "native XDP refused, trying generic XDP");
+                }
+                Err(_) => {}
+            }
+        }
+        let id = attached;
         let link = FdLink::try_from(
             prog.take_link(id.map_err(attach_err)?)
                 .map_err(attach_err)?,
