@@ -76,8 +76,13 @@ enum Scope {
 #[derive(Debug)]
 enum Missing {
     Apt(Vec<&'static str>),
-    RustSrc { toolchain: String },
-    BpfLinker { found: Option<String> },
+    RustComponent {
+        component: &'static str,
+        toolchain: String,
+    },
+    BpfLinker {
+        found: Option<String>,
+    },
     Bpffs,
 }
 
@@ -85,7 +90,10 @@ impl Missing {
     fn describe(&self) -> String {
         match self {
             Self::Apt(packages) => format!("debian packages {}", packages.join(" ")),
-            Self::RustSrc { toolchain } => format!("rust-src for toolchain {toolchain}"),
+            Self::RustComponent {
+                component,
+                toolchain,
+            } => format!("{component} for toolchain {toolchain}"),
             Self::BpfLinker { found: None } => format!("bpf-linker {BPF_LINKER_SERIES}"),
             Self::BpfLinker { found: Some(found) } => {
                 format!("bpf-linker {BPF_LINKER_SERIES} (found {found})")
@@ -110,12 +118,15 @@ impl Missing {
                     .args(packages);
                 util::run(&mut cmd)
             }
-            Self::RustSrc { toolchain } => {
-                println!("installing: rust-src for toolchain {toolchain}");
+            Self::RustComponent {
+                component,
+                toolchain,
+            } => {
+                println!("installing: {component} for toolchain {toolchain}");
                 util::run(util::command("rustup").args([
                     "component",
                     "add",
-                    "rust-src",
+                    component,
                     "--toolchain",
                     toolchain,
                 ]))
@@ -204,24 +215,32 @@ fn survey(scope: Scope, quiet: bool) -> Result<Vec<Missing>> {
         missing.push(Missing::Apt(absent));
     }
 
-    let toolchain = ebpf_toolchain()?;
-    let has_rust_src = util::probe(
-        "rustup",
-        [
-            "component",
-            "list",
-            "--installed",
-            "--toolchain",
-            &toolchain,
-        ],
-    )
-    .is_some_and(|list| list.lines().any(|line| line.trim().starts_with("rust-src")));
-    report(
-        has_rust_src,
-        &format!("rust-src for toolchain {toolchain} (eBPF build)"),
-    );
-    if !has_rust_src {
-        missing.push(Missing::RustSrc { toolchain });
+    // rust-src for the eBPF toolchain (`-Z build-std=core`); rustfmt and clippy for `lint`
+    // (the machine's rustup may ship without them; the eBPF crate is linted with its own
+    // toolchain).
+    let ebpf = ebpf_toolchain()?;
+    let default = default_toolchain()?;
+    for (component, toolchain, why) in [
+        ("rust-src", &ebpf, "eBPF build"),
+        ("rustfmt", &default, "lint"),
+        ("clippy", &default, "lint"),
+        ("clippy", &ebpf, "lint of the eBPF crate"),
+    ] {
+        let installed = util::probe(
+            "rustup",
+            ["component", "list", "--installed", "--toolchain", toolchain],
+        )
+        .is_some_and(|list| list.lines().any(|line| line.trim().starts_with(component)));
+        report(
+            installed,
+            &format!("{component} for toolchain {toolchain} ({why})"),
+        );
+        if !installed {
+            missing.push(Missing::RustComponent {
+                component,
+                toolchain: toolchain.clone(),
+            });
+        }
     }
 
     let linker = bpf_linker_version();
@@ -268,6 +287,13 @@ pub fn ebpf_toolchain() -> Result<String> {
     };
     let has_nightly = list.lines().any(|line| line.starts_with("nightly"));
     Ok(if has_nightly { "nightly" } else { "stable" }.to_string())
+}
+
+/// The toolchain plain `cargo` uses here (`rustup show active-toolchain`, first word).
+fn default_toolchain() -> Result<String> {
+    util::probe("rustup", ["show", "active-toolchain"])
+        .and_then(|out| out.split_whitespace().next().map(str::to_owned))
+        .ok_or_else(|| anyhow::anyhow!("`rustup show active-toolchain` failed"))
 }
 
 /// The version printed by `bpf-linker --version`, found the way the eBPF build finds it: on
