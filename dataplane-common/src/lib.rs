@@ -19,6 +19,7 @@ extern crate std;
 pub mod drop_reason;
 pub mod filter;
 pub mod maps;
+pub mod overlay;
 pub mod packet;
 pub mod parse;
 pub mod stats;

@@ -1,6 +1,9 @@
 //! `aya::Pod` for the map types, so user space can read and write them through aya maps.
 
-use crate::{Counter, FilterKey, FilterValue};
+use crate::{
+    Counter, FilterKey, FilterValue,
+    overlay::{Endpoint, Neighbor, NeighborKey, Route, RoutePrefix},
+};
 
 // SAFETY: `Counter` is `#[repr(C)]`, made of two `u64`, has no padding (size asserted) and
 // every bit pattern is a valid value.
@@ -12,3 +15,15 @@ unsafe impl aya::Pod for FilterKey {}
 // SAFETY: `FilterValue` is `#[repr(C)]` around one `u32`; every bit pattern is valid (unknown
 // actions are interpreted as drop).
 unsafe impl aya::Pod for FilterValue {}
+// SAFETY: the overlay types are `#[repr(C)]`, made of integers and byte arrays, have no
+// implicit padding (sizes asserted; spare bytes are explicit fields) and accept every bit
+// pattern.
+unsafe impl aya::Pod for Endpoint {}
+// SAFETY: as above.
+unsafe impl aya::Pod for NeighborKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Neighbor {}
+// SAFETY: as above.
+unsafe impl aya::Pod for RoutePrefix {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Route {}

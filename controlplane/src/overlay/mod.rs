@@ -1,0 +1,20 @@
+//! The VPC overlay, from desired state to this host's map contents.
+//!
+//! - [`model`]: the desired state the control plane streams (VPCs, subnets, hosts,
+//!   endpoints), cluster-wide.
+//! - [`compile`]: a pure function from that state to what one host's maps must hold.
+//! - [`diff`]: the ordered map operations that move the maps from one content to another.
+//!
+//! Everything here is pure and unit-tested; applying operations to pinned maps is the agent's
+//! job.
+
+pub mod compile;
+pub mod diff;
+pub mod model;
+
+pub use compile::{CompileError, HostMaps, compile};
+pub use diff::{MapOp, diff};
+pub use model::{EndpointSpec, HostSpec, OverlayState, SubnetSpec, VpcSpec};
+
+#[cfg(test)]
+mod tests;
