@@ -48,6 +48,11 @@ impl Action {
     /// Every action, in number order.
     pub const ALL: [Action; 3] = [Action::Pass, Action::Drop, Action::Aborted];
 
+    /// The action with this slot number, if it exists.
+    pub fn from_u32(value: u32) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| *a as u32 == value)
+    }
+
     /// Short name used in metrics labels and CLI output.
     pub const fn name(self) -> &'static str {
         match self {

@@ -193,10 +193,7 @@ fn log_stats(maps: &PinnedMaps) {
     match maps.stats() {
         Ok(s) => {
             for (hook, slot, c) in &s.actions {
-                let action = Action::ALL
-                    .into_iter()
-                    .find(|a| *a as u32 == *slot)
-                    .map_or("unknown", Action::name);
+                let action = Action::from_u32(*slot).map_or("unknown", Action::name);
                 info!(
                     hook = hook.name(),
                     action,

@@ -38,9 +38,6 @@ pub enum DatapathError {
     /// The object lacks a program the loader expects (object and loader out of sync).
     #[error("program `{0}` is missing from the eBPF object")]
     MissingProgram(&'static str),
-    /// The object or the pin tree lacks a map the loader expects.
-    #[error("map `{0}` is missing")]
-    MissingMap(&'static str),
     /// A program operation (verification, attach, link update) failed.
     #[error("program `{program}`: {source}")]
     Program {

@@ -187,24 +187,25 @@ impl Datapath {
             XdpAttachMode::Native => &[XdpMode::Driver],
             XdpAttachMode::Generic | XdpAttachMode::Off => &[XdpMode::Skb],
         };
-        let mut attached = Err(ProgramError::UnknownInterface {
-            name: iface.to_owned(),
-        });
+        let (&last, first) = tries.split_last().expect("every mode tries at least one");
         let mut native = false;
-        for &xdp_mode in tries {
-            attached = prog.attach(iface, xdp_mode);
-            match &attached {
-                Ok(_) => {
+        let mut id = None;
+        for &xdp_mode in first {
+            match prog.attach(iface, xdp_mode) {
+                Ok(link) => {
                     native = xdp_mode == XdpMode::Driver;
+                    id = Some(Ok(link));
                     break;
                 }
-                Err(e) if xdp_mode == XdpMode::Driver && tries.len() > 1 => {
+                Err(e) => {
                     tracing::info!(iface, error = %e, "native XDP refused, trying generic XDP");
                 }
-                Err(_) => {}
             }
         }
-        let id = attached;
+        let id = id.unwrap_or_else(|| {
+            native = last == XdpMode::Driver;
+            prog.attach(iface, last)
+        });
         let link = FdLink::try_from(
             prog.take_link(id.map_err(attach_err)?)
                 .map_err(attach_err)?,

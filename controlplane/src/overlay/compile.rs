@@ -12,7 +12,7 @@ use std::{
 
 use dataplane_common::{
     filter::ipv4_mapped,
-    overlay::{Endpoint, Neighbor, NeighborKind, Route, RouteKind, RoutePrefix, VNI_MAX},
+    overlay::{Endpoint, Neighbor, NeighborKind, RouteKind, RoutePrefix, VNI_MAX},
 };
 
 use super::model::{OverlayState, SubnetSpec, VpcSpec, gateway, is_reserved};
@@ -191,6 +191,22 @@ pub enum CompileError {
     },
 }
 
+/// `map[id]`, or the error that `from` refers to an unknown `kind`.
+fn resolve<V: Copy>(
+    map: &HashMap<&str, V>,
+    id: &str,
+    from: &str,
+    kind: &'static str,
+) -> Result<V, CompileError> {
+    map.get(id)
+        .copied()
+        .ok_or_else(|| CompileError::UnknownRef {
+            from: from.to_owned(),
+            kind,
+            id: id.to_owned(),
+        })
+}
+
 fn unique_ids<'a>(
     kind: &'static str,
     ids: impl Iterator<Item = &'a str>,
@@ -240,13 +256,7 @@ pub fn compile(
 
     let mut subnets: HashMap<&str, (&SubnetSpec, &VpcSpec)> = HashMap::new();
     for subnet in &state.subnets {
-        let vpc = *vpcs
-            .get(subnet.vpc.as_str())
-            .ok_or_else(|| CompileError::UnknownRef {
-                from: subnet.id.clone(),
-                kind: "vpc",
-                id: subnet.vpc.clone(),
-            })?;
+        let vpc = resolve(&vpcs, &subnet.vpc, &subnet.id, "vpc")?;
         if !vpc.cidr.contains(subnet.cidr.network()) || subnet.cidr.prefix() < vpc.cidr.prefix() {
             return Err(CompileError::SubnetOutsideVpc {
                 subnet: subnet.id.clone(),
@@ -278,21 +288,8 @@ pub fn compile(
     let mut local_vnis = BTreeSet::new();
     let mut maps = HostMaps::default();
     for ep in &state.endpoints {
-        let (subnet, vpc) =
-            *subnets
-                .get(ep.subnet.as_str())
-                .ok_or_else(|| CompileError::UnknownRef {
-                    from: ep.id.clone(),
-                    kind: "subnet",
-                    id: ep.subnet.clone(),
-                })?;
-        if !hosts.contains_key(ep.host.as_str()) {
-            return Err(CompileError::UnknownRef {
-                from: ep.id.clone(),
-                kind: "host",
-                id: ep.host.clone(),
-            });
-        }
+        let (subnet, vpc) = resolve(&subnets, &ep.subnet, &ep.id, "subnet")?;
+        resolve(&hosts, &ep.host, &ep.id, "host")?;
         if !subnet.cidr.contains(ep.ip) || is_reserved(subnet.cidr, ep.ip) {
             return Err(CompileError::BadEndpointAddress {
                 endpoint: ep.id.clone(),
@@ -371,9 +368,4 @@ pub fn compile(
             .insert((vpc.vni, ipv4_mapped(ep.ip.octets())), entry);
     }
     Ok(maps)
-}
-
-/// The `ROUTES` value of a route kind.
-pub fn route_value(kind: RouteKind) -> Route {
-    Route { kind: kind as u32 }
 }

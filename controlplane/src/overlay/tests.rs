@@ -130,6 +130,8 @@ fn same_cidr_in_two_vpcs_stays_apart_by_vni() {
     assert_eq!(maps.endpoints[&11].vni, 100);
     assert_eq!(maps.endpoints[&12].vni, 200);
     assert_eq!(maps.endpoints[&12].router_mac, ROUTER);
+    let port = maps.endpoints[&12].value();
+    assert_eq!((port.vni, port.addr), (200, key("10.0.1.11")));
     let value = maps.neighbors[&(200, key("10.0.1.10"))].value();
     assert_eq!(value.kind, NeighborKind::Remote as u32);
     assert_eq!(value.vtep, [192, 0, 2, 2]);
