@@ -30,7 +30,7 @@ fn main() -> Result<()> {
     let name = args.first().map_or("datapath", String::as_str);
     let repeat: u32 = flag(&args, "--repeat").unwrap_or(1_000_000);
     let seconds: u32 = flag(&args, "--seconds").unwrap_or(5);
-    let rounds: usize = flag(&args, "--rounds").unwrap_or(3).max(1);
+    let rounds: usize = flag(&args, "--rounds").unwrap_or(5).max(1);
     match name {
         "datapath" => {
             per_packet(repeat)?;
