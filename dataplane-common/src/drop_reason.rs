@@ -30,17 +30,67 @@ pub enum DropReason {
     MalformedL4 = 5,
     /// A filter-map entry says this flow is dropped.
     FilterRule = 6,
+    /// A frame arrived on an instance port the datapath has no endpoint for (the port
+    /// program is attached but the agent has not programmed, or has removed, the port).
+    UnknownPort = 7,
+    /// An instance sent a frame whose source MAC (Ethernet or ARP sender) is not its own.
+    SpoofedMac = 8,
+    /// An instance sent a packet whose source IPv4 (IP or ARP sender) is not its own.
+    SpoofedIp = 9,
+    /// An instance port carries only IPv4 and ARP today; other EtherTypes (IPv6, VLAN tags,
+    /// LLDP, ...) are dropped rather than leaked to the host.
+    UnsupportedProtocol = 10,
+    /// An ARP frame the datapath does not answer: not a well-formed IPv4-over-Ethernet
+    /// request, a request for an address no instance or gateway of the VPC has, or a probe of
+    /// the sender's own address. Nothing is flooded.
+    ArpUnanswered = 11,
+    /// No route of the VPC covers the destination, or the route is a blackhole.
+    NoRoute = 12,
+    /// A route matched but no instance has the destination address (this includes the subnet
+    /// gateway and broadcast addresses, which the VPC router does not forward to).
+    NoNeighbor = 13,
+    /// A VXLAN packet came from an underlay address that is not a VTEP of a VPC on this host.
+    UnknownVtep = 14,
+    /// A VXLAN packet carries a VNI of no VPC present on this host.
+    UnknownVni = 15,
+    /// A VXLAN packet is malformed (I flag clear, truncated, inner frame not IPv4) or its
+    /// outer headers are not in the plain form the datapath decapsulates (IP options).
+    MalformedVxlan = 16,
+    /// A VXLAN packet's inner source is not an instance that lives behind the sending VTEP:
+    /// one host cannot impersonate another host's instances.
+    InnerSourceMismatch = 17,
+    /// The encapsulated packet would exceed the underlay MTU. IPv4 packets with DF set are
+    /// answered with ICMP "fragmentation needed" (path-MTU discovery); others are dropped.
+    MtuExceeded = 18,
+    /// The underlay has no route (or no usable neighbor) toward the destination VTEP.
+    NoUnderlayRoute = 19,
+    /// A kernel helper that rewrites the packet (room adjustment, store) failed.
+    RewriteFailed = 20,
 }
 
 impl DropReason {
     /// Every reason, in number order.
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::Truncated,
         DropReason::MalformedIpv4,
         DropReason::MalformedIpv6,
         DropReason::Ipv6ExtensionChain,
         DropReason::MalformedL4,
         DropReason::FilterRule,
+        DropReason::UnknownPort,
+        DropReason::SpoofedMac,
+        DropReason::SpoofedIp,
+        DropReason::UnsupportedProtocol,
+        DropReason::ArpUnanswered,
+        DropReason::NoRoute,
+        DropReason::NoNeighbor,
+        DropReason::UnknownVtep,
+        DropReason::UnknownVni,
+        DropReason::MalformedVxlan,
+        DropReason::InnerSourceMismatch,
+        DropReason::MtuExceeded,
+        DropReason::NoUnderlayRoute,
+        DropReason::RewriteFailed,
     ];
 
     /// The stable number of this reason.
@@ -62,6 +112,20 @@ impl DropReason {
             DropReason::Ipv6ExtensionChain => "ipv6_extension_chain",
             DropReason::MalformedL4 => "malformed_l4",
             DropReason::FilterRule => "filter_rule",
+            DropReason::UnknownPort => "unknown_port",
+            DropReason::SpoofedMac => "spoofed_mac",
+            DropReason::SpoofedIp => "spoofed_ip",
+            DropReason::UnsupportedProtocol => "unsupported_protocol",
+            DropReason::ArpUnanswered => "arp_unanswered",
+            DropReason::NoRoute => "no_route",
+            DropReason::NoNeighbor => "no_neighbor",
+            DropReason::UnknownVtep => "unknown_vtep",
+            DropReason::UnknownVni => "unknown_vni",
+            DropReason::MalformedVxlan => "malformed_vxlan",
+            DropReason::InnerSourceMismatch => "inner_source_mismatch",
+            DropReason::MtuExceeded => "mtu_exceeded",
+            DropReason::NoUnderlayRoute => "no_underlay_route",
+            DropReason::RewriteFailed => "rewrite_failed",
         }
     }
 }

@@ -5,7 +5,10 @@
 //! - [`stats`]: the per-CPU counter layout (by hook and action, by hook and drop reason).
 //! - [`filter`]: key and value of the filter map that decides pass/drop per flow.
 //! - [`maps`]: map names, sizes and the pin-layout ABI version.
-//! - [`packet`], [`parse`], [`verdict`]: the pure per-packet logic. It is written against the
+//! - [`overlay`]: keys and values of the VPC overlay maps.
+//! - [`packet`], [`parse`], [`verdict`], [`port`], [`underlay`]: the pure per-packet logic
+//!   (filter verdicts, instance-port forwarding, VXLAN receive), with the header builders
+//!   [`arp`], [`vxlan`], [`icmp`] and [`checksum`]. It is written against the
 //!   [`packet::PacketView`] trait so the kernel (reading packet memory through one
 //!   bounds-checked accessor) and host unit tests (reading a byte slice) run the same code.
 //!
@@ -16,16 +19,24 @@
 #[cfg(any(test, feature = "testing"))]
 extern crate std;
 
+pub mod arp;
+pub mod checksum;
 pub mod drop_reason;
 pub mod filter;
+pub mod icmp;
 pub mod maps;
 pub mod overlay;
+#[cfg(test)]
+mod overlay_tests;
 pub mod packet;
 pub mod parse;
+pub mod port;
 pub mod stats;
 #[cfg(any(test, feature = "testing"))]
 pub mod testpkt;
+pub mod underlay;
 pub mod verdict;
+pub mod vxlan;
 
 #[cfg(feature = "user")]
 mod pod;

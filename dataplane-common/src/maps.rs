@@ -5,7 +5,7 @@
 //! never reuses an old pin with another layout (it starts a fresh set beside the old one).
 
 /// Version of the pinned-map layout; names the pin subdirectory.
-pub const MAPS_ABI: &str = "v1";
+pub const MAPS_ABI: &str = "v2";
 
 /// Name of the per-CPU (hook, action) counter array.
 pub const ACTION_STATS: &str = "ACTION_STATS";
@@ -18,6 +18,33 @@ pub const FILTER: &str = "FILTER";
 /// kernel memory) to preallocate.
 pub const FILTER_MAX_ENTRIES: u32 = 4096;
 
+/// Name of the instance-port array (host-side veth ifindex -> endpoint).
+pub const ENDPOINTS: &str = "ENDPOINTS";
+/// Name of the (VNI, address) -> neighbor hash map.
+pub const NEIGHBORS: &str = "NEIGHBORS";
+/// Name of the per-VPC LPM route trie.
+pub const ROUTES: &str = "ROUTES";
+/// Name of the known-VTEP set.
+pub const VTEPS: &str = "VTEPS";
+/// Name of the known-VNI set.
+pub const VNIS: &str = "VNIS";
+/// Name of the one-entry overlay configuration array.
+pub const OVERLAY_CONFIG: &str = "OVERLAY_CONFIG";
+
+/// Capacity of `ENDPOINTS`: instance ports on one host (an EC2 host runs at most a few
+/// hundred ENIs).
+pub const ENDPOINTS_MAX_ENTRIES: u32 = 1024;
+/// Capacity of `NEIGHBORS`: every instance and subnet gateway of the VPCs present on this
+/// host (~2.6 MiB preallocated).
+pub const NEIGHBORS_MAX_ENTRIES: u32 = 65536;
+/// Capacity of `ROUTES`: a few routes per VPC (allocated on demand: LPM tries are never
+/// preallocated).
+pub const ROUTES_MAX_ENTRIES: u32 = 4096;
+/// Capacity of `VTEPS`: hosts of the cluster.
+pub const VTEPS_MAX_ENTRIES: u32 = 4096;
+/// Capacity of `VNIS`: VPCs present on one host.
+pub const VNIS_MAX_ENTRIES: u32 = 4096;
+
 /// Program names in the object, as the loader finds them.
 pub mod programs {
     /// XDP receive program.
@@ -26,4 +53,6 @@ pub mod programs {
     pub const TC_INGRESS: &str = "vpc_tc_ingress";
     /// TC egress classifier.
     pub const TC_EGRESS: &str = "vpc_tc_egress";
+    /// TC ingress classifier of instance ports.
+    pub const PORT: &str = "vpc_port";
 }

@@ -10,6 +10,7 @@
 //! - `ROUTES`: LPM trie of [`RoutePrefix`] -> [`Route`]: longest-prefix routing within a VPC.
 //! - `VTEPS`: underlay IPv4 of a known host -> `u32` (1): VXLAN is accepted only from these.
 //! - `VNIS`: VNI -> `u32` (1): VXLAN is accepted only for VPCs present on this host.
+//! - `OVERLAY_CONFIG`: one [`OverlayConfig`]: this host's VTEP, underlay interface and MTU.
 
 /// UDP destination port of VXLAN (RFC 7348).
 pub const VXLAN_PORT: u16 = 4789;
@@ -32,9 +33,27 @@ pub struct Endpoint {
     /// MAC the datapath answers ARP with for the subnet gateway and other instances (the VPC
     /// router's MAC, as in AWS where every off-link hop resolves to the router).
     pub router_mac: [u8; 6],
+    /// The subnet's gateway address (IPv4-mapped): source of ICMP errors the router sends.
+    pub gateway: [u8; 16],
 }
 
-const _: () = assert!(core::mem::size_of::<Endpoint>() == 32);
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 48);
+
+/// Value of `OVERLAY_CONFIG` (index 0). All zero means the overlay is not configured: the
+/// underlay hooks then never decapsulate.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OverlayConfig {
+    /// This host's VTEP (underlay IPv4): outer source, and the only outer destination that
+    /// is decapsulated.
+    pub vtep: [u8; 4],
+    /// Underlay interface the encapsulated packets leave by (the FIB lookup is bound to it).
+    pub underlay_ifindex: u32,
+    /// Underlay MTU: encapsulated packets larger than this are not sent.
+    pub underlay_mtu: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<OverlayConfig>() == 12);
 
 /// Key of `NEIGHBORS`.
 #[repr(C)]
@@ -117,3 +136,22 @@ pub struct Route {
 }
 
 const _: () = assert!(core::mem::size_of::<Route>() == 4);
+
+/// The overlay maps as the forwarding logic reads them: the kernel implements it over the
+/// BPF maps, host tests over in-memory tables.
+pub trait OverlayTables {
+    /// Longest-prefix match of `key` (full-length lookup) in `ROUTES`.
+    fn route(&self, key: &RoutePrefix) -> Option<Route>;
+    /// Exact lookup in `NEIGHBORS`.
+    fn neighbor(&self, key: &NeighborKey) -> Option<Neighbor>;
+    /// Whether `addr` is in `VTEPS`.
+    fn is_vtep(&self, addr: [u8; 4]) -> bool;
+    /// Whether `vni` is in `VNIS`.
+    fn is_vni(&self, vni: u32) -> bool;
+}
+
+/// The IPv4 address inside an IPv4-mapped address.
+#[inline(always)]
+pub fn v4(addr: &[u8; 16]) -> [u8; 4] {
+    [addr[12], addr[13], addr[14], addr[15]]
+}

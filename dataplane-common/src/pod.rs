@@ -2,7 +2,7 @@
 
 use crate::{
     Counter, FilterKey, FilterValue,
-    overlay::{Endpoint, Neighbor, NeighborKey, Route, RoutePrefix},
+    overlay::{Endpoint, Neighbor, NeighborKey, OverlayConfig, Route, RoutePrefix},
 };
 
 // SAFETY: `Counter` is `#[repr(C)]`, made of two `u64`, has no padding (size asserted) and
@@ -27,3 +27,5 @@ unsafe impl aya::Pod for Neighbor {}
 unsafe impl aya::Pod for RoutePrefix {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Route {}
+// SAFETY: as above.
+unsafe impl aya::Pod for OverlayConfig {}

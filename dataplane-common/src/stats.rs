@@ -13,11 +13,16 @@ pub enum Hook {
     TcIngress = 1,
     /// TC (clsact/tcx) egress.
     TcEgress = 2,
+    /// TC ingress on the host side of an instance's veth: frames the instance sends.
+    Port = 3,
 }
 
 impl Hook {
     /// Every hook, in number order.
-    pub const ALL: [Hook; 3] = [Hook::Xdp, Hook::TcIngress, Hook::TcEgress];
+    pub const ALL: [Hook; 4] = [Hook::Xdp, Hook::TcIngress, Hook::TcEgress, Hook::Port];
+
+    /// The hooks of an underlay (host) interface, which run the filter map.
+    pub const UNDERLAY: [Hook; 3] = [Hook::Xdp, Hook::TcIngress, Hook::TcEgress];
 
     /// Short name used in metrics labels and CLI output.
     pub const fn name(self) -> &'static str {
@@ -25,12 +30,16 @@ impl Hook {
             Hook::Xdp => "xdp",
             Hook::TcIngress => "tc_ingress",
             Hook::TcEgress => "tc_egress",
+            Hook::Port => "port",
         }
     }
 }
 
-/// Number of hooks; sizes the counter arrays.
-pub const HOOK_COUNT: u32 = Hook::ALL.len() as u32;
+/// Hook slots in the counter arrays: more than the hooks defined today, so adding a hook
+/// does not change the map sizes (and so the pinned-map ABI).
+pub const HOOK_SLOTS: u32 = 8;
+
+const _: () = assert!(Hook::ALL.len() as u32 <= HOOK_SLOTS);
 
 /// What the datapath did with a packet, as counted (independent of the hook's return codes).
 #[repr(u32)]
@@ -42,11 +51,27 @@ pub enum Action {
     Drop = 1,
     /// The program hit an internal error (XDP_ABORTED / TC_ACT_SHOT on error).
     Aborted = 2,
+    /// Delivered to a local instance port (redirected, MACs rewritten).
+    Redirect = 3,
+    /// Encapsulated in VXLAN and sent toward another host's VTEP.
+    Encap = 4,
+    /// Decapsulated from VXLAN and delivered to a local instance port.
+    Decap = 5,
+    /// Answered by the datapath itself (ARP reply, ICMP "fragmentation needed").
+    Reply = 6,
 }
 
 impl Action {
     /// Every action, in number order.
-    pub const ALL: [Action; 3] = [Action::Pass, Action::Drop, Action::Aborted];
+    pub const ALL: [Action; 7] = [
+        Action::Pass,
+        Action::Drop,
+        Action::Aborted,
+        Action::Redirect,
+        Action::Encap,
+        Action::Decap,
+        Action::Reply,
+    ];
 
     /// The action with this slot number, if it exists.
     pub fn from_u32(value: u32) -> Option<Action> {
@@ -59,18 +84,22 @@ impl Action {
             Action::Pass => "pass",
             Action::Drop => "drop",
             Action::Aborted => "aborted",
+            Action::Redirect => "redirect",
+            Action::Encap => "encap",
+            Action::Decap => "decap",
+            Action::Reply => "reply",
         }
     }
 }
 
-/// Action slots reserved per hook (room for redirect/tx/encap later without a map resize).
+/// Action slots reserved per hook (room for more actions without a map resize).
 pub const ACTION_SLOTS: u32 = 16;
 
 /// Entries of the `ACTION_STATS` per-CPU array.
-pub const ACTION_STATS_ENTRIES: u32 = HOOK_COUNT * ACTION_SLOTS;
+pub const ACTION_STATS_ENTRIES: u32 = HOOK_SLOTS * ACTION_SLOTS;
 
 /// Entries of the `DROP_STATS` per-CPU array.
-pub const DROP_STATS_ENTRIES: u32 = HOOK_COUNT * DROP_REASON_SLOTS;
+pub const DROP_STATS_ENTRIES: u32 = HOOK_SLOTS * DROP_REASON_SLOTS;
 
 /// Index of (hook, action) in `ACTION_STATS`.
 #[inline(always)]
@@ -107,7 +136,7 @@ pub struct Counter {
 }
 
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
-const _: () = assert!((Action::Aborted as u32) < ACTION_SLOTS);
+const _: () = assert!((Action::Reply as u32) < ACTION_SLOTS);
 
 impl Counter {
     /// Adds another CPU's (or snapshot's) values.

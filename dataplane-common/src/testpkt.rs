@@ -206,3 +206,20 @@ pub fn v6(src: &str, dst: &str) -> Addrs {
         dst.parse().expect("valid IPv6 destination"),
     )
 }
+
+/// `frame` with its Ethernet destination and source replaced.
+pub fn with_macs(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    out[0..6].copy_from_slice(&dst);
+    out[6..12].copy_from_slice(&src);
+    out
+}
+
+/// `inner` (a whole Ethernet frame) in VXLAN with `vni`, from VTEP `src` to VTEP `dst`, UDP
+/// source port `sport`: built independently of the datapath's encapsulation code.
+pub fn vxlan(src: [u8; 4], dst: [u8; 4], sport: u16, vni: u32, inner: &[u8]) -> Vec<u8> {
+    let mut payload = vec![0x08, 0, 0, 0];
+    payload.extend_from_slice(&(vni << 8).to_be_bytes());
+    payload.extend_from_slice(inner);
+    udp(v4(src, dst), sport, 4789, &payload)
+}

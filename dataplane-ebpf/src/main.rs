@@ -1,53 +1,70 @@
 //! The VPC datapath: XDP and TC programs.
 //!
-//! Entry points are one `match` each; the work is in `pipeline`, raw packet pointers live
-//! only in `packet`, maps only in `maps`, counting only in `stats`. The parsing and verdict
-//! logic is the pure, host-tested code of `dataplane-common`.
+//! Entry points are one `match` each; the work is in `pipeline` (underlay hooks) and `port`
+//! (instance ports), sending on in `forward`, raw packet pointers only in `packet`, maps only
+//! in `maps` and `tables`, counting only in `stats`. The per-packet decisions are the pure,
+//! host-tested code of `dataplane-common`.
 #![no_std]
 #![no_main]
 
+mod forward;
 mod maps;
 mod packet;
 mod pipeline;
+mod port;
 mod stats;
+mod tables;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use dataplane_common::{Hook, verdict::Verdict};
+use dataplane_common::Hook;
 
-use crate::packet::{TcPacket, XdpPacket};
+use crate::{
+    packet::{TcPacket, XdpPacket},
+    pipeline::Fate,
+};
 
-/// XDP on receive: drops malformed and filtered packets before the kernel allocates an skb.
+/// XDP on underlay receive: drops malformed, filtered and spoofed or unknown VXLAN packets
+/// before the kernel allocates an skb.
 #[xdp]
 pub fn vpc_xdp(ctx: XdpContext) -> u32 {
     match pipeline::run(&ctx, &XdpPacket::new(&ctx), Hook::Xdp) {
-        Verdict::Pass => xdp_action::XDP_PASS,
-        Verdict::Drop(_) => xdp_action::XDP_DROP,
+        Fate::Drop => xdp_action::XDP_DROP,
+        Fate::Pass | Fate::Deliver { .. } => xdp_action::XDP_PASS,
     }
 }
 
-/// TC ingress (clsact/tcx): the same checks for paths XDP does not see (e.g. generic XDP
-/// off, or packets injected above the driver).
+/// TC ingress on the underlay: the same checks for what XDP did not see, and VXLAN
+/// decapsulation into local instances.
 #[classifier]
 pub fn vpc_tc_ingress(ctx: TcContext) -> i32 {
-    tc_action(pipeline::run(&ctx, &TcPacket::new(&ctx), Hook::TcIngress))
+    let pkt = TcPacket::new(&ctx);
+    match pipeline::run(&ctx, &pkt, Hook::TcIngress) {
+        Fate::Pass => TC_ACT_OK,
+        Fate::Drop => TC_ACT_SHOT,
+        Fate::Deliver { ifindex, eth } => {
+            pipeline::deliver(&ctx, &pkt, ifindex, &eth).unwrap_or(TC_ACT_SHOT)
+        }
+    }
 }
 
-/// TC egress (clsact/tcx): checks packets the host sends.
+/// TC egress on the underlay: the filter checks for packets the host sends.
 #[classifier]
 pub fn vpc_tc_egress(ctx: TcContext) -> i32 {
-    tc_action(pipeline::run(&ctx, &TcPacket::new(&ctx), Hook::TcEgress))
+    match pipeline::run(&ctx, &TcPacket::new(&ctx), Hook::TcEgress) {
+        Fate::Drop => TC_ACT_SHOT,
+        Fate::Pass | Fate::Deliver { .. } => TC_ACT_OK,
+    }
 }
 
-#[inline(always)]
-fn tc_action(verdict: Verdict) -> i32 {
-    match verdict {
-        Verdict::Pass => TC_ACT_OK,
-        Verdict::Drop(_) => TC_ACT_SHOT,
-    }
+/// TC ingress on the host side of an instance's veth: anti-spoofing, ARP answers, routing
+/// within the VPC, local delivery or VXLAN encapsulation.
+#[classifier]
+pub fn vpc_port(ctx: TcContext) -> i32 {
+    port::run(&ctx)
 }
 
 #[cfg(not(test))]

@@ -11,8 +11,11 @@
 
 use core::mem;
 
-use aya_ebpf::programs::{TcContext, XdpContext};
-use dataplane_common::packet::PacketView;
+use aya_ebpf::{
+    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    programs::{TcContext, XdpContext},
+};
+use dataplane_common::{DropReason, packet::PacketView};
 
 /// Headers beyond this many bytes from the frame start are not looked at; it bounds the
 /// offsets the verifier must reason about. Ethernet + 2 VLAN tags + IPv6 + 4 extension headers
@@ -125,5 +128,62 @@ impl PacketView for TcPacket<'_> {
         // retry. Earlier reads copied their data out, so invalidated pointers do not matter.
         self.ctx.pull_data(want as u32).ok()?;
         read_at(self.bounds(), offset)
+    }
+}
+
+/// Metadata and rewriting of an skb, through kernel helpers (never raw pointers).
+impl TcPacket<'_> {
+    /// Device the packet is on (at TC ingress: the device it arrived on).
+    #[inline(always)]
+    pub fn ifindex(&self) -> u32 {
+        // SAFETY: `skb` is the live `__sk_buff` the kernel passed in; reading a field is
+        // always allowed.
+        unsafe { (*self.ctx.skb.skb).ifindex }
+    }
+
+    /// GSO segment size, 0 for a plain packet.
+    #[inline(always)]
+    pub fn gso_size(&self) -> u32 {
+        // SAFETY: as in `ifindex`.
+        unsafe { (*self.ctx.skb.skb).gso_size }
+    }
+
+    /// The flow hash (computed by the kernel if not yet known).
+    #[inline(always)]
+    pub fn flow_hash(&self) -> u32 {
+        // SAFETY: the helper only reads the skb the kernel passed in.
+        unsafe { aya_ebpf::helpers::generated::bpf_get_hash_recalc(self.ctx.skb.skb) }
+    }
+
+    /// Overwrites `size_of::<T>()` bytes at `offset` with `value`.
+    #[inline(always)]
+    pub fn write<T>(&self, offset: usize, value: &T) -> Result<(), DropReason> {
+        self.ctx
+            .store(offset, value, 0)
+            .map_err(|_| DropReason::RewriteFailed)
+    }
+
+    /// Inserts (`diff > 0`) or removes (`diff < 0`) bytes right after the Ethernet header,
+    /// with `BPF_F_ADJ_ROOM_*` `flags` telling the kernel about encapsulation (so GSO and
+    /// checksum offload keep working on the inner packet).
+    #[inline(always)]
+    pub fn adjust_after_mac(&self, diff: i32, flags: u64) -> Result<(), DropReason> {
+        self.ctx
+            .adjust_room(diff, BPF_ADJ_ROOM_MAC, flags)
+            .map_err(|_| DropReason::RewriteFailed)
+    }
+
+    /// Trims or extends the packet to `len` bytes.
+    #[inline(always)]
+    pub fn resize(&self, len: u32) -> Result<(), DropReason> {
+        // SAFETY: the helper resizes the skb the kernel passed in; no pointer into the
+        // packet is held across the call (every read copies).
+        let rc =
+            unsafe { aya_ebpf::helpers::generated::bpf_skb_change_tail(self.ctx.skb.skb, len, 0) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(DropReason::RewriteFailed)
+        }
     }
 }

@@ -1,47 +1,87 @@
-//! What every hook does with a packet: parse, decide, count.
+//! The underlay hooks: parse, apply the filter map, then handle VXLAN for this host's VTEP.
+//!
+//! XDP validates VXLAN (unknown VTEP/VNI, spoofed inner sources are dropped before the
+//! kernel allocates an skb) and passes valid VXLAN on; TC ingress validates again and
+//! decapsulates. Decapsulation stays in TC because it must keep GSO/GRO packets whole: the
+//! veth underlay hands XDP either copied single frames (native mode, which disables GRO)
+//! or linearised GSO packets it cannot redirect past the MTU check (generic mode).
 
 use aya_ebpf::EbpfContext;
-use aya_log_ebpf::debug;
 use dataplane_common::{
-    Action, FilterKey, FilterValue, Hook,
+    Action, Hook,
     packet::PacketView,
-    parse::parse,
-    verdict::{FilterTable, Verdict, decide},
+    parse::{Parsed, parse},
+    underlay::{UnderlayAction, decide as overlay_decide},
+    verdict::{Verdict, decide},
 };
 
-use crate::{maps::FILTER, stats};
+use crate::{
+    forward, stats,
+    tables::{KernelTables, overlay_config},
+};
 
-/// The kernel `FILTER` map as the verdict logic's table.
-struct KernelFilter;
-
-impl FilterTable for KernelFilter {
-    #[inline(always)]
-    fn get(&self, key: &FilterKey) -> Option<FilterValue> {
-        // SAFETY: the value is copied out at once; user space replaces entries whole with
-        // BPF_MAP_UPDATE_ELEM (a 4-byte value), so a concurrent update yields the old or the
-        // new action, both valid.
-        unsafe { FILTER.get(key).copied() }
-    }
+/// What an underlay hook does with a packet.
+pub enum Fate {
+    /// Leave it to the kernel.
+    Pass,
+    /// Drop it.
+    Drop,
+    /// VXLAN for a local instance, to decapsulate (TC ingress only).
+    Deliver {
+        /// Host-side veth of the instance.
+        ifindex: u32,
+        /// Inner Ethernet destination and source.
+        eth: [u8; 12],
+    },
 }
 
-/// Parses the packet, decides its fate, counts it, and returns the verdict.
-///
-/// Drops are logged at debug level; the loader sets the level (default info), so by default
-/// the log costs one branch on the drop path and nothing else.
+/// Parses, filters and (on receive) classifies VXLAN; counts everything but deliveries,
+/// which the caller counts once it knows whether they succeeded.
 #[inline(always)]
-pub fn run<C: EbpfContext, P: PacketView>(ctx: &C, pkt: &P, hook: Hook) -> Verdict {
+pub fn run<C: EbpfContext, P: PacketView>(ctx: &C, pkt: &P, hook: Hook) -> Fate {
     let len = pkt.len();
-    let verdict = decide(parse(pkt), &KernelFilter);
-    match verdict {
-        Verdict::Pass => stats::count_action(hook, Action::Pass, len),
-        Verdict::Drop(reason) => {
-            stats::count_action(hook, Action::Drop, len);
-            stats::count_drop(hook, reason, len);
-            debug!(
-                ctx,
-                "drop: hook {} reason {} len {}", hook as u32, reason as u32, len
-            );
+    let parsed = parse(pkt);
+    if let Verdict::Drop(reason) = decide(parsed, &KernelTables) {
+        stats::count_drop(ctx, hook, reason, len);
+        return Fate::Drop;
+    }
+    if hook != Hook::TcEgress
+        && let Ok(Parsed::Ip(outer)) = parsed
+    {
+        match overlay_decide(pkt, &outer, &overlay_config(), &KernelTables) {
+            Ok(UnderlayAction::NotOverlay) => {}
+            Ok(UnderlayAction::Deliver { ifindex, eth }) if hook == Hook::TcIngress => {
+                return Fate::Deliver { ifindex, eth };
+            }
+            // Valid VXLAN at XDP: TC ingress decapsulates it.
+            Ok(UnderlayAction::Deliver { .. }) => {}
+            Err(reason) => {
+                stats::count_drop(ctx, hook, reason, len);
+                return Fate::Drop;
+            }
         }
     }
-    verdict
+    stats::count_action(hook, Action::Pass, len);
+    Fate::Pass
+}
+
+/// Decapsulates and delivers; counts the outcome.
+#[inline(always)]
+pub fn deliver<C: EbpfContext>(
+    ctx: &C,
+    pkt: &crate::packet::TcPacket,
+    ifindex: u32,
+    eth: &[u8; 12],
+) -> Option<i32> {
+    let len = pkt.len();
+    match forward::decapsulate(pkt, ifindex, eth) {
+        Ok(rc) => {
+            stats::count_action(Hook::TcIngress, Action::Decap, len);
+            Some(rc)
+        }
+        Err(reason) => {
+            stats::count_drop(ctx, Hook::TcIngress, reason, len);
+            None
+        }
+    }
 }

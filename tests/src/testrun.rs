@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
-use controlplane::datapath::{Datapath, LoadOptions, PinLayout, PinnedMaps, StatsSnapshot};
+use controlplane::datapath::{
+    Datapath, LoadOptions, OverlayMaps, PinLayout, PinnedMaps, StatsSnapshot,
+};
 use dataplane_common::{Hook, maps::programs};
 
 use crate::netns::BpffsDir;
@@ -20,6 +22,13 @@ pub const XDP_PASS: u32 = 2;
 pub const TC_ACT_OK: u32 = 0;
 /// TC return codes (`TC_ACT_OK`, `TC_ACT_SHOT`).
 pub const TC_ACT_SHOT: u32 = 2;
+/// TC return code of a redirect (`TC_ACT_REDIRECT`).
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// Size of `struct __sk_buff`, the context BPF_PROG_TEST_RUN takes for TC programs.
+const SK_BUFF_SIZE: usize = 192;
+/// Offset of `ifindex` in `struct __sk_buff`.
+const SK_BUFF_IFINDEX: usize = 40;
 
 /// The outcome of one BPF_PROG_TEST_RUN call.
 #[derive(Debug, Clone)]
@@ -37,6 +46,7 @@ pub struct RunResult {
 pub struct LoadedDatapath {
     datapath: Datapath,
     maps: PinnedMaps,
+    overlay: OverlayMaps,
     // Dropped last: removes the pins.
     _pins: BpffsDir,
 }
@@ -52,9 +62,11 @@ impl LoadedDatapath {
         })
         .context("loading the datapath")?;
         let maps = PinnedMaps::open(&layout)?;
+        let overlay = OverlayMaps::open(&layout)?;
         Ok(LoadedDatapath {
             datapath,
             maps,
+            overlay,
             _pins: pins,
         })
     }
@@ -62,6 +74,11 @@ impl LoadedDatapath {
     /// The pinned maps (counters, filter).
     pub fn maps(&mut self) -> &mut PinnedMaps {
         &mut self.maps
+    }
+
+    /// The pinned overlay maps.
+    pub fn overlay(&mut self) -> &mut OverlayMaps {
+        &mut self.overlay
     }
 
     /// Current counters.
@@ -77,11 +94,28 @@ impl LoadedDatapath {
     /// Runs the program of `hook` `repeat` times on `frame` (the kernel re-runs it in a loop
     /// and reports the average time per run).
     pub fn run_repeat(&self, hook: Hook, frame: &[u8], repeat: u32) -> Result<RunResult> {
-        // Room for programs that grow the packet (encapsulation) in later datapath stages.
+        self.run_on(hook, frame, repeat, None)
+    }
+
+    /// As [`LoadedDatapath::run_repeat`], for TC hooks with the skb on device `ifindex` of
+    /// the calling thread's network namespace (the port program keys on it).
+    pub fn run_on(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        repeat: u32,
+        ifindex: Option<u32>,
+    ) -> Result<RunResult> {
+        // Room for programs that grow the packet (encapsulation).
         let mut out = vec![0u8; frame.len() + 256];
+        let mut ctx = [0u8; SK_BUFF_SIZE];
+        if let Some(ifindex) = ifindex {
+            ctx[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        }
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: ifindex.map(|_| &ctx[..]),
             repeat,
             ..TestRunOptions::new()
         };
@@ -95,11 +129,11 @@ impl LoadedDatapath {
                 let prog: &Xdp = program(programs::XDP)?.try_into()?;
                 prog.test_run(opts)
             }
-            Hook::TcIngress | Hook::TcEgress => {
-                let name = if hook == Hook::TcIngress {
-                    programs::TC_INGRESS
-                } else {
-                    programs::TC_EGRESS
+            Hook::TcIngress | Hook::TcEgress | Hook::Port => {
+                let name = match hook {
+                    Hook::TcIngress => programs::TC_INGRESS,
+                    Hook::TcEgress => programs::TC_EGRESS,
+                    _ => programs::PORT,
                 };
                 let prog: &SchedClassifier = program(name)?.try_into()?;
                 prog.test_run(opts)

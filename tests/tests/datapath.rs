@@ -149,7 +149,7 @@ fn verdicts_and_counters_for_valid_malformed_and_truncated_frames() {
             Some(DropReason::Truncated),
         ),
     ];
-    for hook in Hook::ALL {
+    for hook in Hook::UNDERLAY {
         for (name, frame, want) in &cases {
             check(&dp, hook, name, frame, *want);
         }
@@ -195,7 +195,7 @@ fn filter_entries_drop_exactly_the_chosen_flow_and_pass_entries_override() {
     let to_b_9999 = udp(v4(A, B), 1000, 9999, b"x");
     let to_b_53 = udp(v4(A, B), 1000, 53, b"x");
     let to_c_9999 = udp(v4(A, [198, 18, 0, 3]), 1000, 9999, b"x");
-    for hook in Hook::ALL {
+    for hook in Hook::UNDERLAY {
         check(&dp, hook, "before", &to_b_9999, None);
     }
     // Wildcard drop for UDP/9999, exact pass for B.
@@ -204,7 +204,7 @@ fn filter_entries_drop_exactly_the_chosen_flow_and_pass_entries_override() {
     dp.maps()
         .set_filter(any, FilterValue::new(FilterAction::Drop))
         .unwrap();
-    for hook in Hook::ALL {
+    for hook in Hook::UNDERLAY {
         check(
             &dp,
             hook,
@@ -224,7 +224,7 @@ fn filter_entries_drop_exactly_the_chosen_flow_and_pass_entries_override() {
     dp.maps()
         .set_filter(exact_b, FilterValue::new(FilterAction::Pass))
         .unwrap();
-    for hook in Hook::ALL {
+    for hook in Hook::UNDERLAY {
         check(&dp, hook, "exact pass", &to_b_9999, None);
         check(
             &dp,
@@ -236,7 +236,7 @@ fn filter_entries_drop_exactly_the_chosen_flow_and_pass_entries_override() {
     }
     assert!(dp.maps().remove_filter(&any).unwrap());
     assert!(!dp.maps().remove_filter(&any).unwrap());
-    for hook in Hook::ALL {
+    for hook in Hook::UNDERLAY {
         check(&dp, hook, "removed", &to_c_9999, None);
     }
     assert_eq!(dp.maps().filters().unwrap().len(), 1);
@@ -246,7 +246,7 @@ fn filter_entries_drop_exactly_the_chosen_flow_and_pass_entries_override() {
 fn repeated_runs_count_every_run_and_report_time() {
     let dp = LoadedDatapath::load("dprepeat").unwrap();
     let frame = udp(v4(A, B), 1, 53, b"");
-    for hook in Hook::ALL {
+    for hook in Hook::UNDERLAY {
         let before = dp.stats().unwrap().action(hook, Action::Pass);
         let r = dp.run_repeat(hook, &frame, 10_000).unwrap();
         let after = dp.stats().unwrap().action(hook, Action::Pass);

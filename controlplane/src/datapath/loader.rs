@@ -98,7 +98,7 @@ impl Datapath {
             .default_map_pin_directory(options.layout.maps_dir())
             .override_global(aya_log::LEVEL, &options.log_level, false)
             .load(object)?;
-        for name in [programs::TC_INGRESS, programs::TC_EGRESS] {
+        for name in [programs::TC_INGRESS, programs::TC_EGRESS, programs::PORT] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load().map_err(|source| DatapathError::Program {
                 program: name,
@@ -159,6 +159,39 @@ impl Datapath {
             out.push(self.attach_tc(iface, name, attach_type)?);
         }
         Ok(out)
+    }
+
+    /// Attaches the instance-port program to TC ingress of `iface` (the host side of an
+    /// instance's veth), reusing a pinned link.
+    pub fn attach_port(&mut self, iface: &str) -> Result<Attachment, DatapathError> {
+        if nix::net::if_::if_nametoindex(iface).is_err() {
+            return Err(DatapathError::NoSuchInterface(iface.to_owned()));
+        }
+        let dir = self.layout.links_dir(iface);
+        std::fs::create_dir_all(&dir).map_err(|source| DatapathError::Io {
+            action: "creating",
+            path: dir.clone(),
+            source,
+        })?;
+        self.attach_tc(iface, programs::PORT, TcAttachType::Ingress)
+    }
+
+    /// Detaches the instance-port program from `iface` and removes its pins. Succeeds when
+    /// nothing is attached (the interface may already be gone with its instance).
+    pub fn detach_port(&self, iface: &str) -> Result<(), DatapathError> {
+        self.detach_pinned(iface, programs::PORT)?;
+        let dir = self.layout.links_dir(iface);
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            // Other links (XDP, TC) still pinned there: the directory stays.
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOTEMPTY) => Ok(()),
+            Err(source) => Err(DatapathError::Io {
+                action: "removing",
+                path: dir,
+                source,
+            }),
+        }
     }
 
     fn attach_xdp(

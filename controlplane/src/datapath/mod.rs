@@ -4,16 +4,19 @@
 //! - [`loader`]: loading the object and attaching programs, reusing pins across restarts.
 //! - [`pinned`]: access to the pinned maps (counters, filter) without loading anything, for
 //!   the agent, the CLI and tests.
+//! - [`overlay_maps`]: reading and programming the pinned overlay maps.
 //! - [`object`]: the embedded eBPF object.
 
 pub mod bpffs;
 mod error;
 pub mod loader;
 pub mod object;
+pub mod overlay_maps;
 pub mod pinned;
 mod sys;
 
 pub use bpffs::PinLayout;
 pub use error::DatapathError;
 pub use loader::{AttachOutcome, Attachment, Datapath, LoadOptions, XdpAttachMode};
+pub use overlay_maps::OverlayMaps;
 pub use pinned::{PinnedMaps, StatsSnapshot};

@@ -74,6 +74,24 @@ impl NeighborEntry {
     }
 }
 
+impl NeighborEntry {
+    /// The entry a `NEIGHBORS` value holds, `None` for an unknown kind (a newer datapath's).
+    pub fn from_value(v: &Neighbor) -> Option<Self> {
+        Some(match v.kind {
+            k if k == NeighborKind::Local as u32 => NeighborEntry::Local {
+                ifindex: v.ifindex,
+                mac: v.mac,
+            },
+            k if k == NeighborKind::Remote as u32 => NeighborEntry::Remote {
+                vtep: Ipv4Addr::from(v.vtep),
+                mac: v.mac,
+            },
+            k if k == NeighborKind::Gateway as u32 => NeighborEntry::Gateway { mac: v.mac },
+            _ => return None,
+        })
+    }
+}
+
 /// A local port as compiled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EndpointEntry {
@@ -85,6 +103,8 @@ pub struct EndpointEntry {
     pub mac: [u8; 6],
     /// The router MAC it sees.
     pub router_mac: [u8; 6],
+    /// Its subnet's gateway address.
+    pub gateway: Ipv4Addr,
 }
 
 impl EndpointEntry {
@@ -95,6 +115,20 @@ impl EndpointEntry {
             addr: ipv4_mapped(self.ip.octets()),
             mac: self.mac,
             router_mac: self.router_mac,
+            gateway: ipv4_mapped(self.gateway.octets()),
+        }
+    }
+}
+
+impl EndpointEntry {
+    /// The entry an `ENDPOINTS` value holds.
+    pub fn from_value(v: &Endpoint) -> Self {
+        EndpointEntry {
+            vni: v.vni,
+            ip: Ipv4Addr::from(dataplane_common::overlay::v4(&v.addr)),
+            mac: v.mac,
+            router_mac: v.router_mac,
+            gateway: Ipv4Addr::from(dataplane_common::overlay::v4(&v.gateway)),
         }
     }
 }
@@ -313,6 +347,7 @@ pub fn compile(
                 ip: ep.ip,
                 mac: ep.mac,
                 router_mac,
+                gateway: gateway(subnet.cidr),
             };
             if maps.endpoints.insert(ifindex, entry).is_some() {
                 let other = state

@@ -4,13 +4,16 @@
 //!   endpoints), cluster-wide.
 //! - [`compile`]: a pure function from that state to what one host's maps must hold.
 //! - [`diff`]: the ordered map operations that move the maps from one content to another.
+//! - [`statefile`]: the JSON document the agent reads desired state from (until the
+//!   control plane streams it).
 //!
-//! Everything here is pure and unit-tested; applying operations to pinned maps is the agent's
-//! job.
+//! Everything here is pure and unit-tested; applying operations to pinned maps is
+//! `datapath::overlay_maps`, driven by the agent.
 
 pub mod compile;
 pub mod diff;
 pub mod model;
+pub mod statefile;
 
 pub use compile::{CompileError, HostMaps, compile};
 pub use diff::{MapOp, diff};

@@ -5,6 +5,8 @@
 //! agent leaves packets flowing, and the next agent takes over the same links atomically.
 //! `--detach-on-exit` (what `cargo xtask run` uses) removes everything on Ctrl-C instead.
 
+mod overlay;
+
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, bail};
@@ -63,7 +65,27 @@ struct RunArgs {
     /// Seconds between counter summaries in the log (0: never).
     #[arg(long, default_value_t = 30)]
     stats_interval: u64,
+    /// Desired overlay state (JSON, see `controlplane::overlay::statefile`), watched for
+    /// changes. Without it the agent runs the underlay programs only.
+    #[arg(long, requires = "host")]
+    state: Option<PathBuf>,
+    /// This host's id in the desired state.
+    #[arg(long)]
+    host: Option<String>,
+    /// MAC address of the VPC router (what instances resolve their gateway and peers to).
+    #[arg(long, default_value = "02:76:70:63:00:01", value_parser = parse_mac)]
+    router_mac: [u8; 6],
 }
+
+fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    controlplane::overlay::statefile::parse_mac(text)
+        .ok_or_else(|| format!("{text:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"))
+}
+
+/// How often the state file is checked for changes; a full level-triggered pass also runs
+/// every `RESYNC_TICKS` checks even when the file did not change.
+const STATE_POLL: Duration = Duration::from_millis(200);
+const RESYNC_TICKS: u32 = 25;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum XdpModeArg {
@@ -154,9 +176,21 @@ async fn run(args: RunArgs) -> Result<()> {
             );
         }
     }
+    let mut overlay = match (&args.state, &args.host) {
+        (Some(path), Some(host)) => {
+            let mut r =
+                overlay::Reconciler::new(&datapath, path, host, args.router_mac, &ifaces[0])?;
+            r.reconcile(&mut datapath)
+                .context("applying the desired overlay state")?;
+            Some(r)
+        }
+        _ => None,
+    };
     println!("ready: pins under {}", layout.root().display());
 
     let maps = PinnedMaps::open(&layout)?;
+    let mut poll = tokio::time::interval(STATE_POLL);
+    let mut ticks = 0u32;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut ticker = tokio::time::interval(Duration::from_secs(args.stats_interval.max(1)));
@@ -171,6 +205,16 @@ async fn run(args: RunArgs) -> Result<()> {
                 guard.clear_ready();
             }
             _ = ticker.tick(), if args.stats_interval > 0 => log_stats(&maps),
+            _ = poll.tick(), if overlay.is_some() => {
+                let Some(r) = overlay.as_mut() else { continue };
+                ticks += 1;
+                if r.changed() || ticks % RESYNC_TICKS == 0 {
+                    // A failed pass changes nothing; the last good state keeps forwarding.
+                    if let Err(e) = r.reconcile(&mut datapath) {
+                        warn!(error = format!("{e:#}"), "overlay reconcile failed");
+                    }
+                }
+            }
         }
     }
     logger.get_mut().flush();

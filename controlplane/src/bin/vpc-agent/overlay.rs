@@ -1,0 +1,200 @@
+//! The agent's overlay reconciler: desired state (the state file) -> pinned maps and port
+//! attachments, level-triggered and idempotent.
+//!
+//! Every pass reads the maps back from the kernel, compiles the desired state, diffs the two
+//! and applies only the difference, then makes the set of attached ports match the local
+//! endpoints. A pass that fails (bad document, invalid state) changes nothing: the datapath
+//! keeps forwarding with the last good state.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use anyhow::{Context, Result, bail};
+use controlplane::{
+    datapath::{AttachOutcome, Datapath, OverlayMaps},
+    overlay::{compile, diff, statefile::StateFile},
+};
+use dataplane_common::overlay::OverlayConfig;
+use tracing::{info, warn};
+
+/// Reconciles one host's overlay.
+pub struct Reconciler {
+    state_path: PathBuf,
+    host: String,
+    router_mac: [u8; 6],
+    underlay: String,
+    maps: OverlayMaps,
+    /// Ports with the port program attached: interface name -> ifindex.
+    ports: BTreeMap<String, u32>,
+    /// (modification time, length) of the document at the last successful pass.
+    seen: Option<(SystemTime, u64)>,
+    first: bool,
+}
+
+impl Reconciler {
+    /// A reconciler for `host`, reading `state_path`, encapsulating out of `underlay`.
+    pub fn new(
+        datapath: &Datapath,
+        state_path: &Path,
+        host: &str,
+        router_mac: [u8; 6],
+        underlay: &str,
+    ) -> Result<Self> {
+        Ok(Reconciler {
+            state_path: state_path.to_owned(),
+            host: host.to_owned(),
+            router_mac,
+            underlay: underlay.to_owned(),
+            maps: OverlayMaps::open(datapath.layout()).context("opening the overlay maps")?,
+            ports: BTreeMap::new(),
+            seen: None,
+            first: true,
+        })
+    }
+
+    /// Whether the document changed since the last successful pass.
+    pub fn changed(&self) -> bool {
+        let stamp = std::fs::metadata(&self.state_path)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        stamp != self.seen || stamp.is_none()
+    }
+
+    /// One pass. Returns the number of map writes and port changes made.
+    pub fn reconcile(&mut self, datapath: &mut Datapath) -> Result<usize> {
+        let stamp = std::fs::metadata(&self.state_path)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        let doc = StateFile::load(&self.state_path)?;
+        let (state, missing) =
+            doc.to_state(&self.host, |name| nix::net::if_::if_nametoindex(name).ok())?;
+        for id in &missing {
+            warn!(endpoint = %id, "local endpoint has no interface yet; skipped this pass");
+        }
+        let Some(me) = state.hosts.iter().find(|h| h.id == self.host) else {
+            bail!("host {} is not in {}", self.host, self.state_path.display());
+        };
+        let config = OverlayConfig {
+            vtep: me.vtep.octets(),
+            underlay_ifindex: nix::net::if_::if_nametoindex(self.underlay.as_str())
+                .with_context(|| format!("underlay interface {}", self.underlay))?,
+            underlay_mtu: read_mtu(&self.underlay)?,
+        };
+        let desired = compile(&state, &self.host, self.router_mac)?;
+        enable_forwarding(&self.underlay)?;
+
+        let mut changes = 0;
+        if self.maps.config()? != config {
+            self.maps.set_config(&config)?;
+            changes += 1;
+        }
+        let actual = self.maps.read()?;
+        let ops = diff(&actual, &desired);
+        self.maps.apply(&ops)?;
+        changes += ops.len();
+
+        // Ports: attach the program to every local endpoint's veth, detach from the rest.
+        let wanted: BTreeMap<String, u32> = doc
+            .endpoints
+            .iter()
+            .filter(|e| e.host == self.host)
+            .filter_map(|e| {
+                let name = e.ifname.clone()?;
+                let index = nix::net::if_::if_nametoindex(name.as_str()).ok()?;
+                Some((name, index))
+            })
+            .collect();
+        if self.first {
+            // Ports a previous agent attached and that are no longer wanted.
+            for name in pinned_ports(datapath) {
+                if !wanted.contains_key(&name) {
+                    datapath.detach_port(&name)?;
+                    info!(port = %name, "detached a port no longer in the desired state");
+                    changes += 1;
+                }
+            }
+        }
+        for (name, index) in &wanted {
+            if self.ports.get(name) == Some(index) {
+                continue;
+            }
+            let a = datapath
+                .attach_port(name)
+                .with_context(|| format!("attaching to port {name}"))?;
+            let how = match a.outcome {
+                AttachOutcome::Attached => "attached",
+                AttachOutcome::Replaced => "took over pinned link",
+            };
+            println!(
+                "{how}: {} on {}, link {} program {}",
+                a.program, a.iface, a.link_id, a.program_id
+            );
+            self.ports.insert(name.clone(), *index);
+            changes += 1;
+        }
+        let gone: Vec<String> = self
+            .ports
+            .keys()
+            .filter(|n| !wanted.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            datapath.detach_port(&name)?;
+            self.ports.remove(&name);
+            changes += 1;
+        }
+
+        if changes > 0 || self.first {
+            println!(
+                "overlay: reconciled {changes} changes ({} local ports, {} neighbors, {} VNIs)",
+                desired.endpoints.len(),
+                desired.neighbors.len(),
+                desired.vnis.len()
+            );
+        }
+        self.first = false;
+        self.seen = stamp;
+        Ok(changes)
+    }
+}
+
+/// Interfaces with a pinned port-program link under the layout.
+fn pinned_ports(datapath: &Datapath) -> Vec<String> {
+    let dir = datapath.layout().abi_dir().join("links");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.path()
+                .join(dataplane_common::maps::programs::PORT)
+                .exists()
+        })
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect()
+}
+
+/// Turns on IPv4 forwarding on the underlay interface: the FIB helper the encapsulation
+/// uses to find the underlay next hop refuses interfaces without it
+/// (`BPF_FIB_LKUP_RET_FWD_DISABLED`). Nothing else changes: the host's own routing decides
+/// nothing for tenant traffic, which never enters the host stack.
+fn enable_forwarding(iface: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
+    if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
+        return Ok(());
+    }
+    std::fs::write(&path, "1").with_context(|| format!("writing 1 to {path}"))
+}
+
+/// The MTU of `iface`.
+fn read_mtu(iface: &str) -> Result<u32> {
+    let path = format!("/sys/class/net/{iface}/mtu");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("parsing {path}: {text:?}"))
+}

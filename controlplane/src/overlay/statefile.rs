@@ -1,0 +1,256 @@
+//! The desired overlay as a JSON document (`vpc-agent --state FILE`).
+//!
+//! This is how the agent receives desired state until the control plane streams it over
+//! gRPC: one cluster-wide document, the same file for every host; each agent picks its own
+//! host out of it. Local endpoints name their host-side veth (`ifname`), which the agent
+//! resolves to an ifindex in its own network namespace.
+
+use std::{net::Ipv4Addr, path::Path};
+
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+
+use super::model::{EndpointSpec, HostSpec, OverlayState, SubnetSpec, VpcSpec};
+
+/// The document.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateFile {
+    /// VPCs.
+    #[serde(default)]
+    pub vpcs: Vec<VpcDoc>,
+    /// Subnets.
+    #[serde(default)]
+    pub subnets: Vec<SubnetDoc>,
+    /// Hosts.
+    #[serde(default)]
+    pub hosts: Vec<HostDoc>,
+    /// Endpoints (instance interfaces).
+    #[serde(default)]
+    pub endpoints: Vec<EndpointDoc>,
+}
+
+/// A VPC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VpcDoc {
+    /// Id.
+    pub id: String,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// IPv4 CIDR.
+    pub cidr: Ipv4Network,
+}
+
+/// A subnet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubnetDoc {
+    /// Id.
+    pub id: String,
+    /// VPC id.
+    pub vpc: String,
+    /// IPv4 CIDR.
+    pub cidr: Ipv4Network,
+}
+
+/// A host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostDoc {
+    /// Id.
+    pub id: String,
+    /// Underlay IPv4 (VTEP).
+    pub vtep: Ipv4Addr,
+}
+
+/// An endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointDoc {
+    /// Id.
+    pub id: String,
+    /// Subnet id.
+    pub subnet: String,
+    /// Host id.
+    pub host: String,
+    /// Private IPv4.
+    pub ip: Ipv4Addr,
+    /// MAC, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// Host-side veth name on its host.
+    #[serde(default)]
+    pub ifname: Option<String>,
+}
+
+/// Why a state file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateFileError {
+    /// Reading failed.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// File.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Not a valid document.
+    #[error("parsing {path}: {source}")]
+    Parse {
+        /// File.
+        path: String,
+        /// Cause (with line and column).
+        source: serde_json::Error,
+    },
+    /// A MAC address is malformed.
+    #[error("endpoint {endpoint}: invalid MAC address {mac:?}")]
+    BadMac {
+        /// Endpoint id.
+        endpoint: String,
+        /// The text.
+        mac: String,
+    },
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl StateFile {
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> Result<Self, StateFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| StateFileError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| StateFileError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// The desired state as seen from host `local_host`: local endpoints get the ifindex
+    /// `resolve` finds for their `ifname`. Local endpoints whose interface does not exist
+    /// (yet) are returned in the second list and left out, so one missing veth does not
+    /// block the rest of the host.
+    pub fn to_state(
+        &self,
+        local_host: &str,
+        resolve: impl Fn(&str) -> Option<u32>,
+    ) -> Result<(OverlayState, Vec<String>), StateFileError> {
+        let mut missing = Vec::new();
+        let mut endpoints = Vec::with_capacity(self.endpoints.len());
+        for e in &self.endpoints {
+            let mac = parse_mac(&e.mac).ok_or_else(|| StateFileError::BadMac {
+                endpoint: e.id.clone(),
+                mac: e.mac.clone(),
+            })?;
+            let ifindex = if e.host == local_host {
+                match e.ifname.as_deref().and_then(&resolve) {
+                    Some(i) => Some(i),
+                    None => {
+                        missing.push(e.id.clone());
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            endpoints.push(EndpointSpec {
+                id: e.id.clone(),
+                subnet: e.subnet.clone(),
+                host: e.host.clone(),
+                ip: e.ip,
+                mac,
+                ifindex,
+            });
+        }
+        let state = OverlayState {
+            vpcs: self
+                .vpcs
+                .iter()
+                .map(|v| VpcSpec {
+                    id: v.id.clone(),
+                    vni: v.vni,
+                    cidr: v.cidr,
+                })
+                .collect(),
+            subnets: self
+                .subnets
+                .iter()
+                .map(|s| SubnetSpec {
+                    id: s.id.clone(),
+                    vpc: s.vpc.clone(),
+                    cidr: s.cidr,
+                })
+                .collect(),
+            hosts: self
+                .hosts
+                .iter()
+                .map(|h| HostSpec {
+                    id: h.id.clone(),
+                    vtep: h.vtep,
+                })
+                .collect(),
+            endpoints,
+        };
+        Ok((state, missing))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = r#"{
+      "vpcs": [{"id": "vpc-a", "vni": 100, "cidr": "10.0.0.0/16"}],
+      "subnets": [{"id": "subnet-a1", "vpc": "vpc-a", "cidr": "10.0.1.0/24"}],
+      "hosts": [{"id": "h0", "vtep": "192.168.77.1"}, {"id": "h1", "vtep": "192.168.77.2"}],
+      "endpoints": [
+        {"id": "i-1", "subnet": "subnet-a1", "host": "h0", "ip": "10.0.1.10",
+         "mac": "02:00:00:01:00:01", "ifname": "p0"},
+        {"id": "i-2", "subnet": "subnet-a1", "host": "h1", "ip": "10.0.1.20",
+         "mac": "02:00:00:01:01:01", "ifname": "p0"},
+        {"id": "i-3", "subnet": "subnet-a1", "host": "h0", "ip": "10.0.1.30",
+         "mac": "02:00:00:01:00:02", "ifname": "gone"}
+      ]
+    }"#;
+
+    #[test]
+    fn resolves_local_ports_and_sets_aside_missing_ones() {
+        let doc: StateFile = serde_json::from_str(DOC).unwrap();
+        let (state, missing) = doc
+            .to_state("h0", |name| (name == "p0").then_some(7))
+            .unwrap();
+        assert_eq!(missing, vec!["i-3".to_owned()]);
+        assert_eq!(state.endpoints.len(), 2);
+        assert_eq!(state.endpoints[0].ifindex, Some(7));
+        assert_eq!(state.endpoints[0].mac, [2, 0, 0, 1, 0, 1]);
+        // Remote endpoints never get an ifindex, whatever their ifname.
+        assert_eq!(state.endpoints[1].ifindex, None);
+    }
+
+    #[test]
+    fn rejects_bad_macs_and_unknown_fields() {
+        for bad in [
+            "02:00:00:01:00",
+            "02:00:00:01:00:01:02",
+            "zz:00:00:01:00:01",
+            "2:0:0:1:0:1",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+        let err = serde_json::from_str::<StateFile>(r#"{"vpcs": [], "extra": 1}"#).unwrap_err();
+        assert!(err.to_string().contains("extra"), "{err}");
+    }
+}

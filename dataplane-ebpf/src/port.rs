@@ -1,0 +1,109 @@
+//! `vpc_port`: frames an instance sends, at TC ingress on the host side of its veth.
+//!
+//! The decision is the pure `dataplane_common::port::decide`; this module carries it out.
+
+use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
+use dataplane_common::{
+    Action, DropReason, Hook,
+    arp::{self, ArpIpv4},
+    icmp::{FRAG_NEEDED_FRAME_LEN, QUOTE_LEN, frag_needed},
+    overlay::{Endpoint, OverlayConfig, v4},
+    packet::PacketView,
+    port::{Forward, PortAction, decide},
+};
+
+/// Length of the Ethernet header of frames from instances (never VLAN-tagged: tagged frames
+/// are dropped as unsupported).
+const ETH_LEN: usize = 14;
+
+use crate::{
+    forward::{self, Encap},
+    maps::ENDPOINTS,
+    packet::TcPacket,
+    stats,
+    tables::{KernelTables, overlay_config},
+};
+
+/// Runs the port program; returns the TC action.
+#[inline(always)]
+pub fn run(ctx: &TcContext) -> i32 {
+    let pkt = TcPacket::new(ctx);
+    let len = pkt.len();
+    match forward(ctx, &pkt) {
+        Ok((action, rc)) => {
+            stats::count_action(Hook::Port, action, len);
+            rc
+        }
+        Err(reason) => {
+            stats::count_drop(ctx, Hook::Port, reason, len);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn forward(ctx: &TcContext, pkt: &TcPacket) -> Result<(Action, i32), DropReason> {
+    let port = pkt.ifindex();
+    // SAFETY: the reference points into the map's element, valid for the whole program run
+    // (RCU). It is not copied, to keep this frame small (see the subprograms below). An
+    // update replaces the element whole; the agent changes an endpoint's value only when the
+    // port is re-created for another instance, when no frames flow on it.
+    let ep: &Endpoint = unsafe { ENDPOINTS.get(&port) }.ok_or(DropReason::UnknownPort)?;
+    let cfg = overlay_config();
+    let action = classify(pkt, ep, &cfg);
+    match action.forward {
+        Forward::Drop => Err(action.reason),
+        Forward::ArpReply => {
+            arp_reply(pkt, ep)?;
+            Ok((Action::Reply, forward::to_port(port)?))
+        }
+        Forward::Local => {
+            pkt.write(0, &action.mac)?;
+            pkt.write(6, &ep.router_mac)?;
+            Ok((Action::Redirect, forward::to_port(action.ifindex)?))
+        }
+        Forward::Remote => {
+            let e = Encap {
+                vtep: action.vtep,
+                vni: ep.vni,
+                dst_mac: action.mac,
+                src_mac: ep.router_mac,
+                ip_len: action.ip_len,
+                fixed_gso: action.fixed_gso,
+            };
+            Ok((Action::Encap, forward::encapsulate(ctx, pkt, &cfg, &e)?))
+        }
+        Forward::FragNeeded => {
+            // The packet itself is dropped (and counted so); the instance learns the MTU.
+            stats::count_drop(ctx, Hook::Port, DropReason::MtuExceeded, pkt.len());
+            frag_needed_reply(pkt, ep, action.mtu)?;
+            Ok((Action::Reply, forward::to_port(port)?))
+        }
+    }
+}
+
+// The functions below are `inline(never)`: each is a BPF subprogram with its own stack
+// frame, so their large locals (frames being built) are not all live in `vpc_port`'s
+// 512-byte stack at once.
+
+/// The forwarding decision (the pure logic of `dataplane_common::port`).
+#[inline(never)]
+fn classify(pkt: &TcPacket, ep: &Endpoint, cfg: &OverlayConfig) -> PortAction {
+    decide(pkt, ep, cfg, pkt.gso_size(), &KernelTables)
+}
+
+/// Rewrites the ARP request in place into the router's reply.
+#[inline(never)]
+fn arp_reply(pkt: &TcPacket, ep: &Endpoint) -> Result<(), DropReason> {
+    let request: ArpIpv4 = pkt.read(ETH_LEN).ok_or(DropReason::Truncated)?;
+    pkt.write(0, &arp::reply(&request, ep.router_mac))
+}
+
+/// Replaces the packet with ICMP "fragmentation needed" to its sender.
+#[inline(never)]
+fn frag_needed_reply(pkt: &TcPacket, ep: &Endpoint, mtu: u16) -> Result<(), DropReason> {
+    let quote: [u8; QUOTE_LEN] = pkt.read(ETH_LEN).ok_or(DropReason::Truncated)?;
+    let reply = frag_needed(&quote, ep.mac, ep.router_mac, v4(&ep.gateway), mtu);
+    pkt.resize(FRAG_NEEDED_FRAME_LEN as u32)?;
+    pkt.write(0, &reply)
+}
