@@ -12,9 +12,9 @@ use anyhow::{Result, bail};
 use crate::{setup, util};
 
 /// The end-to-end test targets of vpc-tests (`tests/tests/<name>.rs`), run by `--tier e2e`.
-pub const E2E_TESTS: &[&str] = &["e2e_skeleton"];
-/// The datapath test target of vpc-tests, run by `--tier datapath`.
-const DATAPATH_TEST: &str = "datapath";
+pub const E2E_TESTS: &[&str] = &["e2e_skeleton", "e2e_overlay"];
+/// The datapath test targets of vpc-tests, run by `--tier datapath`.
+const DATAPATH_TESTS: &[&str] = &["datapath", "datapath_overlay"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Tier {
@@ -89,7 +89,7 @@ pub fn main(args: &Args) -> Result<()> {
         let cli = existing(debug.join("vpc"))?;
 
         let (title, targets): (&str, Vec<&str>) = match args.tier {
-            Tier::Datapath => ("tier 2: datapath tests", vec![DATAPATH_TEST]),
+            Tier::Datapath => ("tier 2: datapath tests", DATAPATH_TESTS.to_vec()),
             Tier::E2e => ("tier 3: end-to-end tests", E2E_TESTS.to_vec()),
             _ => ("tiers 2+3: datapath and end-to-end tests", Vec::new()),
         };

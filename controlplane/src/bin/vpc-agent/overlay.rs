@@ -190,11 +190,40 @@ fn enable_forwarding(iface: &str) -> Result<()> {
     std::fs::write(&path, "1").with_context(|| format!("writing 1 to {path}"))
 }
 
-/// The MTU of `iface`.
+/// The MTU of `iface` in this process's network namespace. (Not from /sys/class/net: an
+/// agent that entered a namespace with setns(2) still sees the /sys of its mount namespace.)
 fn read_mtu(iface: &str) -> Result<u32> {
-    let path = format!("/sys/class/net/{iface}/mtu");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    text.trim()
-        .parse()
-        .with_context(|| format!("parsing {path}: {text:?}"))
+    use nix::libc;
+    let name = iface.as_bytes();
+    if name.len() >= libc::IFNAMSIZ {
+        bail!("interface name {iface:?} is too long");
+    }
+    // SAFETY: `ifreq` is plain old data; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain socket(2) call; the fd is closed by `OwnedFd`.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket for SIOCGIFMTU");
+    }
+    // SAFETY: `fd` is a fresh descriptor we own.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: SIOCGIFMTU reads the name from and writes the MTU into the `ifreq` we pass,
+    // which lives across the call.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::SIOCGIFMTU,
+            &mut req,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("reading the MTU of {iface}"));
+    }
+    // SAFETY: SIOCGIFMTU filled the `ifru_mtu` member of the union.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    u32::try_from(mtu).with_context(|| format!("MTU of {iface} is {mtu}"))
 }
