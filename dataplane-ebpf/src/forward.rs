@@ -36,7 +36,7 @@ pub fn to_port(ifindex: u32) -> Result<i32, DropReason> {
     // SAFETY: the helper only records the redirect target; it is valid at TC ingress, the
     // only place this datapath calls it from.
     let rc = unsafe { bpf_redirect_peer(ifindex, 0) } as i32;
-    if rc == TC_ACT_REDIRECT as i32 {
+    if rc == TC_ACT_REDIRECT {
         Ok(rc)
     } else {
         Err(DropReason::RewriteFailed)
@@ -154,7 +154,7 @@ pub fn encapsulate(
         // SAFETY: a null parameter block with length 0 asks the kernel to use the FIB.
         unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) }
     } as i32;
-    if rc == TC_ACT_REDIRECT as i32 {
+    if rc == TC_ACT_REDIRECT {
         Ok(rc)
     } else {
         Err(DropReason::NoUnderlayRoute)

@@ -48,7 +48,7 @@ fn forward(ctx: &TcContext, pkt: &TcPacket) -> Result<(Action, i32), DropReason>
     // (RCU). It is not copied, to keep this frame small (see the subprograms below). An
     // update replaces the element whole; the agent changes an endpoint's value only when the
     // port is re-created for another instance, when no frames flow on it.
-    let ep: &Endpoint = unsafe { ENDPOINTS.get(&port) }.ok_or(DropReason::UnknownPort)?;
+    let ep: &Endpoint = unsafe { ENDPOINTS.get(port) }.ok_or(DropReason::UnknownPort)?;
     let cfg = overlay_config();
     let action = classify(pkt, ep, &cfg);
     match action.forward {

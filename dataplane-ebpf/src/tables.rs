@@ -41,13 +41,13 @@ impl OverlayTables for KernelTables {
     #[inline(always)]
     fn is_vtep(&self, addr: [u8; 4]) -> bool {
         // SAFETY: see the module docs; only presence is read.
-        unsafe { VTEPS.get(&addr).is_some() }
+        unsafe { VTEPS.get(addr).is_some() }
     }
 
     #[inline(always)]
     fn is_vni(&self, vni: u32) -> bool {
         // SAFETY: see the module docs; only presence is read.
-        unsafe { VNIS.get(&vni).is_some() }
+        unsafe { VNIS.get(vni).is_some() }
     }
 }
 

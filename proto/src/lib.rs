@@ -21,6 +21,20 @@ impl From<dp::DropReason> for v1::DropReason {
             dp::DropReason::Ipv6ExtensionChain => v1::DropReason::Ipv6ExtensionChain,
             dp::DropReason::MalformedL4 => v1::DropReason::MalformedL4,
             dp::DropReason::FilterRule => v1::DropReason::FilterRule,
+            dp::DropReason::UnknownPort => v1::DropReason::UnknownPort,
+            dp::DropReason::SpoofedMac => v1::DropReason::SpoofedMac,
+            dp::DropReason::SpoofedIp => v1::DropReason::SpoofedIp,
+            dp::DropReason::UnsupportedProtocol => v1::DropReason::UnsupportedProtocol,
+            dp::DropReason::ArpUnanswered => v1::DropReason::ArpUnanswered,
+            dp::DropReason::NoRoute => v1::DropReason::NoRoute,
+            dp::DropReason::NoNeighbor => v1::DropReason::NoNeighbor,
+            dp::DropReason::UnknownVtep => v1::DropReason::UnknownVtep,
+            dp::DropReason::UnknownVni => v1::DropReason::UnknownVni,
+            dp::DropReason::MalformedVxlan => v1::DropReason::MalformedVxlan,
+            dp::DropReason::InnerSourceMismatch => v1::DropReason::InnerSourceMismatch,
+            dp::DropReason::MtuExceeded => v1::DropReason::MtuExceeded,
+            dp::DropReason::NoUnderlayRoute => v1::DropReason::NoUnderlayRoute,
+            dp::DropReason::RewriteFailed => v1::DropReason::RewriteFailed,
         }
     }
 }
@@ -31,6 +45,7 @@ impl From<dp::Hook> for v1::Hook {
             dp::Hook::Xdp => v1::Hook::Xdp,
             dp::Hook::TcIngress => v1::Hook::TcIngress,
             dp::Hook::TcEgress => v1::Hook::TcEgress,
+            dp::Hook::Port => v1::Hook::Port,
         }
     }
 }
@@ -41,6 +56,10 @@ impl From<dp::Action> for v1::Action {
             dp::Action::Pass => v1::Action::Pass,
             dp::Action::Drop => v1::Action::Drop,
             dp::Action::Aborted => v1::Action::Aborted,
+            dp::Action::Redirect => v1::Action::Redirect,
+            dp::Action::Encap => v1::Action::Encap,
+            dp::Action::Decap => v1::Action::Decap,
+            dp::Action::Reply => v1::Action::Reply,
         }
     }
 }

@@ -208,7 +208,7 @@ async fn run(args: RunArgs) -> Result<()> {
             _ = poll.tick(), if overlay.is_some() => {
                 let Some(r) = overlay.as_mut() else { continue };
                 ticks += 1;
-                if r.changed() || ticks % RESYNC_TICKS == 0 {
+                if r.changed() || ticks.is_multiple_of(RESYNC_TICKS) {
                     // A failed pass changes nothing; the last good state keeps forwarding.
                     if let Err(e) = r.reconcile(&mut datapath) {
                         warn!(error = format!("{e:#}"), "overlay reconcile failed");
