@@ -376,7 +376,13 @@ fn e2e_datapath_survives_agent_crash_and_restart_takes_over_the_same_links() {
 
     // A clean stop keeps the datapath; teardown removes it, and traffic flows unfiltered.
     assert!(second.stop().unwrap());
-    assert!(t.pins.path().join("v1/links/b0/vpc_xdp").exists());
+    assert!(
+        t.pins
+            .path()
+            .join(dataplane_common::maps::MAPS_ABI)
+            .join("links/b0/vpc_xdp")
+            .exists()
+    );
     let agent_bin = vpc_tests::procs::workspace_bin("VPC_AGENT_BIN", "vpc-agent").unwrap();
     let out = std::process::Command::new(agent_bin)
         .args(["teardown", "--pin-dir", t.pin_dir()])
@@ -387,7 +393,11 @@ fn e2e_datapath_survives_agent_crash_and_restart_takes_over_the_same_links() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!Path::new(t.pin_dir()).join("v1").exists());
+    assert!(
+        !Path::new(t.pin_dir())
+            .join(dataplane_common::maps::MAPS_ABI)
+            .exists()
+    );
     send_udp(&t.a, 9999, 5);
     assert_eq!(
         receive_all(&blocked),
