@@ -5,5 +5,7 @@
 //! xtask test` runs them; names are unique per test, so they run in parallel.
 
 pub mod netns;
+pub mod overlay_fixture;
 pub mod procs;
 pub mod testrun;
+pub mod topology;

@@ -1,19 +1,12 @@
 //! The overlay programs on crafted frames (BPF_PROG_TEST_RUN): the port program's ARP
 //! answers, anti-spoofing, local delivery, VXLAN encapsulation and ICMP "fragmentation
-//! needed", and the underlay's validation and decapsulation. Maps are programmed the way the
-//! agent does it: compile the desired state, diff against the kernel maps, apply.
-//!
-//! Runs inside a private network namespace holding a fake underlay (`ul0`, with a static
-//! neighbor for the peer VTEP so the FIB lookup resolves) and instance ports.
+//! needed", and the underlay's validation and decapsulation, on the fixture of
+//! `vpc_tests::overlay_fixture` (maps programmed the way the agent does it).
 
 use std::net::Ipv4Addr;
 
-use controlplane::overlay::{
-    EndpointSpec, HostSpec, OverlayState, SubnetSpec, VpcSpec, compile, diff,
-};
 use dataplane_common::{
     Action, DropReason, Hook,
-    overlay::OverlayConfig,
     testpkt::{arp_request, icmp4_echo, udp, v4, vxlan, with_macs},
 };
 use pnet_packet::{
@@ -24,134 +17,11 @@ use pnet_packet::{
     udp::UdpPacket,
 };
 use vpc_tests::{
-    netns::{NetNs, veth_pair},
-    testrun::{LoadedDatapath, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
+    overlay_fixture::{
+        ME_MAC, NEXT_HOP_MAC, PEER_MAC, REMOTE_MAC, ROUTER, VTEP_ME, VTEP_PEER, fixture,
+    },
+    testrun::{TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
 };
-
-const ROUTER: [u8; 6] = [0x02, 0x76, 0x70, 0x63, 0, 1];
-const ME_MAC: [u8; 6] = [2, 0, 0, 1, 0, 1];
-const PEER_MAC: [u8; 6] = [2, 0, 0, 1, 0, 2];
-const REMOTE_MAC: [u8; 6] = [2, 0, 0, 1, 1, 1];
-const NEXT_HOP_MAC: [u8; 6] = [2, 0xee, 0, 0, 0, 2];
-const VTEP_ME: [u8; 4] = [192, 168, 77, 1];
-const VTEP_PEER: [u8; 4] = [192, 168, 77, 2];
-
-struct Fixture {
-    ns: NetNs,
-    // Holds the veth peers: destroying a namespace destroys its veths and their peers.
-    _other: NetNs,
-    dp: LoadedDatapath,
-    me: u32,
-    peer: u32,
-    ul_mac: [u8; 6],
-}
-
-/// Host h0 with ports `p0` (10.0.1.10) and `p1` (10.0.2.20) of VPC A (VNI 100); h1 runs
-/// 10.0.1.30 of VPC A; VPC B (VNI 200, same CIDR) has 10.0.1.30 on h0 behind `p2`.
-fn fixture(tag: &str) -> Fixture {
-    let ns = NetNs::new(tag).unwrap();
-    let other = NetNs::new(&format!("{tag}x")).unwrap();
-    for p in ["ul0", "p0", "p1", "p2"] {
-        veth_pair(&ns, p, &other, p).unwrap();
-        ns.link_up(p).unwrap();
-        other.link_up(p).unwrap();
-    }
-    ns.add_addr("ul0", "192.168.77.1/24").unwrap();
-    // The agent does this: the FIB helper requires forwarding on the output interface.
-    ns.sysctl("net.ipv4.conf.ul0.forwarding", "1").unwrap();
-    ns.link_up("ul0").unwrap();
-    ns.ip(&[
-        "neigh",
-        "replace",
-        "192.168.77.2",
-        "lladdr",
-        "02:ee:00:00:00:02",
-        "dev",
-        "ul0",
-    ])
-    .unwrap();
-    let ifindex = |n| ns.ifindex(n).unwrap();
-    let (me, peer, b) = (ifindex("p0"), ifindex("p1"), ifindex("p2"));
-    let ul_mac = ns.mac("ul0").unwrap();
-
-    let ep = |id: &str, subnet: &str, host: &str, ip: [u8; 4], mac, ifindex| EndpointSpec {
-        id: id.into(),
-        subnet: subnet.into(),
-        host: host.into(),
-        ip: Ipv4Addr::from(ip),
-        mac,
-        ifindex,
-    };
-    let state = OverlayState {
-        vpcs: vec![
-            VpcSpec {
-                id: "vpc-a".into(),
-                vni: 100,
-                cidr: "10.0.0.0/16".parse().unwrap(),
-            },
-            VpcSpec {
-                id: "vpc-b".into(),
-                vni: 200,
-                cidr: "10.0.0.0/16".parse().unwrap(),
-            },
-        ],
-        subnets: vec![
-            SubnetSpec {
-                id: "a1".into(),
-                vpc: "vpc-a".into(),
-                cidr: "10.0.1.0/24".parse().unwrap(),
-            },
-            SubnetSpec {
-                id: "a2".into(),
-                vpc: "vpc-a".into(),
-                cidr: "10.0.2.0/24".parse().unwrap(),
-            },
-            SubnetSpec {
-                id: "b1".into(),
-                vpc: "vpc-b".into(),
-                cidr: "10.0.1.0/24".parse().unwrap(),
-            },
-        ],
-        hosts: vec![
-            HostSpec {
-                id: "h0".into(),
-                vtep: Ipv4Addr::from(VTEP_ME),
-            },
-            HostSpec {
-                id: "h1".into(),
-                vtep: Ipv4Addr::from(VTEP_PEER),
-            },
-        ],
-        endpoints: vec![
-            ep("me", "a1", "h0", [10, 0, 1, 10], ME_MAC, Some(me)),
-            ep("peer", "a2", "h0", [10, 0, 2, 20], PEER_MAC, Some(peer)),
-            ep("remote", "a1", "h1", [10, 0, 1, 30], REMOTE_MAC, None),
-            ep("b", "b1", "h0", [10, 0, 1, 30], [2, 0, 0, 2, 0, 1], Some(b)),
-        ],
-    };
-    let mut dp = LoadedDatapath::load(tag).unwrap();
-    let desired = compile(&state, "h0", ROUTER).unwrap();
-    let overlay = dp.overlay();
-    let actual = overlay.read().unwrap();
-    overlay.apply(&diff(&actual, &desired)).unwrap();
-    overlay
-        .set_config(&OverlayConfig {
-            vtep: VTEP_ME,
-            underlay_ifindex: ifindex("ul0"),
-            underlay_mtu: 1500,
-        })
-        .unwrap();
-    // Level-triggered: reading back gives exactly what was compiled, so a second pass is empty.
-    assert_eq!(diff(&overlay.read().unwrap(), &desired), vec![]);
-    Fixture {
-        ns,
-        _other: other,
-        dp,
-        me,
-        peer,
-        ul_mac,
-    }
-}
 
 fn from_me(frame: Vec<u8>) -> Vec<u8> {
     with_macs(&frame, ROUTER, ME_MAC)
