@@ -97,6 +97,19 @@ pub struct Neighbor {
 
 const _: () = assert!(core::mem::size_of::<Neighbor>() == 20);
 
+impl Neighbor {
+    /// A neighbor of `kind`; `ifindex` and `vtep` are zero unless the kind uses them.
+    pub const fn new(kind: NeighborKind, ifindex: u32, vtep: [u8; 4], mac: [u8; 6]) -> Self {
+        Neighbor {
+            kind: kind as u32,
+            ifindex,
+            vtep,
+            mac,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// LPM data of `ROUTES`: the VNI is matched in full (the prefix length always covers its 32
 /// bits), then the address by the route's prefix.
 #[repr(C)]

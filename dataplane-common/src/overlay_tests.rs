@@ -73,16 +73,6 @@ fn ip(a: [u8; 4]) -> [u8; 16] {
     ipv4_mapped(a)
 }
 
-fn neighbor(kind: NeighborKind, ifindex: u32, vtep: [u8; 4], mac: [u8; 6]) -> Neighbor {
-    Neighbor {
-        kind: kind as u32,
-        ifindex,
-        vtep,
-        mac,
-        _pad: [0; 2],
-    }
-}
-
 /// VPC A (VNI 100, 10.0.0.0/16) and VPC B (VNI 200, same CIDR): in A, this instance
 /// 10.0.1.10 (port 7), a local peer 10.0.2.20 (port 8) and a remote 10.0.1.30 behind
 /// `VTEP_PEER`; in B only a local 10.0.1.30 (port 9).
@@ -115,23 +105,23 @@ fn tables() -> Tables {
     let n = &mut t.neighbors;
     n.insert(
         (VNI_A, ip([10, 0, 1, 10])),
-        neighbor(NeighborKind::Local, 7, [0; 4], ME),
+        Neighbor::new(NeighborKind::Local, 7, [0; 4], ME),
     );
     n.insert(
         (VNI_A, ip([10, 0, 2, 20])),
-        neighbor(NeighborKind::Local, 8, [0; 4], LOCAL_PEER_MAC),
+        Neighbor::new(NeighborKind::Local, 8, [0; 4], LOCAL_PEER_MAC),
     );
     n.insert(
         (VNI_A, ip([10, 0, 1, 30])),
-        neighbor(NeighborKind::Remote, 0, VTEP_PEER, REMOTE_MAC),
+        Neighbor::new(NeighborKind::Remote, 0, VTEP_PEER, REMOTE_MAC),
     );
     n.insert(
         (VNI_A, ip([10, 0, 1, 1])),
-        neighbor(NeighborKind::Gateway, 0, [0; 4], ROUTER),
+        Neighbor::new(NeighborKind::Gateway, 0, [0; 4], ROUTER),
     );
     n.insert(
         (VNI_B, ip([10, 0, 1, 30])),
-        neighbor(NeighborKind::Local, 9, [0; 4], [2, 0, 0, 2, 0, 1]),
+        Neighbor::new(NeighborKind::Local, 9, [0; 4], [2, 0, 0, 2, 0, 1]),
     );
     t
 }

@@ -14,6 +14,8 @@ use network_types::{
 
 use crate::{DropReason, filter::ipv4_mapped, packet::PacketView};
 
+/// Length of an untagged Ethernet header.
+pub const ETH_HLEN: usize = EthHdr::LEN;
 /// EtherType of IPv4.
 pub const ETH_P_IP: u16 = 0x0800;
 /// EtherType of IPv6.

@@ -155,7 +155,7 @@ pub fn icmp6_echo(src: Ipv6Addr, dst: Ipv6Addr, id: u16, seq: u16) -> Vec<u8> {
     ipv6(src, dst, IpNextHeaderProtocols::Icmpv6, &buf)
 }
 
-/// An ARP request (who-has `target` tell `sender`).
+/// An ARP request (who-has `target` tell `sender`) from [`SRC_MAC`] to [`DST_MAC`].
 pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     let mut arp = vec![0u8; 28];
     arp[0..2].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
@@ -167,6 +167,14 @@ pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     arp[14..18].copy_from_slice(&sender.octets());
     arp[24..28].copy_from_slice(&target.octets());
     ethernet(EtherTypes::Arp, &arp)
+}
+
+/// A broadcast ARP request from `mac` (Ethernet source and ARP sender hardware address),
+/// as an instance sends it.
+pub fn arp_request_from(mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut frame = with_macs(&arp_request(sender, target), [0xff; 6], mac);
+    frame[ETH_LEN + 8..ETH_LEN + 14].copy_from_slice(&mac);
+    frame
 }
 
 /// Inserts an 802.1Q tag with `vid` after the MAC addresses of `frame`.

@@ -42,7 +42,7 @@ pub fn run<C: EbpfContext, P: PacketView>(ctx: &C, pkt: &P, hook: Hook) -> Fate 
     let len = pkt.len();
     let parsed = parse(pkt);
     if let Verdict::Drop(reason) = decide(parsed, &KernelTables) {
-        stats::count_drop(ctx, hook, reason, len);
+        stats::count_and_log_drop(ctx, hook, reason, len);
         return Fate::Drop;
     }
     if hook != Hook::TcEgress
@@ -56,7 +56,7 @@ pub fn run<C: EbpfContext, P: PacketView>(ctx: &C, pkt: &P, hook: Hook) -> Fate 
             // Valid VXLAN at XDP: TC ingress decapsulates it.
             Ok(UnderlayAction::Deliver { .. }) => {}
             Err(reason) => {
-                stats::count_drop(ctx, hook, reason, len);
+                stats::count_and_log_drop(ctx, hook, reason, len);
                 return Fate::Drop;
             }
         }
@@ -80,7 +80,7 @@ pub fn deliver<C: EbpfContext>(
             Some(rc)
         }
         Err(reason) => {
-            stats::count_drop(ctx, Hook::TcIngress, reason, len);
+            stats::count_and_log_drop(ctx, Hook::TcIngress, reason, len);
             None
         }
     }

@@ -9,12 +9,9 @@ use dataplane_common::{
     icmp::{FRAG_NEEDED_FRAME_LEN, QUOTE_LEN, frag_needed},
     overlay::{Endpoint, OverlayConfig, v4},
     packet::PacketView,
+    parse::ETH_HLEN,
     port::{Forward, PortAction, decide},
 };
-
-/// Length of the Ethernet header of frames from instances (never VLAN-tagged: tagged frames
-/// are dropped as unsupported).
-const ETH_LEN: usize = 14;
 
 use crate::{
     forward::{self, Encap},
@@ -35,7 +32,7 @@ pub fn run(ctx: &TcContext) -> i32 {
             rc
         }
         Err(reason) => {
-            stats::count_drop(ctx, Hook::Port, reason, len);
+            stats::count_drop(Hook::Port, reason, len);
             TC_ACT_SHOT
         }
     }
@@ -75,7 +72,7 @@ fn forward(ctx: &TcContext, pkt: &TcPacket) -> Result<(Action, i32), DropReason>
         }
         Forward::FragNeeded => {
             // The packet itself is dropped (and counted so); the instance learns the MTU.
-            stats::count_drop(ctx, Hook::Port, DropReason::MtuExceeded, pkt.len());
+            stats::count_drop(Hook::Port, DropReason::MtuExceeded, pkt.len());
             frag_needed_reply(pkt, ep, action.mtu)?;
             Ok((Action::Reply, forward::to_port(port)?))
         }
@@ -95,14 +92,14 @@ fn classify(pkt: &TcPacket, ep: &Endpoint, cfg: &OverlayConfig) -> PortAction {
 /// Rewrites the ARP request in place into the router's reply.
 #[inline(never)]
 fn arp_reply(pkt: &TcPacket, ep: &Endpoint) -> Result<(), DropReason> {
-    let request: ArpIpv4 = pkt.read(ETH_LEN).ok_or(DropReason::Truncated)?;
+    let request: ArpIpv4 = pkt.read(ETH_HLEN).ok_or(DropReason::Truncated)?;
     pkt.write(0, &arp::reply(&request, ep.router_mac))
 }
 
 /// Replaces the packet with ICMP "fragmentation needed" to its sender.
 #[inline(never)]
 fn frag_needed_reply(pkt: &TcPacket, ep: &Endpoint, mtu: u16) -> Result<(), DropReason> {
-    let quote: [u8; QUOTE_LEN] = pkt.read(ETH_LEN).ok_or(DropReason::Truncated)?;
+    let quote: [u8; QUOTE_LEN] = pkt.read(ETH_HLEN).ok_or(DropReason::Truncated)?;
     let reply = frag_needed(&quote, ep.mac, ep.router_mac, v4(&ep.gateway), mtu);
     pkt.resize(FRAG_NEEDED_FRAME_LEN as u32)?;
     pkt.write(0, &reply)

@@ -29,19 +29,19 @@ pub fn count_action(hook: Hook, action: Action, bytes: usize) {
 }
 
 /// Counts a dropped packet under `Action::Drop` and under its reason for `hook`.
-///
-/// Underlay drops are logged at debug level; the loader sets the level (default info), so
-/// by default the log costs one branch on the drop path and nothing else. Port drops are
-/// only counted: the log record's formatting needs ~360 bytes of stack, which the port
-/// program (with its own frames) cannot spare within the kernel's 512-byte limit. `hook` is
-/// a constant at every call site, so the test costs nothing.
 #[inline(always)]
-pub fn count_drop<C: EbpfContext>(ctx: &C, hook: Hook, reason: DropReason, bytes: usize) {
+pub fn count_drop(hook: Hook, reason: DropReason, bytes: usize) {
     bump(&ACTION_STATS, action_index(hook, Action::Drop), bytes);
     bump(&DROP_STATS, drop_index(hook, reason), bytes);
-    if hook == Hook::Port {
-        return;
-    }
+}
+
+/// Counts a drop and logs it at debug level. The loader sets the level (default info), so by
+/// default the log costs one branch. Only the underlay hooks log: the record's formatting
+/// needs ~360 bytes of stack, which the port program (with its own subprogram frames) cannot
+/// spare within the kernel's 512-byte limit, so the port program calls [`count_drop`].
+#[inline(always)]
+pub fn count_and_log_drop<C: EbpfContext>(ctx: &C, hook: Hook, reason: DropReason, bytes: usize) {
+    count_drop(hook, reason, bytes);
     debug!(
         ctx,
         "drop: hook {} reason {} len {}", hook as u32, reason as u32, bytes

@@ -39,7 +39,10 @@ use std::process::Stdio;
 use std::str::FromStr;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use serde::{Deserialize, Serialize};
+
+use controlplane::overlay::statefile::{
+    EndpointDoc, HostDoc, StateFile as StateDoc, SubnetDoc, VpcDoc,
+};
 
 use crate::netns::{BpffsDir, NetNs, ensure_bpffs, unique_name};
 use crate::procs::Agent;
@@ -484,68 +487,9 @@ fn gateway_mac(vpc_no: u8, host: u8) -> [u8; 6] {
     [0x02, 0, 1, vpc_no, host, 1]
 }
 
-/// The desired-state file the agent reads (`--state FILE`), cluster-wide; each agent picks out
-/// its own host (`--host`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DesiredState {
-    /// VPCs.
-    pub vpcs: Vec<StateVpc>,
-    /// Subnets.
-    pub subnets: Vec<StateSubnet>,
-    /// Hosts and their VTEP addresses.
-    pub hosts: Vec<StateHost>,
-    /// Instance interfaces.
-    pub endpoints: Vec<StateEndpoint>,
-}
-
-/// `{"id": "vpc-a", "vni": 100, "cidr": "10.0.0.0/16"}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StateVpc {
-    /// VPC id.
-    pub id: String,
-    /// VNI.
-    pub vni: u32,
-    /// CIDR, `a.b.c.d/n`.
-    pub cidr: String,
-}
-
-/// `{"id": "subnet-a1", "vpc": "vpc-a", "cidr": "10.0.1.0/24"}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StateSubnet {
-    /// Subnet id.
-    pub id: String,
-    /// VPC id.
-    pub vpc: String,
-    /// CIDR, `a.b.c.d/n`.
-    pub cidr: String,
-}
-
-/// `{"id": "h0", "vtep": "192.168.77.1"}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StateHost {
-    /// Host id.
-    pub id: String,
-    /// Underlay address.
-    pub vtep: String,
-}
-
-/// `{"id": "a-h0-s1", "subnet": "subnet-a1", "host": "h0", "ip": "10.0.1.10",
-/// "mac": "02:00:00:01:00:01", "ifname": "p0"}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StateEndpoint {
-    /// Instance name.
-    pub id: String,
-    /// Subnet id.
-    pub subnet: String,
-    /// Host id.
-    pub host: String,
-    /// Address.
-    pub ip: String,
-    /// MAC of the instance's interface.
-    pub mac: String,
-    /// Host-side veth in that host's namespace.
-    pub ifname: String,
-}
+/// The desired-state document the agent reads (`--state FILE`): the agent's own type, so the
+/// tests always write exactly the format the agent parses.
+pub type DesiredState = StateDoc;
 
 /// The desired state for `spec`, with the given instance ports.
 fn desired_state_with(spec: &TopologySpec, ports: &BTreeMap<String, Port>) -> Result<DesiredState> {
@@ -562,38 +506,42 @@ fn desired_state_with(spec: &TopologySpec, ports: &BTreeMap<String, Port>) -> Re
             port.host,
             inst.host
         );
-        endpoints.push(StateEndpoint {
+        endpoints.push(EndpointDoc {
             id: inst.name.clone(),
             subnet: inst.subnet.clone(),
             host: host_id(inst.host),
-            ip: inst.ip.to_string(),
+            ip: inst.ip,
             mac: format_mac(port.mac),
-            ifname: port.ifname.clone(),
+            ifname: Some(port.ifname.clone()),
         });
     }
-    Ok(DesiredState {
+    Ok(StateDoc {
         vpcs: spec
             .vpcs
             .iter()
-            .map(|v| StateVpc {
-                id: v.id.clone(),
-                vni: v.vni,
-                cidr: v.cidr.to_string(),
+            .map(|v| {
+                Ok(VpcDoc {
+                    id: v.id.clone(),
+                    vni: v.vni,
+                    cidr: v.cidr.to_string().parse()?,
+                })
             })
-            .collect(),
+            .collect::<Result<_>>()?,
         subnets: spec
             .subnets
             .iter()
-            .map(|s| StateSubnet {
-                id: s.id.clone(),
-                vpc: s.vpc.clone(),
-                cidr: s.cidr.to_string(),
+            .map(|s| {
+                Ok(SubnetDoc {
+                    id: s.id.clone(),
+                    vpc: s.vpc.clone(),
+                    cidr: s.cidr.to_string().parse()?,
+                })
             })
-            .collect(),
+            .collect::<Result<_>>()?,
         hosts: (0..spec.hosts)
-            .map(|i| StateHost {
+            .map(|i| HostDoc {
                 id: host_id(i),
-                vtep: underlay_ip(i).to_string(),
+                vtep: underlay_ip(i),
             })
             .collect(),
         endpoints,
@@ -1475,8 +1423,8 @@ mod tests {
         assert_eq!(state.endpoints.len(), 7);
         let ep = state.endpoints.iter().find(|e| e.id == "a-h0-s2").unwrap();
         assert_eq!(
-            (ep.ifname.as_str(), ep.mac.as_str()),
-            ("p1", "02:00:00:01:00:02")
+            (ep.ifname.as_deref(), ep.mac.as_str()),
+            (Some("p1"), "02:00:00:01:00:02")
         );
 
         // Instances the topology does not have, or moved to another host, are refused.

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use dataplane_common::{
     Action, DropReason, Hook,
-    testpkt::{arp_request, icmp4_echo, udp, v4, vxlan, with_macs},
+    testpkt::{arp_request_from, icmp4_echo, udp, v4, vxlan, with_macs},
 };
 use pnet_packet::{
     Packet,
@@ -43,10 +43,11 @@ fn port_answers_arp_delivers_locally_and_drops_spoofing() {
         let run = |frame: &[u8]| f.dp.run_on(Hook::Port, frame, 1, Some(f.me)).unwrap();
 
         // ARP for the gateway: answered in place, sent back to the instance.
-        let mut req = arp_request(Ipv4Addr::new(10, 0, 1, 10), Ipv4Addr::new(10, 0, 1, 1));
-        req[0..6].copy_from_slice(&[0xff; 6]);
-        req[6..12].copy_from_slice(&ME_MAC);
-        req[22..28].copy_from_slice(&ME_MAC);
+        let req = arp_request_from(
+            ME_MAC,
+            Ipv4Addr::new(10, 0, 1, 10),
+            Ipv4Addr::new(10, 0, 1, 1),
+        );
         let r = run(&req);
         assert_eq!(r.retval, TC_ACT_REDIRECT);
         assert_eq!(&r.output[0..6], &ME_MAC);

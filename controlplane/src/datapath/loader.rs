@@ -137,15 +137,7 @@ impl Datapath {
         iface: &str,
         xdp_mode: XdpAttachMode,
     ) -> Result<Vec<Attachment>, DatapathError> {
-        if nix::net::if_::if_nametoindex(iface).is_err() {
-            return Err(DatapathError::NoSuchInterface(iface.to_owned()));
-        }
-        let dir = self.layout.links_dir(iface);
-        std::fs::create_dir_all(&dir).map_err(|source| DatapathError::Io {
-            action: "creating",
-            path: dir.clone(),
-            source,
-        })?;
+        self.prepare_links_dir(iface)?;
         let mut out = Vec::with_capacity(3);
         if xdp_mode == XdpAttachMode::Off {
             self.detach_pinned(iface, programs::XDP)?;
@@ -164,15 +156,7 @@ impl Datapath {
     /// Attaches the instance-port program to TC ingress of `iface` (the host side of an
     /// instance's veth), reusing a pinned link.
     pub fn attach_port(&mut self, iface: &str) -> Result<Attachment, DatapathError> {
-        if nix::net::if_::if_nametoindex(iface).is_err() {
-            return Err(DatapathError::NoSuchInterface(iface.to_owned()));
-        }
-        let dir = self.layout.links_dir(iface);
-        std::fs::create_dir_all(&dir).map_err(|source| DatapathError::Io {
-            action: "creating",
-            path: dir.clone(),
-            source,
-        })?;
+        self.prepare_links_dir(iface)?;
         self.attach_tc(iface, programs::PORT, TcAttachType::Ingress)
     }
 
@@ -192,6 +176,19 @@ impl Datapath {
                 source,
             }),
         }
+    }
+
+    /// Checks that `iface` exists and creates its link pin directory.
+    fn prepare_links_dir(&self, iface: &str) -> Result<(), DatapathError> {
+        if nix::net::if_::if_nametoindex(iface).is_err() {
+            return Err(DatapathError::NoSuchInterface(iface.to_owned()));
+        }
+        let dir = self.layout.links_dir(iface);
+        std::fs::create_dir_all(&dir).map_err(|source| DatapathError::Io {
+            action: "creating",
+            path: dir,
+            source,
+        })
     }
 
     fn attach_xdp(

@@ -64,13 +64,7 @@ impl NeighborEntry {
             NeighborEntry::Remote { vtep, mac } => (NeighborKind::Remote, 0, vtep.octets(), mac),
             NeighborEntry::Gateway { mac } => (NeighborKind::Gateway, 0, [0; 4], mac),
         };
-        Neighbor {
-            kind: kind as u32,
-            ifindex,
-            vtep,
-            mac,
-            _pad: [0; 2],
-        }
+        Neighbor::new(kind, ifindex, vtep, mac)
     }
 }
 

@@ -5,7 +5,7 @@
 //! host out of it. Local endpoints name their host-side veth (`ifname`), which the agent
 //! resolves to an ifindex in its own network namespace.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
@@ -126,6 +126,17 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
+/// The document as seen from one host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostView {
+    /// The desired state, local endpoints with their ifindex.
+    pub state: OverlayState,
+    /// Local ports: host-side veth name -> ifindex.
+    pub ports: BTreeMap<String, u32>,
+    /// Local endpoints whose interface does not exist (yet), left out of `state`.
+    pub missing: Vec<String>,
+}
+
 impl StateFile {
     /// Reads and parses `path`.
     pub fn load(path: &Path) -> Result<Self, StateFileError> {
@@ -141,14 +152,15 @@ impl StateFile {
 
     /// The desired state as seen from host `local_host`: local endpoints get the ifindex
     /// `resolve` finds for their `ifname`. Local endpoints whose interface does not exist
-    /// (yet) are returned in the second list and left out, so one missing veth does not
-    /// block the rest of the host.
-    pub fn to_state(
+    /// (yet) are listed in `missing` and left out, so one missing veth does not block the
+    /// rest of the host.
+    pub fn host_view(
         &self,
         local_host: &str,
         resolve: impl Fn(&str) -> Option<u32>,
-    ) -> Result<(OverlayState, Vec<String>), StateFileError> {
+    ) -> Result<HostView, StateFileError> {
         let mut missing = Vec::new();
+        let mut ports = BTreeMap::new();
         let mut endpoints = Vec::with_capacity(self.endpoints.len());
         for e in &self.endpoints {
             let mac = parse_mac(&e.mac).ok_or_else(|| StateFileError::BadMac {
@@ -156,8 +168,12 @@ impl StateFile {
                 mac: e.mac.clone(),
             })?;
             let ifindex = if e.host == local_host {
-                match e.ifname.as_deref().and_then(&resolve) {
-                    Some(i) => Some(i),
+                let name = e.ifname.as_deref();
+                match name.zip(name.and_then(&resolve)) {
+                    Some((name, i)) => {
+                        ports.insert(name.to_owned(), i);
+                        Some(i)
+                    }
                     None => {
                         missing.push(e.id.clone());
                         continue;
@@ -204,7 +220,11 @@ impl StateFile {
                 .collect(),
             endpoints,
         };
-        Ok((state, missing))
+        Ok(HostView {
+            state,
+            ports,
+            missing,
+        })
     }
 }
 
@@ -229,10 +249,15 @@ mod tests {
     #[test]
     fn resolves_local_ports_and_sets_aside_missing_ones() {
         let doc: StateFile = serde_json::from_str(DOC).unwrap();
-        let (state, missing) = doc
-            .to_state("h0", |name| (name == "p0").then_some(7))
+        let HostView {
+            state,
+            ports,
+            missing,
+        } = doc
+            .host_view("h0", |name| (name == "p0").then_some(7))
             .unwrap();
         assert_eq!(missing, vec!["i-3".to_owned()]);
+        assert_eq!(ports, BTreeMap::from([("p0".to_owned(), 7)]));
         assert_eq!(state.endpoints.len(), 2);
         assert_eq!(state.endpoints[0].ifindex, Some(7));
         assert_eq!(state.endpoints[0].mac, [2, 0, 0, 1, 0, 1]);

@@ -275,7 +275,7 @@ fn throughput(seconds: u32, rounds: usize) -> Result<()> {
 /// PLACEHOLDER, to be filled in with the overlay datapath: `testrun::LoadedDatapath` has no
 /// overlay map helpers yet, so this prints nothing for now.
 fn overlay_per_packet(repeat: u32) -> Result<()> {
-    use dataplane_common::testpkt::{vxlan, with_macs};
+    use dataplane_common::testpkt::{arp_request_from, vxlan, with_macs};
     use vpc_tests::overlay_fixture::{ME_MAC, ROUTER, VTEP_ME, VTEP_PEER, fixture};
     let f = fixture("benchovl");
     let a = Ipv4Addr::new(10, 0, 1, 10);
@@ -290,11 +290,7 @@ fn overlay_per_packet(repeat: u32) -> Result<()> {
             "port: ARP request -> reply",
             Hook::Port,
             Some(f.me),
-            with_macs(
-                &arp_request(a, Ipv4Addr::new(10, 0, 1, 1)),
-                [0xff; 6],
-                ME_MAC,
-            ),
+            arp_request_from(ME_MAC, a, Ipv4Addr::new(10, 0, 1, 1)),
         ),
         (
             "port: local, cross subnet",

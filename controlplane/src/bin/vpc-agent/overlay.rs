@@ -15,7 +15,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 use controlplane::{
     datapath::{AttachOutcome, Datapath, OverlayMaps},
-    overlay::{compile, diff, statefile::StateFile},
+    overlay::{
+        compile, diff,
+        statefile::{HostView, StateFile},
+    },
 };
 use dataplane_common::overlay::OverlayConfig;
 use tracing::{info, warn};
@@ -55,22 +58,27 @@ impl Reconciler {
         })
     }
 
+    /// (modification time, length) of the document, if readable.
+    fn stamp(&self) -> Option<(SystemTime, u64)> {
+        let m = std::fs::metadata(&self.state_path).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    }
+
     /// Whether the document changed since the last successful pass.
     pub fn changed(&self) -> bool {
-        let stamp = std::fs::metadata(&self.state_path)
-            .ok()
-            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        let stamp = self.stamp();
         stamp != self.seen || stamp.is_none()
     }
 
     /// One pass. Returns the number of map writes and port changes made.
     pub fn reconcile(&mut self, datapath: &mut Datapath) -> Result<usize> {
-        let stamp = std::fs::metadata(&self.state_path)
-            .ok()
-            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        let stamp = self.stamp();
         let doc = StateFile::load(&self.state_path)?;
-        let (state, missing) =
-            doc.to_state(&self.host, |name| nix::net::if_::if_nametoindex(name).ok())?;
+        let HostView {
+            state,
+            ports: wanted,
+            missing,
+        } = doc.host_view(&self.host, |name| nix::net::if_::if_nametoindex(name).ok())?;
         for id in &missing {
             warn!(endpoint = %id, "local endpoint has no interface yet; skipped this pass");
         }
@@ -97,16 +105,6 @@ impl Reconciler {
         changes += ops.len();
 
         // Ports: attach the program to every local endpoint's veth, detach from the rest.
-        let wanted: BTreeMap<String, u32> = doc
-            .endpoints
-            .iter()
-            .filter(|e| e.host == self.host)
-            .filter_map(|e| {
-                let name = e.ifname.clone()?;
-                let index = nix::net::if_::if_nametoindex(name.as_str()).ok()?;
-                Some((name, index))
-            })
-            .collect();
         if self.first {
             // Ports a previous agent attached and that are no longer wanted.
             for name in pinned_ports(datapath) {
