@@ -3,7 +3,11 @@
 //! Today this crate holds the host agent's datapath layer: [`datapath`] loads the embedded
 //! eBPF object, pins its maps and links under bpffs, attaches the programs to interfaces and
 //! reads and writes the pinned maps. The `vpc-agent` binary wraps it. [`overlay`] compiles the
-//! desired VPC overlay state into this host's map contents (pure, unit-tested).
+//! desired VPC overlay state into this host's map contents (pure, unit-tested). [`policy`]
+//! compiles security groups and network ACLs into the policy maps' contents (pure,
+//! unit-tested).
 
 pub mod datapath;
+pub mod host;
 pub mod overlay;
+pub mod policy;

@@ -66,11 +66,23 @@ pub enum DropReason {
     NoUnderlayRoute = 19,
     /// A kernel helper that rewrites the packet (room adjustment, store) failed.
     RewriteFailed = 20,
+    /// A new flow toward an instance that no inbound rule of its security groups admits.
+    SgIngress = 21,
+    /// A new flow from an instance that no outbound rule of its security groups admits.
+    SgEgress = 22,
+    /// The network ACL of the receiving instance's subnet denies the packet (an explicit deny
+    /// rule or the implicit deny at the end).
+    AclIngress = 23,
+    /// The network ACL of the sending instance's subnet denies the packet.
+    AclEgress = 24,
+    /// A TCP packet with a flag combination no connection uses (SYN with FIN or RST, FIN
+    /// alone, no flags): dropped by connection tracking whatever the rules say.
+    CtInvalid = 25,
 }
 
 impl DropReason {
     /// Every reason, in number order.
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 25] = [
         DropReason::Truncated,
         DropReason::MalformedIpv4,
         DropReason::MalformedIpv6,
@@ -91,6 +103,11 @@ impl DropReason {
         DropReason::MtuExceeded,
         DropReason::NoUnderlayRoute,
         DropReason::RewriteFailed,
+        DropReason::SgIngress,
+        DropReason::SgEgress,
+        DropReason::AclIngress,
+        DropReason::AclEgress,
+        DropReason::CtInvalid,
     ];
 
     /// The stable number of this reason.
@@ -126,6 +143,11 @@ impl DropReason {
             DropReason::MtuExceeded => "mtu_exceeded",
             DropReason::NoUnderlayRoute => "no_underlay_route",
             DropReason::RewriteFailed => "rewrite_failed",
+            DropReason::SgIngress => "sg_ingress",
+            DropReason::SgEgress => "sg_egress",
+            DropReason::AclIngress => "acl_ingress",
+            DropReason::AclEgress => "acl_egress",
+            DropReason::CtInvalid => "ct_invalid",
         }
     }
 }

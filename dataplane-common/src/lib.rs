@@ -6,6 +6,8 @@
 //! - [`filter`]: key and value of the filter map that decides pass/drop per flow.
 //! - [`maps`]: map names, sizes and the pin-layout ABI version.
 //! - [`overlay`]: keys and values of the VPC overlay maps.
+//! - [`conntrack`], [`policy`]: connection tracking, security groups and network ACLs (map
+//!   layout and the per-packet verdict).
 //! - [`packet`], [`parse`], [`verdict`], [`port`], [`underlay`]: the pure per-packet logic
 //!   (filter verdicts, instance-port forwarding, VXLAN receive), with the header builders
 //!   [`arp`], [`vxlan`], [`icmp`] and [`checksum`]. It is written against the
@@ -21,6 +23,7 @@ extern crate std;
 
 pub mod arp;
 pub mod checksum;
+pub mod conntrack;
 pub mod drop_reason;
 pub mod filter;
 pub mod icmp;
@@ -30,6 +33,9 @@ pub mod overlay;
 mod overlay_tests;
 pub mod packet;
 pub mod parse;
+pub mod policy;
+#[cfg(test)]
+mod policy_tests;
 pub mod port;
 pub mod stats;
 #[cfg(any(test, feature = "testing"))]

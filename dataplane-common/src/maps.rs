@@ -5,7 +5,7 @@
 //! never reuses an old pin with another layout (it starts a fresh set beside the old one).
 
 /// Version of the pinned-map layout; names the pin subdirectory.
-pub const MAPS_ABI: &str = "v2";
+pub const MAPS_ABI: &str = "v3";
 
 /// Name of the per-CPU (hook, action) counter array.
 pub const ACTION_STATS: &str = "ACTION_STATS";
@@ -44,6 +44,31 @@ pub const ROUTES_MAX_ENTRIES: u32 = 4096;
 pub const VTEPS_MAX_ENTRIES: u32 = 4096;
 /// Capacity of `VNIS`: VPCs present on one host.
 pub const VNIS_MAX_ENTRIES: u32 = 4096;
+
+/// Name of the conntrack LRU hash.
+pub const CONNTRACK: &str = "CONNTRACK";
+/// Name of the one-entry conntrack configuration array.
+pub const CT_CONFIG: &str = "CT_CONFIG";
+/// Name of the security-group address-stage trie.
+pub const SG_ADDR: &str = "SG_ADDR";
+/// Name of the security-group port-stage trie.
+pub const SG_PORT: &str = "SG_PORT";
+/// Name of the network-ACL address-stage trie.
+pub const ACL_ADDR: &str = "ACL_ADDR";
+/// Name of the network-ACL port-stage trie.
+pub const ACL_PORT: &str = "ACL_PORT";
+/// Name of the per-endpoint drop counters.
+pub const ENDPOINT_DROPS: &str = "ENDPOINT_DROPS";
+
+/// Default capacity of `CONNTRACK` (the loader can raise it, `vpc-agent --conntrack-max`):
+/// ~30 MiB of kernel memory preallocated (LRU maps always are).
+pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+/// Capacity of each policy trie. LPM tries allocate entries on demand, so the bound costs
+/// nothing until used: room for 100 000 rules per host with their port blocks.
+pub const POLICY_MAX_ENTRIES: u32 = 1 << 21;
+/// Capacity of `ENDPOINT_DROPS` (LRU: a full table forgets the stalest counter): ports per
+/// host times the port drop reasons.
+pub const ENDPOINT_DROPS_MAX_ENTRIES: u32 = 16_384;
 
 /// Program names in the object, as the loader finds them.
 pub mod programs {

@@ -35,9 +35,16 @@ pub struct Endpoint {
     pub router_mac: [u8; 6],
     /// The subnet's gateway address (IPv4-mapped): source of ICMP errors the router sends.
     pub gateway: [u8; 16],
+    /// Security-group policy id (`crate::policy`): the union of the endpoint's groups.
+    pub policy: u32,
+    /// Network ACL id of the endpoint's subnet; 0: no ACL (allow everything).
+    pub acl: u32,
+    /// Prefix length of the endpoint's subnet (with `gateway`, the subnet itself): the ACL
+    /// applies only to traffic crossing the subnet boundary.
+    pub subnet_bits: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Endpoint>() == 48);
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 60);
 
 /// Value of `OVERLAY_CONFIG` (index 0). All zero means the overlay is not configured: the
 /// underlay hooks then never decapsulate.

@@ -133,6 +133,9 @@ fn me() -> Endpoint {
         mac: ME,
         router_mac: ROUTER,
         gateway: ip([10, 0, 1, 1]),
+        policy: 1,
+        acl: 0,
+        subnet_bits: 24,
     }
 }
 

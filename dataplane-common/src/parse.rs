@@ -126,8 +126,10 @@ pub fn parse<P: PacketView>(pkt: &P) -> Result<Parsed, DropReason> {
     }
 }
 
+/// Parses the IPv4 packet at offset `l3` (after an Ethernet header known to announce
+/// IPv4, with no VLAN tags: what instance ports carry).
 #[inline(always)]
-fn parse_ipv4<P: PacketView>(pkt: &P, l3: usize) -> Result<IpPacket, DropReason> {
+pub fn parse_ipv4<P: PacketView>(pkt: &P, l3: usize) -> Result<IpPacket, DropReason> {
     let ip: Ipv4Hdr = pkt.read(l3).ok_or(DropReason::Truncated)?;
     if ip.vihl >> 4 != 4 {
         return Err(DropReason::MalformedIpv4);

@@ -29,3 +29,17 @@ unsafe impl aya::Pod for RoutePrefix {}
 unsafe impl aya::Pod for Route {}
 // SAFETY: as above.
 unsafe impl aya::Pod for OverlayConfig {}
+// SAFETY: as above.
+unsafe impl aya::Pod for crate::conntrack::CtKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for crate::conntrack::CtEntry {}
+// SAFETY: as above.
+unsafe impl aya::Pod for crate::conntrack::CtConfig {}
+// SAFETY: as above.
+unsafe impl aya::Pod for crate::policy::PolicyAddrKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for crate::policy::PolicyPortKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for crate::policy::AclVerdict {}
+// SAFETY: as above.
+unsafe impl aya::Pod for crate::stats::EndpointDropKey {}

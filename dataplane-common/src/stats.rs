@@ -154,6 +154,20 @@ impl Counter {
     }
 }
 
+/// Key of `ENDPOINT_DROPS`: drops charged to one instance port. Security-group and ACL
+/// drops are charged to the endpoint whose rules decided (inbound reasons to the receiver,
+/// outbound ones to the sender); every other port drop to the sending port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointDropKey {
+    /// Host-side veth ifindex of the endpoint.
+    pub ifindex: u32,
+    /// A [`DropReason`] as its number.
+    pub reason: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<EndpointDropKey>() == 8);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -122,6 +122,12 @@ pub fn udp(addrs: Addrs, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     wrap(addrs, IpNextHeaderProtocols::Udp, &l4)
 }
 
+/// An Ethernet/IP/TCP frame with `flags` (`conntrack::tcp_flags`) and `payload`.
+pub fn tcp(addrs: Addrs, sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let l4 = tcp_segment(addrs, sport, dport, flags, payload);
+    wrap(addrs, IpNextHeaderProtocols::Tcp, &l4)
+}
+
 /// An Ethernet/IP/TCP frame with a SYN.
 pub fn tcp_syn(addrs: Addrs, sport: u16, dport: u16) -> Vec<u8> {
     let l4 = tcp_segment(addrs, sport, dport, TcpFlags::SYN, &[]);

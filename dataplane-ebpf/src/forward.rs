@@ -161,14 +161,13 @@ pub fn encapsulate(
     }
 }
 
-/// Strips the outer headers of a VXLAN frame, writes the inner Ethernet addresses `eth` and
-/// delivers it to the instance behind `ifindex`.
+/// Strips the outer headers of a VXLAN frame and writes the inner Ethernet addresses `eth`;
+/// the frame is then the one the instance receives.
 #[inline(always)]
-pub fn decapsulate(pkt: &TcPacket, ifindex: u32, eth: &[u8; 12]) -> Result<i32, DropReason> {
+pub fn decapsulate(pkt: &TcPacket, eth: &[u8; 12]) -> Result<(), DropReason> {
     // The segment size stays: it describes the inner TCP payload, which does not change.
     let flags = (BPF_F_ADJ_ROOM_DECAP_L3_IPV4 | BPF_F_ADJ_ROOM_FIXED_GSO) as u64;
     pkt.adjust_after_mac(-(VXLAN_OVERHEAD as i32), flags)?;
     // The outer EtherType (IPv4) stays, which is the inner one too.
-    pkt.write(0, eth)?;
-    to_port(ifindex)
+    pkt.write(0, eth)
 }

@@ -11,6 +11,7 @@ mod forward;
 mod maps;
 mod packet;
 mod pipeline;
+mod policy;
 mod port;
 mod stats;
 mod tables;

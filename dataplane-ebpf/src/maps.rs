@@ -5,17 +5,21 @@
 //! agent is away.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use dataplane_common::{
     Counter, FilterKey, FilterValue,
+    conntrack::{CtConfig, CtEntry, CtKey},
     maps::{
-        ENDPOINTS_MAX_ENTRIES, FILTER_MAX_ENTRIES, NEIGHBORS_MAX_ENTRIES, ROUTES_MAX_ENTRIES,
+        CONNTRACK_MAX_ENTRIES, ENDPOINT_DROPS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES,
+        FILTER_MAX_ENTRIES, NEIGHBORS_MAX_ENTRIES, POLICY_MAX_ENTRIES, ROUTES_MAX_ENTRIES,
         VNIS_MAX_ENTRIES, VTEPS_MAX_ENTRIES,
     },
     overlay::{Endpoint, Neighbor, NeighborKey, OverlayConfig, Route, RoutePrefix},
-    stats::{ACTION_STATS_ENTRIES, DROP_STATS_ENTRIES},
+    policy::{AclVerdict, PolicyAddrKey, PolicyPortKey},
+    stats::{ACTION_STATS_ENTRIES, DROP_STATS_ENTRIES, EndpointDropKey},
 };
 
 /// Packets and bytes by (hook, action). Key: `stats::action_index`; value: [`Counter`] per CPU.
@@ -38,10 +42,58 @@ pub static DROP_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(DROP_STATS_ENT
 pub static FILTER: HashMap<FilterKey, FilterValue> = HashMap::pinned(FILTER_MAX_ENTRIES, 0);
 
 /// Instance ports. Key: host-side veth ifindex; value: [`Endpoint`] (VNI, address, MAC,
-/// router MAC, gateway). Writer: the agent's overlay reconciler. Reader: `vpc_port`, once
-/// per frame. Size: `ENDPOINTS_MAX_ENTRIES` (ports per host).
+/// router MAC, gateway, security-group policy and ACL ids). Writer: the agent's reconciler.
+/// Readers: `vpc_port` (the sender, and the receiver of local deliveries) and TC ingress (the
+/// receiver of decapsulated packets). Size: `ENDPOINTS_MAX_ENTRIES` (ports per host).
+/// Not preallocated: an update then publishes a new element and frees the old one after an
+/// RCU grace period, so a program holding a reference never sees it rewritten (policy
+/// switches update endpoints while traffic flows).
 #[map]
-pub static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(ENDPOINTS_MAX_ENTRIES, 0);
+pub static ENDPOINTS: HashMap<u32, Endpoint> =
+    HashMap::pinned(ENDPOINTS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Connection tracking. Key: [`CtKey`] (VNI, canonical 5-tuple); value: [`CtEntry`] (last
+/// seen, state, opener). Writers: `vpc_port` and TC ingress (create on admitted new flows,
+/// refresh in place); the agent deletes expired entries. Readers: the same programs (one
+/// lookup per IP packet), the agent (GC, pressure, per-VPC counts) and the CLI. Size: the
+/// loader's `conntrack_max` (default `CONNTRACK_MAX_ENTRIES`); LRU, so a full table evicts
+/// the stalest flow instead of failing.
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
+
+/// Conntrack idle timeouts, index 0: [`CtConfig`]. Writer: the agent. Readers: the programs
+/// that track flows. Size: 1.
+#[map]
+pub static CT_CONFIG: Array<CtConfig> = Array::pinned(1, 0);
+
+/// Security groups, address stage. Key: [`PolicyAddrKey`] (policy id and direction, remote
+/// prefix); value: class id. Writer: the agent's policy reconciler (new ids beside old ones,
+/// then the endpoint switches). Reader: the port and TC ingress programs for new flows.
+/// Size: `POLICY_MAX_ENTRIES` (allocated on demand).
+#[map]
+pub static SG_ADDR: LpmTrie<PolicyAddrKey, u32> = LpmTrie::pinned(POLICY_MAX_ENTRIES, 0);
+
+/// Security groups, port stage. Key: [`PolicyPortKey`] (class, protocol, port block); value:
+/// 1 (present = allowed). Writer and readers as `SG_ADDR`. Size: `POLICY_MAX_ENTRIES`.
+#[map]
+pub static SG_PORT: LpmTrie<PolicyPortKey, u32> = LpmTrie::pinned(POLICY_MAX_ENTRIES, 0);
+
+/// Network ACLs, address stage. As `SG_ADDR`, keyed by ACL id; read for every packet that
+/// crosses a subnet boundary (ACLs are stateless).
+#[map]
+pub static ACL_ADDR: LpmTrie<PolicyAddrKey, u32> = LpmTrie::pinned(POLICY_MAX_ENTRIES, 0);
+
+/// Network ACLs, port stage. Key: [`PolicyPortKey`]; value: [`AclVerdict`] (first matching
+/// rule's action and number; user space stores disjoint blocks). As `ACL_ADDR` otherwise.
+#[map]
+pub static ACL_PORT: LpmTrie<PolicyPortKey, AclVerdict> = LpmTrie::pinned(POLICY_MAX_ENTRIES, 0);
+
+/// Drops per endpoint and reason. Key: [`EndpointDropKey`] (port ifindex, reason); value:
+/// [`Counter`] per CPU. Writers: the port and TC ingress programs. Readers: the agent and
+/// `vpc datapath drops`. Size: `ENDPOINT_DROPS_MAX_ENTRIES`; LRU so it never fills up.
+#[map]
+pub static ENDPOINT_DROPS: LruPerCpuHashMap<EndpointDropKey, Counter> =
+    LruPerCpuHashMap::pinned(ENDPOINT_DROPS_MAX_ENTRIES, 0);
 
 /// Every instance and subnet gateway of the VPCs present on this host. Key: [`NeighborKey`]
 /// (VNI, address); value: [`Neighbor`] (local port, remote VTEP or gateway, MAC). Writer: the

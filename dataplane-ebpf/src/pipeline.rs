@@ -8,7 +8,7 @@
 
 use aya_ebpf::EbpfContext;
 use dataplane_common::{
-    Action, Hook,
+    Action, DropReason, Hook,
     packet::PacketView,
     parse::{Parsed, parse},
     underlay::{UnderlayAction, decide as overlay_decide},
@@ -16,7 +16,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    forward, stats,
+    forward, policy, stats,
     tables::{KernelTables, overlay_config},
 };
 
@@ -36,8 +36,9 @@ pub enum Fate {
 }
 
 /// Parses, filters and (on receive) classifies VXLAN; counts everything but deliveries,
-/// which the caller counts once it knows whether they succeeded.
-#[inline(always)]
+/// which the caller counts once it knows whether they succeeded. A BPF subprogram, so its
+/// parsing state is off the stack when a delivery runs the policy subprograms.
+#[inline(never)]
 pub fn run<C: EbpfContext, P: PacketView>(ctx: &C, pkt: &P, hook: Hook) -> Fate {
     let len = pkt.len();
     let parsed = parse(pkt);
@@ -65,7 +66,7 @@ pub fn run<C: EbpfContext, P: PacketView>(ctx: &C, pkt: &P, hook: Hook) -> Fate 
     Fate::Pass
 }
 
-/// Decapsulates and delivers; counts the outcome.
+/// Decapsulates, applies the receiver's inbound policy and delivers; counts the outcome.
 #[inline(always)]
 pub fn deliver<C: EbpfContext>(
     ctx: &C,
@@ -74,13 +75,20 @@ pub fn deliver<C: EbpfContext>(
     eth: &[u8; 12],
 ) -> Option<i32> {
     let len = pkt.len();
-    match forward::decapsulate(pkt, ifindex, eth) {
+    let result = match policy::endpoint(ifindex) {
+        None => Err(DropReason::NoNeighbor),
+        Some(ep) => forward::decapsulate(pkt, eth)
+            .and_then(|()| policy::check(pkt, None, Some(ep)))
+            .and_then(|()| forward::to_port(ifindex)),
+    };
+    match result {
         Ok(rc) => {
             stats::count_action(Hook::TcIngress, Action::Decap, len);
             Some(rc)
         }
         Err(reason) => {
             stats::count_and_log_drop(ctx, Hook::TcIngress, reason, len);
+            stats::count_endpoint_drop(ifindex, reason, len);
             None
         }
     }

@@ -15,9 +15,8 @@ use dataplane_common::{
 
 use crate::{
     forward::{self, Encap},
-    maps::ENDPOINTS,
     packet::TcPacket,
-    stats,
+    policy, stats,
     tables::{KernelTables, overlay_config},
 };
 
@@ -26,40 +25,56 @@ use crate::{
 pub fn run(ctx: &TcContext) -> i32 {
     let pkt = TcPacket::new(ctx);
     let len = pkt.len();
-    match forward(ctx, &pkt) {
+    let port = pkt.ifindex();
+    match forward(ctx, &pkt, port) {
         Ok((action, rc)) => {
             stats::count_action(Hook::Port, action, len);
             rc
         }
-        Err(reason) => {
+        Err((reason, charged)) => {
             stats::count_drop(Hook::Port, reason, len);
+            stats::count_endpoint_drop(charged, reason, len);
             TC_ACT_SHOT
         }
     }
 }
 
+/// A drop and the port whose endpoint it is charged to.
+type Dropped = (DropReason, u32);
+
 #[inline(always)]
-fn forward(ctx: &TcContext, pkt: &TcPacket) -> Result<(Action, i32), DropReason> {
-    let port = pkt.ifindex();
-    // SAFETY: the reference points into the map's element, valid for the whole program run
-    // (RCU). It is not copied, to keep this frame small (see the subprograms below). An
-    // update replaces the element whole; the agent changes an endpoint's value only when the
-    // port is re-created for another instance, when no frames flow on it.
-    let ep: &Endpoint = unsafe { ENDPOINTS.get(port) }.ok_or(DropReason::UnknownPort)?;
+fn forward(ctx: &TcContext, pkt: &TcPacket, port: u32) -> Result<(Action, i32), Dropped> {
+    let here = |reason| (reason, port);
+    // Not copied, to keep this frame small (see the subprograms below); see
+    // `policy::endpoint` on why the reference stays valid.
+    let ep: &Endpoint = policy::endpoint(port).ok_or(here(DropReason::UnknownPort))?;
     let cfg = overlay_config();
     let action = classify(pkt, ep, &cfg);
     match action.forward {
-        Forward::Drop => Err(action.reason),
+        Forward::Drop => Err(here(action.reason)),
         Forward::ArpReply => {
-            arp_reply(pkt, ep)?;
-            Ok((Action::Reply, forward::to_port(port)?))
+            arp_reply(pkt, ep).map_err(here)?;
+            Ok((Action::Reply, forward::to_port(port).map_err(here)?))
         }
         Forward::Local => {
-            pkt.write(0, &action.mac)?;
-            pkt.write(6, &ep.router_mac)?;
-            Ok((Action::Redirect, forward::to_port(action.ifindex)?))
+            let dst = policy::endpoint(action.ifindex).ok_or(here(DropReason::NoNeighbor))?;
+            policy::check(pkt, Some(ep), Some(dst)).map_err(|reason| {
+                // Inbound verdicts are the receiver's.
+                let charged = match reason {
+                    DropReason::SgIngress | DropReason::AclIngress => action.ifindex,
+                    _ => port,
+                };
+                (reason, charged)
+            })?;
+            pkt.write(0, &action.mac).map_err(here)?;
+            pkt.write(6, &ep.router_mac).map_err(here)?;
+            Ok((
+                Action::Redirect,
+                forward::to_port(action.ifindex).map_err(here)?,
+            ))
         }
         Forward::Remote => {
+            policy::check(pkt, Some(ep), None).map_err(here)?;
             let e = Encap {
                 vtep: action.vtep,
                 vni: ep.vni,
@@ -68,13 +83,17 @@ fn forward(ctx: &TcContext, pkt: &TcPacket) -> Result<(Action, i32), DropReason>
                 ip_len: action.ip_len,
                 fixed_gso: action.fixed_gso,
             };
-            Ok((Action::Encap, forward::encapsulate(ctx, pkt, &cfg, &e)?))
+            Ok((
+                Action::Encap,
+                forward::encapsulate(ctx, pkt, &cfg, &e).map_err(here)?,
+            ))
         }
         Forward::FragNeeded => {
             // The packet itself is dropped (and counted so); the instance learns the MTU.
             stats::count_drop(Hook::Port, DropReason::MtuExceeded, pkt.len());
-            frag_needed_reply(pkt, ep, action.mtu)?;
-            Ok((Action::Reply, forward::to_port(port)?))
+            stats::count_endpoint_drop(port, DropReason::MtuExceeded, pkt.len());
+            frag_needed_reply(pkt, ep, action.mtu).map_err(here)?;
+            Ok((Action::Reply, forward::to_port(port).map_err(here)?))
         }
     }
 }

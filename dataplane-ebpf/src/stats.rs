@@ -3,11 +3,11 @@
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::debug;
 use dataplane_common::{
-    Action, DropReason, Hook,
-    stats::{action_index, drop_index},
+    Action, Counter, DropReason, Hook,
+    stats::{EndpointDropKey, action_index, drop_index},
 };
 
-use crate::maps::{ACTION_STATS, DROP_STATS};
+use crate::maps::{ACTION_STATS, DROP_STATS, ENDPOINT_DROPS};
 
 #[inline(always)]
 fn bump(map: &aya_ebpf::maps::PerCpuArray<dataplane_common::Counter>, index: u32, bytes: usize) {
@@ -39,11 +39,38 @@ pub fn count_drop(hook: Hook, reason: DropReason, bytes: usize) {
 /// default the log costs one branch. Only the underlay hooks log: the record's formatting
 /// needs ~360 bytes of stack, which the port program (with its own subprogram frames) cannot
 /// spare within the kernel's 512-byte limit, so the port program calls [`count_drop`].
-#[inline(always)]
+/// Never inlined: as a BPF subprogram its record takes stack only while it runs, not in the
+/// frame of the program that calls deeper subprograms (policy checks).
+#[inline(never)]
 pub fn count_and_log_drop<C: EbpfContext>(ctx: &C, hook: Hook, reason: DropReason, bytes: usize) {
     count_drop(hook, reason, bytes);
     debug!(
         ctx,
         "drop: hook {} reason {} len {}", hook as u32, reason as u32, bytes
     );
+}
+
+/// Counts a drop charged to the instance port `ifindex` (besides the per-hook counters).
+#[inline(always)]
+pub fn count_endpoint_drop(ifindex: u32, reason: DropReason, bytes: usize) {
+    let key = EndpointDropKey {
+        ifindex,
+        reason: reason as u32,
+    };
+    match ENDPOINT_DROPS.get_ptr_mut(&key) {
+        // SAFETY: this CPU's slot of a per-CPU value, as in `bump`.
+        Some(counter) => unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += bytes as u64;
+        },
+        None => {
+            let first = Counter {
+                packets: 1,
+                bytes: bytes as u64,
+            };
+            // Another CPU may insert first (its count wins for this packet); an LRU map
+            // evicts rather than fails when full.
+            let _ = ENDPOINT_DROPS.insert(&key, &first, 0);
+        }
+    }
 }

@@ -7,11 +7,16 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use dataplane_common::{
     FilterKey, FilterValue,
+    conntrack::{CtConfig, CtEntry, CtKey},
     overlay::{Neighbor, NeighborKey, OverlayConfig, OverlayTables, Route, RoutePrefix},
+    policy::{AclVerdict, CtSlot, PolicyAddrKey, PolicyPortKey, PolicyTables},
     verdict::FilterTable,
 };
 
-use crate::maps::{FILTER, NEIGHBORS, OVERLAY_CONFIG, ROUTES, VNIS, VTEPS};
+use crate::maps::{
+    ACL_ADDR, ACL_PORT, CONNTRACK, CT_CONFIG, FILTER, NEIGHBORS, OVERLAY_CONFIG, ROUTES, SG_ADDR,
+    SG_PORT, VNIS, VTEPS,
+};
 
 /// All lookup tables of the datapath.
 pub struct KernelTables;
@@ -55,4 +60,72 @@ impl OverlayTables for KernelTables {
 #[inline(always)]
 pub fn overlay_config() -> OverlayConfig {
     OVERLAY_CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// A conntrack entry in the map, written in place.
+pub struct KernelCt(*mut CtEntry);
+
+impl CtSlot for KernelCt {
+    #[inline(always)]
+    fn get(&self) -> CtEntry {
+        // SAFETY: the pointer came from a successful lookup and points into the map's
+        // element, valid for the program run (RCU). Concurrent writers on other CPUs race
+        // benignly: every field is a plain integer and any mix is a valid entry.
+        unsafe { *self.0 }
+    }
+
+    #[inline(always)]
+    fn set(&self, entry: &CtEntry) {
+        // SAFETY: as in `get`.
+        unsafe { *self.0 = *entry }
+    }
+}
+
+impl PolicyTables for KernelTables {
+    type Slot = KernelCt;
+
+    #[inline(always)]
+    fn sg_class(&self, key: &PolicyAddrKey) -> Option<u32> {
+        SG_ADDR
+            .get(&Key::new(PolicyAddrKey::FULL_LEN, *key))
+            .copied()
+    }
+
+    #[inline(always)]
+    fn sg_port(&self, key: &PolicyPortKey) -> bool {
+        SG_PORT
+            .get(&Key::new(PolicyPortKey::FULL_LEN, *key))
+            .is_some()
+    }
+
+    #[inline(always)]
+    fn acl_class(&self, key: &PolicyAddrKey) -> Option<u32> {
+        ACL_ADDR
+            .get(&Key::new(PolicyAddrKey::FULL_LEN, *key))
+            .copied()
+    }
+
+    #[inline(always)]
+    fn acl_port(&self, key: &PolicyPortKey) -> Option<AclVerdict> {
+        ACL_PORT
+            .get(&Key::new(PolicyPortKey::FULL_LEN, *key))
+            .copied()
+    }
+
+    #[inline(always)]
+    fn ct_get(&self, key: &CtKey) -> Option<KernelCt> {
+        CONNTRACK.get_ptr_mut(key).map(KernelCt)
+    }
+
+    #[inline(always)]
+    fn ct_create(&self, key: &CtKey, entry: &CtEntry) {
+        // An LRU map evicts to make room, so this only fails on memory pressure; the packet
+        // passes either way (its next packet is evaluated as new again).
+        let _ = CONNTRACK.insert(key, entry, 0);
+    }
+
+    #[inline(always)]
+    fn ct_config(&self) -> CtConfig {
+        CT_CONFIG.get(0).copied().unwrap_or_default()
+    }
 }

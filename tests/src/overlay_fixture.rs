@@ -1,17 +1,24 @@
 //! A one-host overlay fixture for BPF_PROG_TEST_RUN tests and benchmarks: the datapath
 //! loaded in a private namespace with a fake underlay (`ul0`, a static neighbor for the peer
 //! VTEP so the FIB lookup resolves) and instance ports, its maps programmed the way the agent
-//! does it (compile the desired state, diff against the kernel maps, apply).
+//! does it (`controlplane::host::HostReconciler`: compile the overlay and the policy, install
+//! rule sets, diff against the kernel maps, apply). Without security groups every endpoint is
+//! in its VPC's default group (inbound from the group's members, outbound anywhere).
 //!
 //! Host h0 has ports `p0` (10.0.1.10) and `p1` (10.0.2.20) of VPC A (VNI 100); h1 runs
 //! 10.0.1.30 of VPC A; VPC B (VNI 200, same CIDR) has 10.0.1.30 on h0 behind `p2`.
 
 use std::net::Ipv4Addr;
 
-use controlplane::overlay::{
-    EndpointSpec, HostSpec, OverlayState, SubnetSpec, VpcSpec, compile, diff,
+use controlplane::{
+    host::{HostDesired, HostReconciler, Report},
+    overlay::{EndpointSpec, HostSpec, OverlayState, SubnetSpec, VpcSpec, compile, diff},
+    policy::{
+        NetworkAcl, PolicyLimits, SecurityGroup,
+        compile::{EndpointRef, PolicyInput, SubnetRef},
+    },
 };
-use dataplane_common::overlay::OverlayConfig;
+use dataplane_common::{conntrack::CtConfig, overlay::OverlayConfig};
 
 use crate::{
     netns::{NetNs, veth_pair},
@@ -48,6 +55,94 @@ pub struct Fixture {
     pub peer: u32,
     /// MAC of `ul0`.
     pub ul_mac: [u8; 6],
+    /// The overlay as programmed.
+    pub state: OverlayState,
+    /// The maps, programmed like the agent does.
+    pub host: HostReconciler,
+}
+
+/// Security groups and ACLs for [`Fixture::apply_policy`].
+#[derive(Clone, Debug, Default)]
+pub struct PolicySpec {
+    /// Groups.
+    pub security_groups: Vec<SecurityGroup>,
+    /// ACLs.
+    pub network_acls: Vec<NetworkAcl>,
+    /// (endpoint id, its groups); unlisted endpoints are in the default group.
+    pub memberships: Vec<(String, Vec<String>)>,
+    /// (subnet id, its ACL).
+    pub subnet_acls: Vec<(String, String)>,
+    /// Quotas.
+    pub limits: PolicyLimits,
+    /// Conntrack timeouts.
+    pub conntrack: CtConfig,
+}
+
+impl Fixture {
+    /// Programs `policy` (and the overlay again) the way the agent does; returns the report.
+    ///
+    /// # Panics
+    ///
+    /// If the policy is invalid or programming fails.
+    pub fn apply_policy(&mut self, policy: &PolicySpec) -> Report {
+        let vpc_of = |subnet: &str| {
+            self.state
+                .subnets
+                .iter()
+                .find(|s| s.id == subnet)
+                .map(|s| s.vpc.clone())
+                .unwrap()
+        };
+        let vpcs: Vec<String> = self.state.vpcs.iter().map(|v| v.id.clone()).collect();
+        let subnets: Vec<SubnetRef> = self
+            .state
+            .subnets
+            .iter()
+            .map(|s| SubnetRef {
+                id: s.id.clone(),
+                vpc: s.vpc.clone(),
+                cidr: s.cidr,
+                network_acl: policy
+                    .subnet_acls
+                    .iter()
+                    .find(|(id, _)| *id == s.id)
+                    .map(|(_, a)| a.clone()),
+            })
+            .collect();
+        let endpoints: Vec<EndpointRef> = self
+            .state
+            .endpoints
+            .iter()
+            .map(|e| EndpointRef {
+                id: e.id.clone(),
+                vpc: vpc_of(&e.subnet),
+                subnet: e.subnet.clone(),
+                ip: e.ip,
+                security_groups: policy
+                    .memberships
+                    .iter()
+                    .find(|(id, _)| *id == e.id)
+                    .map(|(_, g)| g.clone())
+                    .unwrap_or_default(),
+                local: e.host == "h0",
+            })
+            .collect();
+        let desired = HostDesired {
+            overlay: &self.state,
+            policy: PolicyInput {
+                vpcs: &vpcs,
+                subnets: &subnets,
+                endpoints: &endpoints,
+                security_groups: &policy.security_groups,
+                network_acls: &policy.network_acls,
+                limits: &policy.limits,
+            },
+            conntrack: policy.conntrack,
+        };
+        self.host
+            .reconcile(&desired, "h0", ROUTER, false)
+            .expect("programming the policy")
+    }
 }
 
 /// Builds the fixture (namespace names derive from `tag`).
@@ -56,6 +151,15 @@ pub struct Fixture {
 ///
 /// On any setup failure (tests and benchmarks want to stop there).
 pub fn fixture(tag: &str) -> Fixture {
+    fixture_with(tag, None)
+}
+
+/// As [`fixture`], with a conntrack table of `conntrack_max` entries.
+///
+/// # Panics
+///
+/// On any setup failure.
+pub fn fixture_with(tag: &str, conntrack_max: Option<u32>) -> Fixture {
     let ns = NetNs::new(tag).unwrap();
     let other = NetNs::new(&format!("{tag}x")).unwrap();
     for p in ["ul0", "p0", "p1", "p2"] {
@@ -136,26 +240,42 @@ pub fn fixture(tag: &str) -> Fixture {
             ep("b", "b1", "h0", [10, 0, 1, 30], [2, 0, 0, 2, 0, 1], Some(b)),
         ],
     };
-    let mut dp = LoadedDatapath::load(tag).unwrap();
-    let desired = compile(&state, "h0", ROUTER).unwrap();
-    let overlay = dp.overlay();
-    let actual = overlay.read().unwrap();
-    overlay.apply(&diff(&actual, &desired)).unwrap();
-    overlay
-        .set_config(&OverlayConfig {
-            vtep: VTEP_ME,
-            underlay_ifindex: ifindex("ul0"),
-            underlay_mtu: 1500,
-        })
-        .unwrap();
-    // Level-triggered: reading back gives exactly what was compiled, so a second pass is empty.
-    assert_eq!(diff(&overlay.read().unwrap(), &desired), vec![]);
-    Fixture {
+    let ul0 = ifindex("ul0");
+    let dp = LoadedDatapath::load_with(tag, conntrack_max).unwrap();
+    let host = HostReconciler::open(dp.layout()).unwrap();
+    let mut f = Fixture {
         ns,
         _other: other,
         dp,
         me,
         peer,
         ul_mac,
+        state,
+        host,
+    };
+    f.host
+        .overlay_mut()
+        .set_config(&OverlayConfig {
+            vtep: VTEP_ME,
+            underlay_ifindex: ul0,
+            underlay_mtu: 1500,
+        })
+        .unwrap();
+    let first = f.apply_policy(&PolicySpec::default());
+    assert!(
+        first.overlay_ops > 0 && first.rule_sets_written > 0,
+        "{first:?}"
+    );
+    // Level-triggered: a second pass finds everything in place and writes nothing.
+    let again = f.apply_policy(&PolicySpec::default());
+    assert_eq!(again.changes(), 0, "{again:?}");
+    let mut overlay_only = compile(&f.state, "h0", ROUTER).unwrap();
+    // The overlay compiler leaves policy ids to the policy layer: copy them from the kernel.
+    let actual = f.host.overlay_mut().read().unwrap();
+    for (i, e) in overlay_only.endpoints.iter_mut() {
+        let k = actual.endpoints[i];
+        (e.policy, e.acl) = (k.policy, k.acl);
     }
+    assert_eq!(diff(&actual, &overlay_only), vec![]);
+    f
 }

@@ -54,11 +54,17 @@ pub struct LoadedDatapath {
 impl LoadedDatapath {
     /// Loads the embedded object under a fresh bpffs directory named after `tag`.
     pub fn load(tag: &str) -> Result<Self> {
+        Self::load_with(tag, None)
+    }
+
+    /// As [`LoadedDatapath::load`], with a conntrack table of `conntrack_max` entries.
+    pub fn load_with(tag: &str, conntrack_max: Option<u32>) -> Result<Self> {
         let pins = BpffsDir::new(tag)?;
         let layout = PinLayout::new(pins.path());
         let datapath = Datapath::load(&LoadOptions {
             layout: layout.clone(),
             log_level: 1,
+            conntrack_max,
         })
         .context("loading the datapath")?;
         let maps = PinnedMaps::open(&layout)?;
@@ -74,6 +80,11 @@ impl LoadedDatapath {
     /// The pinned maps (counters, filter).
     pub fn maps(&mut self) -> &mut PinnedMaps {
         &mut self.maps
+    }
+
+    /// The pin layout.
+    pub fn layout(&self) -> &PinLayout {
+        self.datapath.layout()
     }
 
     /// The pinned overlay maps.

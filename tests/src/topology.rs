@@ -513,6 +513,7 @@ fn desired_state_with(spec: &TopologySpec, ports: &BTreeMap<String, Port>) -> Re
             ip: inst.ip,
             mac: format_mac(port.mac),
             ifname: Some(port.ifname.clone()),
+            security_groups: Vec::new(),
         });
     }
     Ok(StateDoc {
@@ -535,6 +536,7 @@ fn desired_state_with(spec: &TopologySpec, ports: &BTreeMap<String, Port>) -> Re
                     id: s.id.clone(),
                     vpc: s.vpc.clone(),
                     cidr: s.cidr.to_string().parse()?,
+                    network_acl: None,
                 })
             })
             .collect::<Result<_>>()?,
@@ -545,6 +547,7 @@ fn desired_state_with(spec: &TopologySpec, ports: &BTreeMap<String, Port>) -> Re
             })
             .collect(),
         endpoints,
+        ..StateDoc::default()
     })
 }
 

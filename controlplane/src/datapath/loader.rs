@@ -20,7 +20,7 @@ use aya::{
     },
     sys::SyscallError,
 };
-use dataplane_common::maps::programs;
+use dataplane_common::maps::{self, programs};
 
 use super::{DatapathError, PinLayout};
 use crate::datapath::object::DATAPLANE_OBJECT;
@@ -49,6 +49,9 @@ pub struct LoadOptions {
     /// Most verbose aya-log level the programs emit (`aya_log::Level` as a number: 1 error
     /// .. 5 trace); lower levels cost nothing per packet beyond one branch.
     pub log_level: u8,
+    /// Capacity of the conntrack table (`CONNTRACK_MAX_ENTRIES` when `None`). Applies when
+    /// the table is created; a table already pinned keeps its size.
+    pub conntrack_max: Option<u32>,
 }
 
 /// What [`Datapath::attach`] did on one hook.
@@ -94,10 +97,14 @@ impl Datapath {
     /// As [`Datapath::load`], for a given object.
     pub fn load_object(object: &[u8], options: &LoadOptions) -> Result<Self, DatapathError> {
         options.layout.prepare()?;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .default_map_pin_directory(options.layout.maps_dir())
-            .override_global(aya_log::LEVEL, &options.log_level, false)
-            .load(object)?;
+            .override_global(aya_log::LEVEL, &options.log_level, false);
+        if let Some(n) = options.conntrack_max {
+            loader.map_max_entries(maps::CONNTRACK, n);
+        }
+        let mut ebpf = loader.load(object)?;
         for name in [programs::TC_INGRESS, programs::TC_EGRESS, programs::PORT] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load().map_err(|source| DatapathError::Program {

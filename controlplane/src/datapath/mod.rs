@@ -5,6 +5,8 @@
 //! - [`pinned`]: access to the pinned maps (counters, filter) without loading anything, for
 //!   the agent, the CLI and tests.
 //! - [`overlay_maps`]: reading and programming the pinned overlay maps.
+//! - [`policy_maps`]: the pinned security-group, ACL and conntrack maps.
+//! - [`policy_sync`]: installing compiled policy under ids (build new, switch, retire old).
 //! - [`object`]: the embedded eBPF object.
 
 pub mod bpffs;
@@ -13,6 +15,8 @@ pub mod loader;
 pub mod object;
 pub mod overlay_maps;
 pub mod pinned;
+pub mod policy_maps;
+pub mod policy_sync;
 mod sys;
 
 pub use bpffs::PinLayout;
@@ -20,3 +24,4 @@ pub use error::DatapathError;
 pub use loader::{AttachOutcome, Attachment, Datapath, LoadOptions, XdpAttachMode};
 pub use overlay_maps::OverlayMaps;
 pub use pinned::{PinnedMaps, StatsSnapshot};
+pub use policy_maps::PolicyMaps;

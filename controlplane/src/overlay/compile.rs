@@ -99,6 +99,12 @@ pub struct EndpointEntry {
     pub router_mac: [u8; 6],
     /// Its subnet's gateway address.
     pub gateway: Ipv4Addr,
+    /// Its subnet's prefix length.
+    pub subnet_bits: u8,
+    /// Security-group policy id (0 until the policy layer assigns one: denies everything).
+    pub policy: u32,
+    /// Network ACL id (0: no ACL).
+    pub acl: u32,
 }
 
 impl EndpointEntry {
@@ -110,6 +116,9 @@ impl EndpointEntry {
             mac: self.mac,
             router_mac: self.router_mac,
             gateway: ipv4_mapped(self.gateway.octets()),
+            policy: self.policy,
+            acl: self.acl,
+            subnet_bits: u32::from(self.subnet_bits),
         }
     }
 }
@@ -123,6 +132,9 @@ impl EndpointEntry {
             mac: v.mac,
             router_mac: v.router_mac,
             gateway: Ipv4Addr::from(dataplane_common::overlay::v4(&v.gateway)),
+            subnet_bits: v.subnet_bits.min(32) as u8,
+            policy: v.policy,
+            acl: v.acl,
         }
     }
 }
@@ -342,6 +354,9 @@ pub fn compile(
                 mac: ep.mac,
                 router_mac,
                 gateway: gateway(subnet.cidr),
+                subnet_bits: subnet.cidr.prefix(),
+                policy: 0,
+                acl: 0,
             };
             if maps.endpoints.insert(ifindex, entry).is_some() {
                 let other = state

@@ -7,10 +7,15 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
+use dataplane_common::conntrack::CtConfig;
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
 use super::model::{EndpointSpec, HostSpec, OverlayState, SubnetSpec, VpcSpec};
+use crate::policy::{
+    compile::{EndpointRef, PolicyInput, SubnetRef},
+    model::{NetworkAcl, PolicyLimits, SecurityGroup},
+};
 
 /// The document.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +33,78 @@ pub struct StateFile {
     /// Endpoints (instance interfaces).
     #[serde(default)]
     pub endpoints: Vec<EndpointDoc>,
+    /// Security groups.
+    #[serde(default)]
+    pub security_groups: Vec<SecurityGroup>,
+    /// Network ACLs.
+    #[serde(default)]
+    pub network_acls: Vec<NetworkAcl>,
+    /// Quotas (AWS's defaults when absent).
+    #[serde(default)]
+    pub limits: PolicyLimits,
+    /// Connection-tracking idle timeouts (AWS's defaults when absent).
+    #[serde(default)]
+    pub conntrack: ConntrackDoc,
+}
+
+/// Connection-tracking idle timeouts, in seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConntrackDoc {
+    /// TCP established (AWS: 432000, configurable 60..=432000).
+    pub tcp_established_timeout: u32,
+    /// TCP before the handshake completes.
+    pub tcp_syn_timeout: u32,
+    /// TCP after FIN or RST.
+    pub tcp_closing_timeout: u32,
+    /// UDP (AWS: 30).
+    pub udp_timeout: u32,
+    /// ICMP and other protocols (AWS: 600).
+    pub other_timeout: u32,
+}
+
+impl Default for ConntrackDoc {
+    fn default() -> Self {
+        let d = CtConfig::DEFAULT;
+        ConntrackDoc {
+            tcp_established_timeout: d.tcp_established_secs,
+            tcp_syn_timeout: d.tcp_syn_secs,
+            tcp_closing_timeout: d.tcp_closing_secs,
+            udp_timeout: d.udp_secs,
+            other_timeout: d.other_secs,
+        }
+    }
+}
+
+impl ConntrackDoc {
+    /// The `CT_CONFIG` value, or why the timeouts are out of range.
+    pub fn config(&self) -> Result<CtConfig, StateFileError> {
+        let check = |field: &'static str, v: u32, lo: u32, hi: u32| {
+            if (lo..=hi).contains(&v) {
+                Ok(v)
+            } else {
+                Err(StateFileError::Timeout {
+                    field,
+                    value: v,
+                    min: lo,
+                    max: hi,
+                })
+            }
+        };
+        Ok(CtConfig {
+            tcp_established_secs: check(
+                "tcp_established_timeout",
+                self.tcp_established_timeout,
+                60,
+                432_000,
+            )?,
+            tcp_syn_secs: check("tcp_syn_timeout", self.tcp_syn_timeout, 1, 3600)?,
+            tcp_closing_secs: check("tcp_closing_timeout", self.tcp_closing_timeout, 1, 3600)?,
+            udp_secs: check("udp_timeout", self.udp_timeout, 1, 3600)?,
+            other_secs: check("other_timeout", self.other_timeout, 1, 3600)?,
+            _reserved: 0,
+        })
+    }
 }
 
 /// A VPC.
@@ -52,6 +129,10 @@ pub struct SubnetDoc {
     pub vpc: String,
     /// IPv4 CIDR.
     pub cidr: Ipv4Network,
+    /// Network ACL id; absent: the VPC's default ACL (allow all unless one is marked
+    /// `default`).
+    #[serde(default)]
+    pub network_acl: Option<String>,
 }
 
 /// A host.
@@ -81,6 +162,9 @@ pub struct EndpointDoc {
     /// Host-side veth name on its host.
     #[serde(default)]
     pub ifname: Option<String>,
+    /// Security group ids; none: the VPC's default group.
+    #[serde(default)]
+    pub security_groups: Vec<String>,
 }
 
 /// Why a state file cannot be used.
@@ -101,6 +185,18 @@ pub enum StateFileError {
         path: String,
         /// Cause (with line and column).
         source: serde_json::Error,
+    },
+    /// A conntrack timeout is out of range.
+    #[error("conntrack.{field} = {value} is outside {min}..={max} seconds")]
+    Timeout {
+        /// Field name.
+        field: &'static str,
+        /// The value.
+        value: u32,
+        /// Smallest allowed.
+        min: u32,
+        /// Largest allowed.
+        max: u32,
     },
     /// A MAC address is malformed.
     #[error("endpoint {endpoint}: invalid MAC address {mac:?}")]
@@ -137,7 +233,67 @@ pub struct HostView {
     pub missing: Vec<String>,
 }
 
+/// The document's policy-relevant objects, as the policy compiler takes them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyRefs {
+    /// VPC ids.
+    pub vpcs: Vec<String>,
+    /// Subnets with their ACLs.
+    pub subnets: Vec<SubnetRef>,
+    /// Endpoints with their groups; `local` for the host's endpoints whose port exists.
+    pub endpoints: Vec<EndpointRef>,
+}
+
+impl PolicyRefs {
+    /// The compiler input over these refs and `doc`'s groups, ACLs and quotas.
+    pub fn input<'a>(&'a self, doc: &'a StateFile) -> PolicyInput<'a> {
+        PolicyInput {
+            vpcs: &self.vpcs,
+            subnets: &self.subnets,
+            endpoints: &self.endpoints,
+            security_groups: &doc.security_groups,
+            network_acls: &doc.network_acls,
+            limits: &doc.limits,
+        }
+    }
+}
+
 impl StateFile {
+    /// The policy objects as seen from host `local_host`, whose usable ports `view` lists.
+    pub fn policy_refs(&self, view: &HostView, local_host: &str) -> PolicyRefs {
+        let vpc_of = |subnet: &str| {
+            self.subnets
+                .iter()
+                .find(|s| s.id == subnet)
+                .map_or_else(String::new, |s| s.vpc.clone())
+        };
+        PolicyRefs {
+            vpcs: self.vpcs.iter().map(|v| v.id.clone()).collect(),
+            subnets: self
+                .subnets
+                .iter()
+                .map(|s| SubnetRef {
+                    id: s.id.clone(),
+                    vpc: s.vpc.clone(),
+                    cidr: s.cidr,
+                    network_acl: s.network_acl.clone(),
+                })
+                .collect(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|e| EndpointRef {
+                    id: e.id.clone(),
+                    vpc: vpc_of(&e.subnet),
+                    subnet: e.subnet.clone(),
+                    ip: e.ip,
+                    security_groups: e.security_groups.clone(),
+                    local: e.host == local_host && !view.missing.contains(&e.id),
+                })
+                .collect(),
+        }
+    }
+
     /// Reads and parses `path`.
     pub fn load(path: &Path) -> Result<Self, StateFileError> {
         let text = std::fs::read_to_string(path).map_err(|source| StateFileError::Read {

@@ -12,7 +12,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use controlplane::datapath::{
-    AttachOutcome, Datapath, LoadOptions, PinLayout, PinnedMaps, XdpAttachMode,
+    AttachOutcome, Datapath, LoadOptions, PinLayout, PinnedMaps, PolicyMaps, XdpAttachMode,
 };
 use dataplane_common::Action;
 use tokio::{
@@ -75,6 +75,14 @@ struct RunArgs {
     /// MAC address of the VPC router (what instances resolve their gateway and peers to).
     #[arg(long, default_value = "02:76:70:63:00:01", value_parser = parse_mac)]
     router_mac: [u8; 6],
+    /// Capacity of the conntrack table (flows tracked per host). Takes effect when the table
+    /// is created (a pinned table keeps its size).
+    #[arg(long, default_value_t = dataplane_common::maps::CONNTRACK_MAX_ENTRIES)]
+    conntrack_max: u32,
+    /// Seconds between conntrack garbage collections (expired flows deleted, pressure and
+    /// per-VPC counts logged).
+    #[arg(long, default_value_t = 10)]
+    ct_gc_interval: u64,
 }
 
 fn parse_mac(text: &str) -> Result<[u8; 6], String> {
@@ -139,6 +147,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut datapath = Datapath::load(&LoadOptions {
         layout: layout.clone(),
         log_level: args.datapath_log_level as u8,
+        conntrack_max: Some(args.conntrack_max),
     })
     .context("loading the datapath")?;
     // The logger owns the log ring buffer's fd: it must live as long as the programs run.
@@ -180,7 +189,7 @@ async fn run(args: RunArgs) -> Result<()> {
         (Some(path), Some(host)) => {
             let mut r =
                 overlay::Reconciler::new(&datapath, path, host, args.router_mac, &ifaces[0])?;
-            r.reconcile(&mut datapath)
+            r.reconcile(&mut datapath, true)
                 .context("applying the desired overlay state")?;
             Some(r)
         }
@@ -189,6 +198,8 @@ async fn run(args: RunArgs) -> Result<()> {
     println!("ready: pins under {}", layout.root().display());
 
     let maps = PinnedMaps::open(&layout)?;
+    let policy_maps = PolicyMaps::open(&layout)?;
+    let mut gc = tokio::time::interval(Duration::from_secs(args.ct_gc_interval.max(1)));
     let mut poll = tokio::time::interval(STATE_POLL);
     let mut ticks = 0u32;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -205,12 +216,14 @@ async fn run(args: RunArgs) -> Result<()> {
                 guard.clear_ready();
             }
             _ = ticker.tick(), if args.stats_interval > 0 => log_stats(&maps),
+            _ = gc.tick() => conntrack_gc(&policy_maps),
             _ = poll.tick(), if overlay.is_some() => {
                 let Some(r) = overlay.as_mut() else { continue };
                 ticks += 1;
-                if r.changed() || ticks.is_multiple_of(RESYNC_TICKS) {
+                let full = ticks.is_multiple_of(RESYNC_TICKS);
+                if r.changed() || full {
                     // A failed pass changes nothing; the last good state keeps forwarding.
-                    if let Err(e) = r.reconcile(&mut datapath) {
+                    if let Err(e) = r.reconcile(&mut datapath, full) {
                         warn!(error = format!("{e:#}"), "overlay reconcile failed");
                     }
                 }
@@ -220,6 +233,7 @@ async fn run(args: RunArgs) -> Result<()> {
     logger.get_mut().flush();
     log_stats(&maps);
     drop(maps);
+    drop(policy_maps);
     drop(datapath);
     if args.detach_on_exit {
         Datapath::teardown(&layout)?;
@@ -258,6 +272,35 @@ fn log_stats(maps: &PinnedMaps) {
             }
         }
         Err(e) => warn!(error = %e, "reading counters"),
+    }
+}
+
+/// Deletes expired conntrack entries and logs the table's pressure and per-VPC counts.
+fn conntrack_gc(maps: &PolicyMaps) {
+    let now = controlplane::datapath::policy_maps::now_ns();
+    match maps.ct_sweep(now, true) {
+        Ok(s) => {
+            let per_vpc: Vec<String> = s
+                .per_vni
+                .iter()
+                .map(|(vni, n)| format!("{vni}:{n}"))
+                .collect();
+            info!(
+                entries = s.entries,
+                expired = s.expired,
+                capacity = s.capacity,
+                pressure = format!("{:.4}", s.pressure()),
+                per_vni = per_vpc.join(","),
+                "conntrack gc"
+            );
+            if s.pressure() > 0.9 {
+                warn!(
+                    pressure = format!("{:.3}", s.pressure()),
+                    "conntrack table nearly full: the oldest flows are being evicted (raise --conntrack-max)"
+                );
+            }
+        }
+        Err(e) => warn!(error = %e, "conntrack gc"),
     }
 }
 

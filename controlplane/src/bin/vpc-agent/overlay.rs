@@ -1,10 +1,11 @@
-//! The agent's overlay reconciler: desired state (the state file) -> pinned maps and port
-//! attachments, level-triggered and idempotent.
+//! The agent's reconciler: desired state (the state file) -> pinned maps (overlay, security
+//! groups, ACLs, conntrack timeouts) and port attachments, level-triggered and idempotent.
 //!
-//! Every pass reads the maps back from the kernel, compiles the desired state, diffs the two
-//! and applies only the difference, then makes the set of attached ports match the local
-//! endpoints. A pass that fails (bad document, invalid state) changes nothing: the datapath
-//! keeps forwarding with the last good state.
+//! Every pass compiles the desired state, reads the overlay maps back from the kernel, diffs
+//! and applies only the difference (`controlplane::host`), then makes the set of attached
+//! ports match the local endpoints. Installed rule sets are read back on the first pass and
+//! on every full resync. A pass that fails (bad document, invalid state) changes nothing: the
+//! datapath keeps forwarding with the last good state.
 
 use std::{
     collections::BTreeMap,
@@ -14,11 +15,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use controlplane::{
-    datapath::{AttachOutcome, Datapath, OverlayMaps},
-    overlay::{
-        compile, diff,
-        statefile::{HostView, StateFile},
-    },
+    datapath::{AttachOutcome, Datapath},
+    host::{HostDesired, HostReconciler},
+    overlay::statefile::{HostView, StateFile},
 };
 use dataplane_common::overlay::OverlayConfig;
 use tracing::{info, warn};
@@ -29,7 +28,7 @@ pub struct Reconciler {
     host: String,
     router_mac: [u8; 6],
     underlay: String,
-    maps: OverlayMaps,
+    maps: HostReconciler,
     /// Ports with the port program attached: interface name -> ifindex.
     ports: BTreeMap<String, u32>,
     /// (modification time, length) of the document at the last successful pass.
@@ -51,7 +50,7 @@ impl Reconciler {
             host: host.to_owned(),
             router_mac,
             underlay: underlay.to_owned(),
-            maps: OverlayMaps::open(datapath.layout()).context("opening the overlay maps")?,
+            maps: HostReconciler::open(datapath.layout()).context("opening the datapath maps")?,
             ports: BTreeMap::new(),
             seen: None,
             first: true,
@@ -70,15 +69,19 @@ impl Reconciler {
         stamp != self.seen || stamp.is_none()
     }
 
-    /// One pass. Returns the number of map writes and port changes made.
-    pub fn reconcile(&mut self, datapath: &mut Datapath) -> Result<usize> {
+    /// One pass (`full`: also read the installed rule sets back from the kernel). Returns
+    /// the number of map writes and port changes made.
+    pub fn reconcile(&mut self, datapath: &mut Datapath, full: bool) -> Result<usize> {
         let stamp = self.stamp();
         let doc = StateFile::load(&self.state_path)?;
+        let view = doc.host_view(&self.host, |name| nix::net::if_::if_nametoindex(name).ok())?;
+        let refs = doc.policy_refs(&view, &self.host);
+        let conntrack = doc.conntrack.config()?;
         let HostView {
             state,
             ports: wanted,
             missing,
-        } = doc.host_view(&self.host, |name| nix::net::if_::if_nametoindex(name).ok())?;
+        } = view;
         for id in &missing {
             warn!(endpoint = %id, "local endpoint has no interface yet; skipped this pass");
         }
@@ -91,18 +94,22 @@ impl Reconciler {
                 .with_context(|| format!("underlay interface {}", self.underlay))?,
             underlay_mtu: read_mtu(&self.underlay)?,
         };
-        let desired = compile(&state, &self.host, self.router_mac)?;
+        let desired = HostDesired {
+            overlay: &state,
+            policy: refs.input(&doc),
+            conntrack,
+        };
         enable_forwarding(&self.underlay)?;
 
         let mut changes = 0;
-        if self.maps.config()? != config {
-            self.maps.set_config(&config)?;
+        let report =
+            self.maps
+                .reconcile(&desired, &self.host, self.router_mac, full || self.first)?;
+        changes += report.changes();
+        if self.maps.overlay_mut().config()? != config {
+            self.maps.overlay_mut().set_config(&config)?;
             changes += 1;
         }
-        let actual = self.maps.read()?;
-        let ops = diff(&actual, &desired);
-        self.maps.apply(&ops)?;
-        changes += ops.len();
 
         // Ports: attach the program to every local endpoint's veth, detach from the rest.
         if self.first {
@@ -147,10 +154,8 @@ impl Reconciler {
 
         if changes > 0 || self.first {
             println!(
-                "overlay: reconciled {changes} changes ({} local ports, {} neighbors, {} VNIs)",
-                desired.endpoints.len(),
-                desired.neighbors.len(),
-                desired.vnis.len()
+                "overlay: reconciled {changes} changes ({} local ports, {} neighbors, {} security-group policies, {} ACLs)",
+                report.ports, report.neighbors, report.installed.0, report.installed.1,
             );
         }
         self.first = false;

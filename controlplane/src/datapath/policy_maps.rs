@@ -1,0 +1,373 @@
+//! The pinned policy maps (security groups, network ACLs) and connection tracking: reading
+//! what the kernel holds, installing and removing compiled rule sets, conntrack GC and
+//! statistics, per-endpoint drop counters.
+//!
+//! Rule sets are installed under an id (`dataplane_common::policy`): entries of a new id are
+//! written beside the old ones (ports first, then addresses, so a class is complete before
+//! any address leads to it), endpoints then switch ids, and the old id's entries are removed
+//! afterwards. No packet sees a half-written rule set.
+
+use std::collections::BTreeMap;
+
+use aya::maps::{Array, LpmTrie, Map, MapData, MapError, PerCpuHashMap, lpm_trie::Key};
+use dataplane_common::{
+    Counter,
+    conntrack::{CtConfig, CtEntry, CtKey},
+    maps,
+    policy::{AclVerdict, PolicyAddrKey, PolicyPortKey},
+    stats::EndpointDropKey,
+};
+
+use super::{DatapathError, PinLayout, sys};
+
+/// An address-stage entry: (LPM prefix length, key, class id).
+pub type AddrEntry = (u32, PolicyAddrKey, u32);
+/// A security-group port-stage entry: (LPM prefix length, key).
+pub type SgPortEntry = (u32, PolicyPortKey);
+/// An ACL port-stage entry: (LPM prefix length, key, verdict).
+pub type AclPortEntry = (u32, PolicyPortKey, AclVerdict);
+
+/// The kernel entries of one security-group policy id.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SgEntries {
+    /// `SG_ADDR` entries.
+    pub addr: Vec<AddrEntry>,
+    /// `SG_PORT` entries.
+    pub ports: Vec<SgPortEntry>,
+}
+
+/// The kernel entries of one ACL id.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AclEntries {
+    /// `ACL_ADDR` entries.
+    pub addr: Vec<AddrEntry>,
+    /// `ACL_PORT` entries.
+    pub ports: Vec<AclPortEntry>,
+}
+
+/// Conntrack occupancy, from one scan of the table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CtSummary {
+    /// Entries present (live and expired).
+    pub entries: usize,
+    /// Entries past their idle timeout (GC deletes them).
+    pub expired: usize,
+    /// Capacity of the table.
+    pub capacity: u32,
+    /// Live entries per VNI.
+    pub per_vni: BTreeMap<u32, usize>,
+}
+
+impl CtSummary {
+    /// Entries / capacity (0.0 ..= 1.0): how close the table is to evicting live flows.
+    pub fn pressure(&self) -> f64 {
+        if self.capacity == 0 {
+            0.0
+        } else {
+            self.entries as f64 / f64::from(self.capacity)
+        }
+    }
+}
+
+/// Handles on the pinned policy and conntrack maps of one datapath.
+pub struct PolicyMaps {
+    sg_addr: LpmTrie<MapData, PolicyAddrKey, u32>,
+    sg_port: LpmTrie<MapData, PolicyPortKey, u32>,
+    acl_addr: LpmTrie<MapData, PolicyAddrKey, u32>,
+    acl_port: LpmTrie<MapData, PolicyPortKey, AclVerdict>,
+    ct_config: Array<MapData, CtConfig>,
+    conntrack: MapData,
+    endpoint_drops: PerCpuHashMap<MapData, EndpointDropKey, Counter>,
+}
+
+impl std::fmt::Debug for PolicyMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyMaps").finish_non_exhaustive()
+    }
+}
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+fn io_err(map: &'static str) -> impl Fn(std::io::Error) -> DatapathError {
+    move |e| DatapathError::Map {
+        map,
+        source: MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf batch",
+            io_error: e,
+        }),
+    }
+}
+
+fn open(layout: &PinLayout, name: &'static str) -> Result<MapData, DatapathError> {
+    MapData::from_pin(layout.map(name)).map_err(map_err(name))
+}
+
+fn trie<K: aya::Pod, V: aya::Pod>(
+    layout: &PinLayout,
+    name: &'static str,
+) -> Result<LpmTrie<MapData, K, V>, DatapathError> {
+    LpmTrie::try_from(Map::LpmTrie(open(layout, name)?)).map_err(map_err(name))
+}
+
+/// Every (prefix length, key, value) of an LPM trie.
+fn read_trie<K: aya::Pod, V: aya::Pod>(
+    t: &LpmTrie<MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<(u32, K, V)>, DatapathError> {
+    t.iter()
+        .map(|r| {
+            r.map(|(k, v)| (k.prefix_len(), k.data(), v))
+                .map_err(map_err(name))
+        })
+        .collect()
+}
+
+/// Deletes, treating an absent key as done.
+fn remove(r: Result<(), MapError>, name: &'static str) -> Result<(), DatapathError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+            Ok(())
+        }
+        r => r.map_err(map_err(name)),
+    }
+}
+
+/// The policy or ACL id a port-stage class belongs to.
+fn class_owner(key: &PolicyPortKey) -> u32 {
+    u32::from_be_bytes(key.class_be) >> 16
+}
+
+impl PolicyMaps {
+    /// Opens the maps pinned under `layout`.
+    pub fn open(layout: &PinLayout) -> Result<Self, DatapathError> {
+        Ok(PolicyMaps {
+            sg_addr: trie(layout, maps::SG_ADDR)?,
+            sg_port: trie(layout, maps::SG_PORT)?,
+            acl_addr: trie(layout, maps::ACL_ADDR)?,
+            acl_port: trie(layout, maps::ACL_PORT)?,
+            ct_config: Array::try_from(Map::Array(open(layout, maps::CT_CONFIG)?))
+                .map_err(map_err(maps::CT_CONFIG))?,
+            conntrack: open(layout, maps::CONNTRACK)?,
+            endpoint_drops: PerCpuHashMap::try_from(Map::PerCpuLruHashMap(open(
+                layout,
+                maps::ENDPOINT_DROPS,
+            )?))
+            .map_err(map_err(maps::ENDPOINT_DROPS))?,
+        })
+    }
+
+    /// Every installed security-group policy, by id.
+    pub fn read_sg(&self) -> Result<BTreeMap<u32, SgEntries>, DatapathError> {
+        let mut out: BTreeMap<u32, SgEntries> = BTreeMap::new();
+        for (len, key, class) in read_trie(&self.sg_addr, maps::SG_ADDR)? {
+            out.entry(key.scope().0)
+                .or_default()
+                .addr
+                .push((len, key, class));
+        }
+        for (len, key, _) in read_trie(&self.sg_port, maps::SG_PORT)? {
+            out.entry(class_owner(&key))
+                .or_default()
+                .ports
+                .push((len, key));
+        }
+        Ok(out)
+    }
+
+    /// Every installed ACL, by id.
+    pub fn read_acl(&self) -> Result<BTreeMap<u32, AclEntries>, DatapathError> {
+        let mut out: BTreeMap<u32, AclEntries> = BTreeMap::new();
+        for (len, key, class) in read_trie(&self.acl_addr, maps::ACL_ADDR)? {
+            out.entry(key.scope().0)
+                .or_default()
+                .addr
+                .push((len, key, class));
+        }
+        for (len, key, verdict) in read_trie(&self.acl_port, maps::ACL_PORT)? {
+            out.entry(class_owner(&key))
+                .or_default()
+                .ports
+                .push((len, key, verdict));
+        }
+        Ok(out)
+    }
+
+    /// Writes a security-group policy's entries (ports first: a class is complete before an
+    /// address leads to it).
+    pub fn install_sg(&mut self, e: &SgEntries) -> Result<(), DatapathError> {
+        for (len, key) in &e.ports {
+            self.sg_port
+                .insert(&Key::new(*len, *key), 1, 0)
+                .map_err(map_err(maps::SG_PORT))?;
+        }
+        for (len, key, class) in &e.addr {
+            self.sg_addr
+                .insert(&Key::new(*len, *key), class, 0)
+                .map_err(map_err(maps::SG_ADDR))?;
+        }
+        Ok(())
+    }
+
+    /// Removes a security-group policy's entries (addresses first).
+    pub fn remove_sg(&mut self, e: &SgEntries) -> Result<(), DatapathError> {
+        for (len, key, _) in &e.addr {
+            remove(self.sg_addr.remove(&Key::new(*len, *key)), maps::SG_ADDR)?;
+        }
+        for (len, key) in &e.ports {
+            remove(self.sg_port.remove(&Key::new(*len, *key)), maps::SG_PORT)?;
+        }
+        Ok(())
+    }
+
+    /// Writes an ACL's entries (ports first).
+    pub fn install_acl(&mut self, e: &AclEntries) -> Result<(), DatapathError> {
+        for (len, key, verdict) in &e.ports {
+            self.acl_port
+                .insert(&Key::new(*len, *key), verdict, 0)
+                .map_err(map_err(maps::ACL_PORT))?;
+        }
+        for (len, key, class) in &e.addr {
+            self.acl_addr
+                .insert(&Key::new(*len, *key), class, 0)
+                .map_err(map_err(maps::ACL_ADDR))?;
+        }
+        Ok(())
+    }
+
+    /// Removes an ACL's entries (addresses first).
+    pub fn remove_acl(&mut self, e: &AclEntries) -> Result<(), DatapathError> {
+        for (len, key, _) in &e.addr {
+            remove(self.acl_addr.remove(&Key::new(*len, *key)), maps::ACL_ADDR)?;
+        }
+        for (len, key, _) in &e.ports {
+            remove(self.acl_port.remove(&Key::new(*len, *key)), maps::ACL_PORT)?;
+        }
+        Ok(())
+    }
+
+    /// The conntrack timeouts in force (all zero: defaults).
+    pub fn ct_config(&self) -> Result<CtConfig, DatapathError> {
+        self.ct_config.get(&0, 0).map_err(map_err(maps::CT_CONFIG))
+    }
+
+    /// Sets the conntrack timeouts.
+    pub fn set_ct_config(&mut self, cfg: &CtConfig) -> Result<(), DatapathError> {
+        self.ct_config
+            .set(0, cfg, 0)
+            .map_err(map_err(maps::CT_CONFIG))
+    }
+
+    /// Every conntrack entry (batched reads).
+    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError> {
+        use std::os::fd::AsFd as _;
+        sys::lookup_batch(self.conntrack.fd().as_fd()).map_err(io_err(maps::CONNTRACK))
+    }
+
+    /// Capacity of the conntrack table.
+    pub fn conntrack_capacity(&self) -> Result<u32, DatapathError> {
+        Ok(self
+            .conntrack
+            .info()
+            .map_err(map_err(maps::CONNTRACK))?
+            .max_entries())
+    }
+
+    /// Inserts conntrack entries (benchmarks and tests prefill the table this way).
+    pub fn ct_insert(&self, entries: &[(CtKey, CtEntry)]) -> Result<(), DatapathError> {
+        use std::os::fd::AsFd as _;
+        sys::update_batch(self.conntrack.fd().as_fd(), entries).map_err(io_err(maps::CONNTRACK))
+    }
+
+    /// Scans conntrack at `now_ns` (CLOCK_MONOTONIC); with `gc`, deletes expired entries.
+    pub fn ct_sweep(&self, now_ns: u64, gc: bool) -> Result<CtSummary, DatapathError> {
+        use std::os::fd::AsFd as _;
+        let cfg = self.ct_config()?.or_default();
+        let entries = self.conntrack()?;
+        let (summary, expired) = summarize(&entries, &cfg, now_ns, self.conntrack_capacity()?);
+        if gc && !expired.is_empty() {
+            sys::delete_batch(self.conntrack.fd().as_fd(), &expired)
+                .map_err(io_err(maps::CONNTRACK))?;
+        }
+        Ok(summary)
+    }
+
+    /// Drops per (endpoint ifindex, drop-reason number), summed over CPUs.
+    pub fn endpoint_drops(&self) -> Result<BTreeMap<(u32, u32), Counter>, DatapathError> {
+        let mut out = BTreeMap::new();
+        for r in self.endpoint_drops.iter() {
+            let (key, per_cpu) = r.map_err(map_err(maps::ENDPOINT_DROPS))?;
+            let mut total = Counter::default();
+            for c in per_cpu.iter() {
+                total.add(c);
+            }
+            out.insert((key.ifindex, key.reason), total);
+        }
+        Ok(out)
+    }
+}
+
+/// Occupancy of `entries` at `now_ns`, and the keys of the expired ones. Pure.
+pub fn summarize(
+    entries: &[(CtKey, CtEntry)],
+    cfg: &CtConfig,
+    now_ns: u64,
+    capacity: u32,
+) -> (CtSummary, Vec<CtKey>) {
+    let mut summary = CtSummary {
+        entries: entries.len(),
+        capacity,
+        ..CtSummary::default()
+    };
+    let mut expired = Vec::new();
+    for (key, entry) in entries {
+        if cfg.expired(key, entry, now_ns) {
+            expired.push(*key);
+        } else {
+            *summary.per_vni.entry(key.vni).or_default() += 1;
+        }
+    }
+    summary.expired = expired.len();
+    (summary, expired)
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds (the datapath's conntrack clock).
+pub fn now_ns() -> u64 {
+    sys::monotonic_ns()
+}
+
+#[cfg(test)]
+mod tests {
+    use dataplane_common::conntrack::CtState;
+
+    use super::*;
+
+    #[test]
+    fn summary_counts_live_entries_per_vpc_and_lists_expired_ones() {
+        let key = |vni, port| CtKey {
+            vni,
+            lo_port: port,
+            proto: 17,
+            ..CtKey::default()
+        };
+        let entry = |at| CtEntry {
+            last_seen_ns: at,
+            state: CtState::Open as u32,
+            flags: 0,
+        };
+        let s = 1_000_000_000;
+        let entries = [
+            (key(1, 1), entry(100 * s)),
+            (key(1, 2), entry(60 * s)),
+            (key(2, 1), entry(95 * s)),
+        ];
+        let (summary, expired) = summarize(&entries, &CtConfig::DEFAULT, 100 * s, 10);
+        assert_eq!(summary.entries, 3);
+        assert_eq!(summary.expired, 1);
+        assert_eq!(expired, vec![key(1, 2)]);
+        assert_eq!(summary.per_vni, BTreeMap::from([(1, 1), (2, 1)]));
+        assert!((summary.pressure() - 0.3).abs() < 1e-9);
+    }
+}

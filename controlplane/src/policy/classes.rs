@@ -1,0 +1,400 @@
+//! Class contents (what the port stage answers for one class), their interning, and the
+//! address stage that gives each stored prefix the class of all rules covering it.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    hash::{BuildHasherDefault, Hash, Hasher},
+};
+
+use dataplane_common::policy::{ACL_ALLOW, ACL_DENY, AclVerdict};
+
+use super::{
+    ports::{
+        Partition, PortRange, aligned_blocks, block_count, intervals, partition_min,
+        partition_range, port_max, union,
+    },
+    tables::{IMPLICIT_DENY_RULE, PortMatch},
+};
+
+/// A small, fast, deterministic hasher (FxHash) for the compiler's internal maps, keyed by
+/// integers and class contents.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct FxHasher(u64);
+
+const FX_SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(FX_SEED);
+    }
+}
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        for &b in chunks.remainder() {
+            self.add(u64::from(b));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u16(&mut self, i: u16) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A `HashMap` with [`FxHasher`].
+pub(crate) type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+
+/// The content of a class: a function from (protocol, port) to a port-stage answer, with a
+/// merge that combines the rules of two prefixes (union for security groups, first match
+/// for ACLs). `Default` is the content of no rules at all (no entry, which denies).
+pub(crate) trait Content: Clone + Eq + Hash + Ord + Default {
+    /// The content of the rules of both (commutative, associative, idempotent).
+    fn merge(&self, other: &Self) -> Self;
+}
+
+/// The port entries of `lo..=hi` of `proto`: all ports as one entry, else aligned blocks.
+fn range_matches(proto: u8, lo: u16, hi: u16) -> impl Iterator<Item = PortMatch> {
+    let all = lo == 0 && hi == port_max(proto);
+    let blocks = if all {
+        aligned_blocks(1, 0)
+    } else {
+        aligned_blocks(lo, hi)
+    };
+    all.then_some(PortMatch::all_ports(proto))
+        .into_iter()
+        .chain(blocks.map(move |(port, bits)| PortMatch {
+            proto: Some(proto),
+            port,
+            bits,
+        }))
+}
+
+/// The number of entries [`range_matches`] yields.
+fn range_cost(proto: u8, lo: u16, hi: u16) -> usize {
+    if lo == 0 && hi == port_max(proto) {
+        1
+    } else {
+        block_count(lo, hi)
+    }
+}
+
+/// What a security-group class allows: everything, or per protocol a normalized port set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct SgClass {
+    /// Every protocol and port (then `protos` is empty).
+    pub all: bool,
+    /// Protocol -> normalized port ranges within `0..=port_max(proto)`.
+    pub protos: BTreeMap<u8, Vec<PortRange>>,
+}
+
+impl SgClass {
+    /// The class of one rule: `proto` `None` for all protocols (ports ignored).
+    pub fn rule(proto: Option<u8>, lo: u16, hi: u16) -> SgClass {
+        match proto {
+            None => SgClass {
+                all: true,
+                protos: BTreeMap::new(),
+            },
+            Some(p) => SgClass {
+                all: false,
+                protos: BTreeMap::from([(p, vec![(lo, hi)])]),
+            },
+        }
+    }
+
+    /// Its `SG_PORT` entries: the minimal set of blocks.
+    pub fn port_matches(&self) -> Vec<PortMatch> {
+        if self.all {
+            return vec![PortMatch::ALL];
+        }
+        self.protos
+            .iter()
+            .flat_map(|(&p, ranges)| {
+                ranges
+                    .iter()
+                    .flat_map(move |&(lo, hi)| range_matches(p, lo, hi))
+            })
+            .collect()
+    }
+}
+
+impl Content for SgClass {
+    fn merge(&self, other: &SgClass) -> SgClass {
+        if self.all || other.all {
+            return SgClass::rule(None, 0, 0);
+        }
+        let mut protos = self.protos.clone();
+        for (&p, ranges) in &other.protos {
+            let merged = match protos.get(&p) {
+                Some(mine) => union(mine, ranges),
+                None => ranges.clone(),
+            };
+            protos.insert(p, merged);
+        }
+        SgClass { all: false, protos }
+    }
+}
+
+/// The verdict of an ACL rule, ordered by rule number (first match = minimum).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Verdict {
+    /// Rule number; [`IMPLICIT_DENY_RULE`] for the implicit deny.
+    pub rule: u16,
+    /// Allow or deny.
+    pub allow: bool,
+}
+
+/// AWS's final `*` rule.
+pub(crate) const IMPLICIT: Verdict = Verdict {
+    rule: IMPLICIT_DENY_RULE,
+    allow: false,
+};
+
+impl Verdict {
+    /// As the map value.
+    pub fn value(self) -> AclVerdict {
+        AclVerdict {
+            action: if self.allow { ACL_ALLOW } else { ACL_DENY },
+            rule: u32::from(self.rule),
+        }
+    }
+}
+
+/// What an ACL class decides: per protocol a partition of its port space into verdicts, and
+/// a fallback verdict for the other protocols. Normalized: no protocol whose partition is
+/// the fallback everywhere.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct AclClass {
+    /// The verdict of protocols not in `protos` (the first all-protocols rule, else the
+    /// implicit deny).
+    pub fallback: Verdict,
+    /// Protocol -> partition of `0..=port_max(proto)`.
+    pub protos: BTreeMap<u8, Partition<Verdict>>,
+}
+
+impl Default for AclClass {
+    fn default() -> Self {
+        AclClass {
+            fallback: IMPLICIT,
+            protos: BTreeMap::new(),
+        }
+    }
+}
+
+impl AclClass {
+    /// The class of one rule.
+    pub fn rule(proto: Option<u8>, lo: u16, hi: u16, v: Verdict) -> AclClass {
+        match proto {
+            None => AclClass {
+                fallback: v,
+                protos: BTreeMap::new(),
+            },
+            Some(p) => AclClass {
+                fallback: IMPLICIT,
+                protos: BTreeMap::from([(p, partition_range(lo, hi, port_max(p), v, IMPLICIT))]),
+            },
+        }
+    }
+
+    /// Its `ACL_PORT` entries. The all-protocols entry carries the fallback (none for the
+    /// implicit deny: no match denies). Per protocol, one verdict `d` becomes the protocol's
+    /// all-ports entry (none if it is the fallback), and the port ranges with another
+    /// verdict become blocks; `d` is chosen for the fewest entries. Blocks of one protocol
+    /// are disjoint, so the longest match is the verdict of the port's range.
+    pub fn port_entries(&self) -> Vec<(PortMatch, AclVerdict)> {
+        let mut out = Vec::new();
+        if self.fallback != IMPLICIT {
+            out.push((PortMatch::ALL, self.fallback.value()));
+        }
+        for (&p, part) in &self.protos {
+            let max = port_max(p);
+            let mut candidates: Vec<Verdict> = part.iter().map(|&(_, v)| v).collect();
+            candidates.push(self.fallback);
+            candidates.sort_unstable();
+            candidates.dedup();
+            let cost = |d: Verdict| -> (usize, bool, Verdict) {
+                let blocks: usize = intervals(part, max)
+                    .filter(|&(_, _, v)| v != d)
+                    .map(|(lo, hi, _)| range_cost(p, lo, hi))
+                    .sum();
+                let own = d != self.fallback;
+                (blocks + usize::from(own), own, d)
+            };
+            let best = candidates
+                .into_iter()
+                .min_by_key(|&d| cost(d))
+                .unwrap_or(self.fallback);
+            if best != self.fallback {
+                out.push((PortMatch::all_ports(p), best.value()));
+            }
+            for (lo, hi, v) in intervals(part, max) {
+                if v != best {
+                    out.extend(range_matches(p, lo, hi).map(|m| (m, v.value())));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Content for AclClass {
+    fn merge(&self, other: &AclClass) -> AclClass {
+        let fallback = self.fallback.min(other.fallback);
+        let mut protos = BTreeMap::new();
+        for &p in self.protos.keys().chain(other.protos.keys()) {
+            if protos.contains_key(&p) {
+                continue;
+            }
+            let own = |c: &AclClass| {
+                c.protos
+                    .get(&p)
+                    .cloned()
+                    .unwrap_or_else(|| vec![(0, c.fallback)])
+            };
+            let merged = partition_min(&own(self), &own(other));
+            if merged != [(0, fallback)] {
+                protos.insert(p, merged);
+            }
+        }
+        AclClass { fallback, protos }
+    }
+}
+
+/// Interned class contents (id 0 is the empty content) with memoized merges.
+#[derive(Debug)]
+pub(crate) struct Classes<C> {
+    items: Vec<C>,
+    index: FxMap<C, u32>,
+    memo: FxMap<(u32, u32), u32>,
+}
+
+/// The id of the empty content.
+pub(crate) const EMPTY: u32 = 0;
+
+impl<C: Content> Classes<C> {
+    /// Only the empty content.
+    pub fn new() -> Self {
+        let mut index = FxMap::default();
+        index.insert(C::default(), EMPTY);
+        Classes {
+            items: vec![C::default()],
+            index,
+            memo: FxMap::default(),
+        }
+    }
+
+    /// The id of `c`.
+    pub fn intern(&mut self, c: C) -> u32 {
+        if let Some(&id) = self.index.get(&c) {
+            return id;
+        }
+        let id = self.items.len() as u32;
+        self.items.push(c.clone());
+        self.index.insert(c, id);
+        id
+    }
+
+    /// The content of `id` (an id this interner returned).
+    pub fn get(&self, id: u32) -> &C {
+        &self.items[id as usize]
+    }
+
+    /// The id of the merge of `a` and `b`.
+    pub fn merge(&mut self, a: u32, b: u32) -> u32 {
+        if a == b || b == EMPTY {
+            return a;
+        }
+        if a == EMPTY {
+            return b;
+        }
+        let key = (a.min(b), a.max(b));
+        if let Some(&m) = self.memo.get(&key) {
+            return m;
+        }
+        let merged = self.get(a).merge(self.get(b));
+        let m = self.intern(merged);
+        self.memo.insert(key, m);
+        m
+    }
+}
+
+/// A remote prefix of a rule: (prefix length, network address, content id of the rule).
+pub(crate) type AddrItem = (u8, u32, u32);
+
+fn mask(len: u32) -> u32 {
+    u32::MAX.checked_shl(32 - len).unwrap_or(0)
+}
+
+/// The address stage of one direction: for each distinct prefix of `items` (canonical), the
+/// content of every rule whose prefix covers it, that is its own rules merged with the
+/// content of its longest covering prefix. Found by probing the shorter prefix lengths that
+/// occur (at most 32 hash lookups per prefix, no pairwise comparison). Prefixes whose
+/// content equals that of their longest covering prefix are left out: the lookup falls back
+/// to the covering prefix and gets the same answer. Sorts `items`.
+pub(crate) fn address_stage<C: Content>(
+    classes: &mut Classes<C>,
+    items: &mut [AddrItem],
+) -> Vec<AddrItem> {
+    items.sort_unstable();
+    let mut effective: FxMap<(u32, u8), u32> = FxMap::default();
+    effective.reserve(items.len());
+    let mut lens = 0u64;
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < items.len() {
+        let (len, addr, _) = items[i];
+        let mut own = EMPTY;
+        while let Some(&(l, a, c)) = items.get(i) {
+            if (l, a) != (len, addr) {
+                break;
+            }
+            own = classes.merge(own, c);
+            i += 1;
+        }
+        let mut parent = EMPTY;
+        let mut shorter = lens & ((1u64 << len) - 1);
+        while shorter != 0 {
+            let l = 63 - shorter.leading_zeros();
+            if let Some(&c) = effective.get(&(addr & mask(l), l as u8)) {
+                parent = c;
+                break;
+            }
+            shorter &= !(1u64 << l);
+        }
+        let c = classes.merge(parent, own);
+        effective.insert((addr, len), c);
+        lens |= 1 << len;
+        if c != parent {
+            out.push((len, addr, c));
+        }
+    }
+    out
+}
