@@ -7,7 +7,7 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use dataplane_common::{
     DropReason,
     overlay::Endpoint,
-    parse::{ETH_HLEN, IpPacket, parse_ipv4},
+    parse::{ETH_HLEN, Family, IpPacket, parse_ipv4},
     policy::evaluate,
 };
 
@@ -24,7 +24,18 @@ pub fn check(
     out: Option<&Endpoint>,
     inb: Option<&Endpoint>,
 ) -> Result<(), DropReason> {
-    let ip = parse_ip(pkt)?;
+    let mut ip = IpPacket {
+        family: Family::V4,
+        src: [0; 16],
+        dst: [0; 16],
+        proto: 0,
+        l3_offset: 0,
+        l4_offset: 0,
+        has_l4: false,
+        src_port: 0,
+        dst_port: 0,
+    };
+    parse_ip(pkt, &mut ip)?;
     verdict(pkt, &ip, out, inb)
 }
 
@@ -46,10 +57,12 @@ fn verdict(
 }
 
 /// The frame's IPv4 headers: instance frames are untagged IPv4 once the port program (or
-/// the VXLAN receive checks) let them this far. A BPF subprogram.
+/// the VXLAN receive checks) let them this far. A BPF subprogram; it fills `out` rather than
+/// returning a `Result` of a struct, whose debug info (BTF) the kernel rejects.
 #[inline(never)]
-fn parse_ip(pkt: &TcPacket) -> Result<IpPacket, DropReason> {
-    parse_ipv4(pkt, ETH_HLEN)
+fn parse_ip(pkt: &TcPacket, out: &mut IpPacket) -> Result<(), DropReason> {
+    *out = parse_ipv4(pkt, ETH_HLEN)?;
+    Ok(())
 }
 
 /// The endpoint of the local port `ifindex`.

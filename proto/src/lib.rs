@@ -35,6 +35,11 @@ impl From<dp::DropReason> for v1::DropReason {
             dp::DropReason::MtuExceeded => v1::DropReason::MtuExceeded,
             dp::DropReason::NoUnderlayRoute => v1::DropReason::NoUnderlayRoute,
             dp::DropReason::RewriteFailed => v1::DropReason::RewriteFailed,
+            dp::DropReason::SgIngress => v1::DropReason::SgIngress,
+            dp::DropReason::SgEgress => v1::DropReason::SgEgress,
+            dp::DropReason::AclIngress => v1::DropReason::AclIngress,
+            dp::DropReason::AclEgress => v1::DropReason::AclEgress,
+            dp::DropReason::CtInvalid => v1::DropReason::CtInvalid,
         }
     }
 }

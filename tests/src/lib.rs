@@ -7,5 +7,6 @@
 pub mod netns;
 pub mod overlay_fixture;
 pub mod procs;
+pub mod security_bench;
 pub mod testrun;
 pub mod topology;

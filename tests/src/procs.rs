@@ -74,11 +74,11 @@ impl Agent {
         let stdout = child.child_mut().stdout.take().context("agent stdout")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            // Keeps draining after startup (when nobody receives any more): a closed pipe
+            // would make the agent's next line fail.
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
+                let _ = tx.send(line);
             }
         });
         let mut startup = Vec::new();

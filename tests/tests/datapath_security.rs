@@ -242,11 +242,7 @@ fn acl_order_first_match_and_deny_beats_security_group_allow() {
         );
         let r =
             f.dp.run(Hook::TcIngress, &vxlan(VTEP_PEER, VTEP_ME, 1, 100, &inner));
-        assert_eq!(
-            r.unwrap().retval,
-            TC_ACT_SHOT,
-            "a2's ACL denies port 81"
-        );
+        assert_eq!(r.unwrap().retval, TC_ACT_SHOT, "a2's ACL denies port 81");
         assert_eq!(endpoint_drops(&f, f.peer, DropReason::AclIngress), 2);
     });
 }

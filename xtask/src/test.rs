@@ -12,9 +12,9 @@ use anyhow::{Result, bail};
 use crate::{setup, util};
 
 /// The end-to-end test targets of vpc-tests (`tests/tests/<name>.rs`), run by `--tier e2e`.
-pub const E2E_TESTS: &[&str] = &["e2e_skeleton", "e2e_overlay"];
+pub const E2E_TESTS: &[&str] = &["e2e_skeleton", "e2e_overlay", "e2e_security"];
 /// The datapath test targets of vpc-tests, run by `--tier datapath`.
-const DATAPATH_TESTS: &[&str] = &["datapath", "datapath_overlay"];
+const DATAPATH_TESTS: &[&str] = &["datapath", "datapath_overlay", "datapath_security"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Tier {

@@ -60,6 +60,11 @@ impl Hasher for FxHasher {
         self.add(i);
     }
     #[inline]
+    fn write_u128(&mut self, i: u128) {
+        self.add(i as u64);
+        self.add((i >> 64) as u64);
+    }
+    #[inline]
     fn write_usize(&mut self, i: usize) {
         self.add(i as u64);
     }
@@ -84,6 +89,7 @@ pub(crate) trait Content: Clone + Eq + Hash + Ord + Default {
 fn range_matches(proto: u8, lo: u16, hi: u16) -> impl Iterator<Item = PortMatch> {
     let all = lo == 0 && hi == port_max(proto);
     let blocks = if all {
+        // None: the all-ports entry covers the range.
         aligned_blocks(1, 0)
     } else {
         aligned_blocks(lo, hi)

@@ -132,6 +132,36 @@ pub enum RuleProblem {
     DuplicateRuleNumber(u16),
 }
 
+/// The kind of an object named in a [`PolicyError`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A VPC.
+    Vpc,
+    /// A subnet.
+    Subnet,
+    /// An endpoint.
+    Endpoint,
+    /// A security group.
+    SecurityGroup,
+    /// The security groups of an endpoint, compiled together.
+    SecurityGroupSet,
+    /// A network ACL.
+    NetworkAcl,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Vpc => "VPC",
+            Kind::Subnet => "subnet",
+            Kind::Endpoint => "endpoint",
+            Kind::SecurityGroup => "security group",
+            Kind::SecurityGroupSet => "security group set",
+            Kind::NetworkAcl => "network ACL",
+        })
+    }
+}
+
 /// Why policy cannot be compiled. Each names the offending object (kind and id) and, where
 /// it applies, the field (`inbound[2].to_port`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -141,7 +171,7 @@ pub enum PolicyError {
     #[error("duplicate {kind} id {id}")]
     DuplicateId {
         /// Object kind.
-        kind: &'static str,
+        kind: Kind,
         /// The id.
         id: String,
     },
@@ -149,29 +179,27 @@ pub enum PolicyError {
     #[error("{kind} {id}: {field} refers to unknown {target} {target_id}")]
     UnknownRef {
         /// Kind of the referring object.
-        kind: &'static str,
+        kind: Kind,
         /// Its id.
         id: String,
         /// The field.
         field: String,
         /// Kind of the missing object.
-        target: &'static str,
+        target: Kind,
         /// Its id.
         target_id: String,
     },
     /// A reference to an object of another VPC.
-    #[error("{kind} {id} of VPC {vpc}: {field} refers to {target} {target_id} of VPC {target_vpc}")]
+    #[error("{kind} {id}: {field} refers to {target} {target_id} of another VPC, {target_vpc}")]
     OtherVpc {
         /// Kind of the referring object.
-        kind: &'static str,
+        kind: Kind,
         /// Its id.
         id: String,
-        /// Its VPC.
-        vpc: String,
         /// The field.
         field: String,
         /// Kind of the referenced object.
-        target: &'static str,
+        target: Kind,
         /// Its id.
         target_id: String,
         /// Its VPC.
@@ -181,7 +209,7 @@ pub enum PolicyError {
     #[error("VPC {vpc} has two default {kind}s: {first} and {second}")]
     TwoDefaults {
         /// Object kind.
-        kind: &'static str,
+        kind: Kind,
         /// The VPC.
         vpc: String,
         /// One default.
@@ -192,8 +220,8 @@ pub enum PolicyError {
     /// An invalid rule.
     #[error("{kind} {id}: {field}: {problem}")]
     InvalidRule {
-        /// `security group` or `network ACL`.
-        kind: &'static str,
+        /// [`Kind::SecurityGroup`] or [`Kind::NetworkAcl`].
+        kind: Kind,
         /// Its id.
         id: String,
         /// The field (`outbound[0].from_port`).
@@ -205,7 +233,7 @@ pub enum PolicyError {
     #[error("{kind} {id}: {count} {field}, more than the limit of {limit}")]
     QuotaExceeded {
         /// Object kind.
-        kind: &'static str,
+        kind: Kind,
         /// Its id.
         id: String,
         /// The list (`inbound`, `security_groups`).
@@ -218,8 +246,8 @@ pub enum PolicyError {
     /// A policy or ACL needs more address classes than a class id can number.
     #[error("{kind} {id}: {count} address classes, more than the {max} the datapath numbers")]
     TooManyClasses {
-        /// `security group set` or `network ACL`.
-        kind: &'static str,
+        /// [`Kind::SecurityGroupSet`] or [`Kind::NetworkAcl`].
+        kind: Kind,
         /// The set (ids joined with `+`) or ACL id.
         id: String,
         /// Classes needed.
@@ -229,11 +257,11 @@ pub enum PolicyError {
     },
 }
 
-const VPC: &str = "VPC";
-const SUBNET: &str = "subnet";
-const ENDPOINT: &str = "endpoint";
-const GROUP: &str = "security group";
-const ACL: &str = "network ACL";
+const VPC: Kind = Kind::Vpc;
+const SUBNET: Kind = Kind::Subnet;
+const ENDPOINT: Kind = Kind::Endpoint;
+const GROUP: Kind = Kind::SecurityGroup;
+const ACL: Kind = Kind::NetworkAcl;
 const DIRS: [&str; 2] = ["inbound", "outbound"];
 
 /// Protocol and ports of a validated rule: `proto` `None` for all protocols.
@@ -308,7 +336,7 @@ fn canonical(net: Ipv4Network) -> (u8, u32) {
     (len, u32::from(net.network()))
 }
 
-fn unique<'a>(kind: &'static str, ids: impl Iterator<Item = &'a str>) -> Result<(), PolicyError> {
+fn unique<'a>(kind: Kind, ids: impl Iterator<Item = &'a str>) -> Result<(), PolicyError> {
     let mut seen = HashSet::new();
     for id in ids {
         if !seen.insert(id) {
@@ -322,10 +350,10 @@ fn unique<'a>(kind: &'static str, ids: impl Iterator<Item = &'a str>) -> Result<
 }
 
 fn unknown(
-    kind: &'static str,
+    kind: Kind,
     id: &str,
     field: impl Into<String>,
-    target: &'static str,
+    target: Kind,
     target_id: &str,
 ) -> PolicyError {
     PolicyError::UnknownRef {
@@ -338,7 +366,7 @@ fn unknown(
 }
 
 fn quota(
-    kind: &'static str,
+    kind: Kind,
     id: &str,
     field: &'static str,
     count: usize,
@@ -389,7 +417,7 @@ fn implicit_default(vpc: &str) -> SecurityGroup {
 
 /// The default object (group or ACL) of each VPC, checking there is at most one.
 fn defaults<'a>(
-    kind: &'static str,
+    kind: Kind,
     vpc_index: &HashMap<&str, usize>,
     objects: impl Iterator<Item = (&'a str, &'a str, bool)>,
 ) -> Result<Vec<Option<usize>>, PolicyError> {
@@ -455,13 +483,17 @@ pub fn compile(input: &PolicyInput<'_>) -> Result<CompiledPolicy, PolicyError> {
             });
         }
     }
-    let default_group: Vec<usize> = {
-        let mut implicit_at = input.security_groups.len()..;
-        default_groups
-            .iter()
-            .map(|d| d.unwrap_or_else(|| implicit_at.next().unwrap_or_default()))
-            .collect()
-    };
+    // Each VPC's default group: its explicit one, else its implicit one (in VPC order).
+    let mut next_implicit = input.security_groups.len();
+    let default_group: Vec<usize> = default_groups
+        .iter()
+        .map(|d| {
+            d.unwrap_or_else(|| {
+                next_implicit += 1;
+                next_implicit - 1
+            })
+        })
+        .collect();
 
     let mut sg_classes: Classes<SgClass> = Classes::new();
     let mut sg_rules: Vec<[Vec<SgRec>; 2]> = Vec::with_capacity(groups.len());
@@ -493,7 +525,6 @@ pub fn compile(input: &PolicyInput<'_>) -> Result<CompiledPolicy, PolicyError> {
                             return Err(PolicyError::OtherVpc {
                                 kind: GROUP,
                                 id: g.id.clone(),
-                                vpc: g.vpc.clone(),
                                 field: field("group"),
                                 target: GROUP,
                                 target_id: other.clone(),
@@ -578,7 +609,6 @@ pub fn compile(input: &PolicyInput<'_>) -> Result<CompiledPolicy, PolicyError> {
                     return Err(PolicyError::OtherVpc {
                         kind: SUBNET,
                         id: s.id.clone(),
-                        vpc: s.vpc.clone(),
                         field: "network_acl".into(),
                         target: ACL,
                         target_id: name.clone(),
@@ -608,7 +638,6 @@ pub fn compile(input: &PolicyInput<'_>) -> Result<CompiledPolicy, PolicyError> {
             return Err(PolicyError::OtherVpc {
                 kind: ENDPOINT,
                 id: e.id.clone(),
-                vpc: e.vpc.clone(),
                 field: "subnet".into(),
                 target: SUBNET,
                 target_id: e.subnet.clone(),
@@ -625,7 +654,6 @@ pub fn compile(input: &PolicyInput<'_>) -> Result<CompiledPolicy, PolicyError> {
                 return Err(PolicyError::OtherVpc {
                     kind: ENDPOINT,
                     id: e.id.clone(),
-                    vpc: e.vpc.clone(),
                     field: field(),
                     target: GROUP,
                     target_id: name.clone(),
@@ -685,7 +713,7 @@ pub fn compile(input: &PolicyInput<'_>) -> Result<CompiledPolicy, PolicyError> {
         }
         let (addr, classes) =
             stage(&mut sg_classes, &mut items).map_err(|count| PolicyError::TooManyClasses {
-                kind: "security group set",
+                kind: Kind::SecurityGroupSet,
                 id: key.join("+"),
                 count,
                 max: MAX_CLASSES,

@@ -1,7 +1,7 @@
 //! Security groups and network ACLs, compiled into the datapath's policy maps.
 //!
 //! - [`model`]: groups, ACLs and quotas as users write them (serde, JSON).
-//! - [`compile`]: validation, and the pure function from groups, ACLs and the endpoints of
+//! - [`mod@compile`]: validation, and the pure function from groups, ACLs and the endpoints of
 //!   the cluster to the tables this host's endpoints need.
 //! - [`tables`]: the compiled tables and their kernel map entries, both ways.
 //! - [`ports`]: port ranges as aligned blocks.
@@ -64,8 +64,8 @@ pub mod tables;
 mod classes;
 
 pub use compile::{
-    CompiledPolicy, EndpointPolicy, EndpointRef, PolicyError, PolicyInput, RuleProblem, SgSetKey,
-    SubnetRef, compile,
+    CompiledPolicy, EndpointPolicy, EndpointRef, Kind, PolicyError, PolicyInput, RuleProblem,
+    SgSetKey, SubnetRef, compile,
 };
 pub use model::{AclAction, AclRule, NetworkAcl, PolicyLimits, Protocol, SecurityGroup, SgRule};
 pub use tables::{AclTables, PortMatch, SgTables};

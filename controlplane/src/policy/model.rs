@@ -11,7 +11,7 @@
 //!  "outbound": [{"rule": 100, "protocol": "-1", "cidr": "0.0.0.0/0", "action": "allow"}]}
 //! ```
 //!
-//! Deserializing checks only the syntax; [`super::compile`] validates references, port
+//! Deserializing checks only the syntax; [`super::compile()`] validates references, port
 //! ranges, rule numbers and quotas.
 
 use std::{fmt, str::FromStr};

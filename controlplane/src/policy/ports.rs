@@ -188,23 +188,23 @@ mod tests {
     #[test]
     fn blocks_exact_and_minimal_exhaustive() {
         const N: usize = 128;
-        // best[lo][hi]: fewest aligned blocks covering lo..=hi exactly.
+        // best[lo][hi]: fewest aligned blocks covering lo..=hi exactly (usize::MAX: none).
         let mut best = vec![[usize::MAX; N]; N + 1];
         for lo in (0..N).rev() {
-            for hi in lo..N {
-                let mut b = usize::MAX;
-                let mut bits = 0;
-                while bits <= 7 && lo % (1 << bits) == 0 && lo + (1 << bits) - 1 <= hi {
-                    let end = lo + (1 << bits);
+            let mut row = [usize::MAX; N];
+            for (hi, slot) in row.iter_mut().enumerate().skip(lo) {
+                let mut size = 1;
+                while size <= N && lo % size == 0 && lo + size - 1 <= hi {
+                    let end = lo + size;
                     let rest = if end > hi { 0 } else { best[end][hi] };
-                    b = b.min(1 + rest);
-                    bits += 1;
+                    *slot = (*slot).min(rest.saturating_add(1));
+                    size *= 2;
                 }
-                best[lo][hi] = b;
             }
+            best[lo] = row;
         }
-        for lo in 0..N {
-            for hi in lo..N {
+        for (lo, row) in best.iter().enumerate().take(N) {
+            for (hi, &fewest) in row.iter().enumerate().skip(lo) {
                 let bl = blocks(lo as u16, hi as u16);
                 let mut next = lo;
                 for &(start, bits) in &bl {
@@ -213,7 +213,7 @@ mod tests {
                     next += 1 << bits;
                 }
                 assert_eq!(next, hi + 1, "{lo}..={hi}: {bl:?}");
-                assert_eq!(bl.len(), best[lo][hi], "{lo}..={hi}: {bl:?}");
+                assert_eq!(bl.len(), fewest, "{lo}..={hi}: {bl:?}");
             }
         }
     }

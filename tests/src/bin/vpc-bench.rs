@@ -18,6 +18,17 @@
 //!    (the upper bound). Each configuration is reported with its median and its ratios to the
 //!    kernel overlay and to the plain veth. A configuration that cannot be built or has no
 //!    connectivity is reported as failed; the others still run.
+//!
+//! `security` (flags `--samples`, `--round-trips`, `--rounds`; parts alone: `security-rules`,
+//! `security-apply`, `security-conntrack`, `security-nft`), in
+//! [`vpc_tests::security_bench`]:
+//! 1. ns/packet of a new and of an established flow through the port program with 1, 100,
+//!    10 000 and 100 000 security-group rules on the host, with ratios to the first row;
+//! 2. time to compile and apply 10 000 rules (fresh, one rule changed) and to compile alone;
+//! 3. established-flow ns/packet with 1 000 and 1 000 000 conntrack entries;
+//! 4. the baseline in the same run: the kernel's nftables + conntrack cost per established
+//!    packet, end to end (UDP ping-pong between two namespaces without and with a table),
+//!    compared with the program-level figure of part 1.
 
 use std::{
     io::Read,
@@ -35,6 +46,7 @@ use dataplane_common::{
 use vpc_tests::{
     netns::{BpffsDir, NetNs, ping, veth_pair},
     procs::Agent,
+    security_bench,
     testrun::LoadedDatapath,
     topology::{DEFAULT_UNDERLAY_MTU, Mode, PlainVeth, Topology, two_vpcs_same_cidr},
 };
@@ -49,6 +61,12 @@ fn main() -> Result<()> {
     let seconds: u32 = flag(&args, "--seconds").unwrap_or(5);
     let rounds: usize = flag(&args, "--rounds").unwrap_or(5).max(1);
     let xdp_mode: String = flag(&args, "--xdp-mode").unwrap_or_else(|| "off".to_owned());
+    let defaults = security_bench::Options::default();
+    let security = security_bench::Options {
+        samples: flag(&args, "--samples").unwrap_or(defaults.samples),
+        round_trips: flag(&args, "--round-trips").unwrap_or(defaults.round_trips),
+        rounds,
+    };
     match name {
         "datapath" => {
             per_packet(repeat)?;
@@ -62,8 +80,15 @@ fn main() -> Result<()> {
             overlay_throughput(seconds, rounds, &xdp_mode)
         }
         "overlay-per-packet" => overlay_per_packet(repeat),
+        "security" => security_bench::run(&security),
+        "security-rules" => security_bench::per_packet_by_rules(&security).map(drop),
+        "security-apply" => security_bench::apply_time(),
+        "security-conntrack" => security_bench::conntrack_scale(&security),
+        "security-nft" => security_bench::nft_baseline(&security, &Vec::new()),
         other => bail!(
-            "unknown benchmark `{other}` (datapath, per-packet, throughput, overlay, overlay-per-packet)"
+            "unknown benchmark `{other}` (datapath, per-packet, throughput, overlay, \
+             overlay-per-packet, security, security-rules, security-apply, security-conntrack, \
+             security-nft)"
         ),
     }
 }

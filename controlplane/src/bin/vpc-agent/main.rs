@@ -179,10 +179,10 @@ async fn run(args: RunArgs) -> Result<()> {
                 Some(false) => " (generic)",
                 None => "",
             };
-            println!(
+            say(format_args!(
                 "{how}: {} on {}{mode}, link {} program {}",
                 a.program, a.iface, a.link_id, a.program_id
-            );
+            ));
         }
     }
     let mut overlay = match (&args.state, &args.host) {
@@ -195,7 +195,10 @@ async fn run(args: RunArgs) -> Result<()> {
         }
         _ => None,
     };
-    println!("ready: pins under {}", layout.root().display());
+    say(format_args!(
+        "ready: pins under {}",
+        layout.root().display()
+    ));
 
     let maps = PinnedMaps::open(&layout)?;
     let policy_maps = PolicyMaps::open(&layout)?;
@@ -273,6 +276,14 @@ fn log_stats(maps: &PinnedMaps) {
         }
         Err(e) => warn!(error = %e, "reading counters"),
     }
+}
+
+/// Prints a progress line on stdout (what scripts and tests wait for). A closed stdout is
+/// not a reason to stop the datapath's agent: the line is dropped.
+pub(crate) fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
 /// Deletes expired conntrack entries and logs the table's pressure and per-VPC counts.

@@ -133,10 +133,10 @@ impl Reconciler {
                 AttachOutcome::Attached => "attached",
                 AttachOutcome::Replaced => "took over pinned link",
             };
-            println!(
+            crate::say(format_args!(
                 "{how}: {} on {}, link {} program {}",
                 a.program, a.iface, a.link_id, a.program_id
-            );
+            ));
             self.ports.insert(name.clone(), *index);
             changes += 1;
         }
@@ -153,10 +153,10 @@ impl Reconciler {
         }
 
         if changes > 0 || self.first {
-            println!(
+            crate::say(format_args!(
                 "overlay: reconciled {changes} changes ({} local ports, {} neighbors, {} security-group policies, {} ACLs)",
                 report.ports, report.neighbors, report.installed.0, report.installed.1,
-            );
+            ));
         }
         self.first = false;
         self.seen = stamp;
