@@ -191,7 +191,8 @@ pub fn flow(vni: u32, ip: &IpPacket) -> Flow {
         }
         _ => (0, 0),
     };
-    let from_lo = (ip.src, sport) <= (ip.dst, dport);
+    // As integers: a byte-array comparison becomes a `memcmp` loop in BPF.
+    let from_lo = (u128::from_be_bytes(ip.src), sport) <= (u128::from_be_bytes(ip.dst), dport);
     let (lo_addr, lo_port, hi_addr, hi_port) = if from_lo {
         (ip.src, sport, ip.dst, dport)
     } else {

@@ -26,6 +26,7 @@ use dataplane_common::DropReason;
 use serde_json::json;
 use vpc_tests::{
     netns::{NetNs, ping},
+    procs::cli,
     topology::{Mode, Topology, two_vpcs_same_cidr},
 };
 
@@ -321,6 +322,12 @@ fn network_acl_deny_beats_security_group_allow() {
             connect(t.instance(CLIENT), 5001).is_some()
         });
         assert!(endpoint_drops(&t, 1, SERVER, DropReason::AclIngress) >= 1);
+        // The CLI shows the per-port drop and the tracked flows of VPC A (VNI 100).
+        let pins = t.pin_dir(1).unwrap().to_str().unwrap().to_owned();
+        let drops = cli(&["datapath", "drops", "--pin-dir", &pins]).unwrap();
+        assert!(drops.contains("acl_ingress"), "{drops}");
+        let ct = cli(&["datapath", "conntrack", "--flows", "--pin-dir", &pins]).unwrap();
+        assert!(ct.contains("pressure") && ct.lines().any(|l| l.starts_with("100 ")), "{ct}");
         // Everything else the groups allow still works (rule 100).
         assert_eq!(ping(t.instance(CLIENT), "10.0.2.20", 1).unwrap(), 1);
         assert!(udp_round_trip(t.instance(CLIENT)));

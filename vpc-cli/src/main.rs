@@ -1,14 +1,15 @@
 //! `vpc`: the command-line tool of the VPC appliance.
 //!
 //! Today it has the host-local `datapath` commands, which read and write the pinned maps of
-//! the agent on this host (like `cilium-dbg bpf ...`). The API-backed resource commands
+//! the agent on this host (like `cilium-dbg bpf ...`): counters, filter entries, per-port
+//! drops by reason and connection tracking. The API-backed resource commands
 //! (`vpc create-vpc`, `vpc describe-subnets`, ...) come with the control plane.
 
 use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use controlplane::datapath::{PinLayout, PinnedMaps};
+use controlplane::datapath::{PinLayout, PinnedMaps, PolicyMaps};
 use dataplane_common::{
     Action, DropReason, FilterAction, FilterKey, FilterValue, Hook, filter::ipv4_mapped,
 };
@@ -49,6 +50,19 @@ enum DatapathCommand {
     /// Per-destination pass/drop entries.
     #[command(subcommand)]
     Filter(FilterCommand),
+    /// Drops charged to each instance port, by reason (security groups, ACLs, ...).
+    Drops {
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Connection tracking: occupancy, pressure and live flows per VPC (VNI).
+    Conntrack {
+        #[command(flatten)]
+        pins: PinArgs,
+        /// Also list the tracked flows.
+        #[arg(long)]
+        flows: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -100,7 +114,98 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Datapath(DatapathCommand::Stats { pins }) => stats(&pins),
         Command::Datapath(DatapathCommand::Filter(cmd)) => filter(cmd),
+        Command::Datapath(DatapathCommand::Drops { pins }) => endpoint_drops(&pins),
+        Command::Datapath(DatapathCommand::Conntrack { pins, flows }) => conntrack(&pins, flows),
     }
+}
+
+fn open_policy(pins: &PinArgs) -> Result<PolicyMaps> {
+    PolicyMaps::open(&PinLayout::new(&pins.pin_dir)).with_context(|| {
+        format!(
+            "no datapath pinned under {} (is vpc-agent running, and are you root?)",
+            pins.pin_dir.display()
+        )
+    })
+}
+
+/// The name of the interface with `ifindex` in this namespace, or the number.
+fn ifname(ifindex: u32) -> String {
+    nix::net::if_::if_indextoname(ifindex)
+        .ok()
+        .and_then(|n| n.into_string().ok())
+        .unwrap_or_else(|| format!("ifindex {ifindex}"))
+}
+
+fn endpoint_drops(pins: &PinArgs) -> Result<()> {
+    let drops = open_policy(pins)?.endpoint_drops()?;
+    println!(
+        "{:<16} {:<24} {:>14} {:>16}",
+        "PORT", "REASON", "PACKETS", "BYTES"
+    );
+    for ((ifindex, reason), c) in drops {
+        let name = DropReason::from_u32(reason).map_or("unknown", DropReason::name);
+        println!(
+            "{:<16} {:<24} {:>14} {:>16}",
+            ifname(ifindex),
+            name,
+            c.packets,
+            c.bytes
+        );
+    }
+    Ok(())
+}
+
+fn conntrack(pins: &PinArgs, flows: bool) -> Result<()> {
+    use dataplane_common::{conntrack::CtState, overlay::v4};
+    let maps = open_policy(pins)?;
+    let now = controlplane::datapath::policy_maps::now_ns();
+    let s = maps.ct_sweep(now, false)?;
+    println!(
+        "entries {} (expired {}) of {}: pressure {:.4}",
+        s.entries,
+        s.expired,
+        s.capacity,
+        s.pressure()
+    );
+    println!("{:<10} {:>12}", "VNI", "LIVE FLOWS");
+    for (vni, n) in &s.per_vni {
+        println!("{vni:<10} {n:>12}");
+    }
+    if flows {
+        let cfg = maps.ct_config()?.or_default();
+        println!();
+        println!(
+            "{:<8} {:<5} {:<22} {:<22} {:<12} {:>8}",
+            "VNI", "PROTO", "OPENER", "PEER", "STATE", "IDLE s"
+        );
+        for (k, e) in maps.conntrack()? {
+            let lo = format!("{}:{}", std::net::Ipv4Addr::from(v4(&k.lo_addr)), k.lo_port);
+            let hi = format!("{}:{}", std::net::Ipv4Addr::from(v4(&k.hi_addr)), k.hi_port);
+            let (opener, peer) = if e.flags & dataplane_common::conntrack::CT_OPENED_BY_LO != 0 {
+                (lo, hi)
+            } else {
+                (hi, lo)
+            };
+            let state = match CtState::from_u32(e.state) {
+                Some(CtState::SynSent) => "syn_sent",
+                Some(CtState::Established) => "established",
+                Some(CtState::Closing) => "closing",
+                Some(CtState::Open) => "open",
+                None => "unknown",
+            };
+            let idle = now.saturating_sub(e.last_seen_ns) / 1_000_000_000;
+            let expired = if cfg.expired(&k, &e, now) {
+                " (expired)"
+            } else {
+                ""
+            };
+            println!(
+                "{:<8} {:<5} {:<22} {:<22} {:<12} {:>8}{expired}",
+                k.vni, k.proto, opener, peer, state, idle
+            );
+        }
+    }
+    Ok(())
 }
 
 fn open(pins: &PinArgs) -> Result<PinnedMaps> {
