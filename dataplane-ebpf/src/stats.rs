@@ -57,7 +57,7 @@ pub fn count_endpoint_drop(ifindex: u32, reason: DropReason, bytes: usize) {
         ifindex,
         reason: reason as u32,
     };
-    match ENDPOINT_DROPS.get_ptr_mut(&key) {
+    match ENDPOINT_DROPS.get_ptr_mut(key) {
         // SAFETY: this CPU's slot of a per-CPU value, as in `bump`.
         Some(counter) => unsafe {
             (*counter).packets += 1;
@@ -70,7 +70,7 @@ pub fn count_endpoint_drop(ifindex: u32, reason: DropReason, bytes: usize) {
             };
             // Another CPU may insert first (its count wins for this packet); an LRU map
             // evicts rather than fails when full.
-            let _ = ENDPOINT_DROPS.insert(&key, &first, 0);
+            let _ = ENDPOINT_DROPS.insert(key, first, 0);
         }
     }
 }

@@ -87,28 +87,28 @@ impl PolicyTables for KernelTables {
     #[inline(always)]
     fn sg_class(&self, key: &PolicyAddrKey) -> Option<u32> {
         SG_ADDR
-            .get(&Key::new(PolicyAddrKey::FULL_LEN, *key))
+            .get(Key::new(PolicyAddrKey::FULL_LEN, *key))
             .copied()
     }
 
     #[inline(always)]
     fn sg_port(&self, key: &PolicyPortKey) -> bool {
         SG_PORT
-            .get(&Key::new(PolicyPortKey::FULL_LEN, *key))
+            .get(Key::new(PolicyPortKey::FULL_LEN, *key))
             .is_some()
     }
 
     #[inline(always)]
     fn acl_class(&self, key: &PolicyAddrKey) -> Option<u32> {
         ACL_ADDR
-            .get(&Key::new(PolicyAddrKey::FULL_LEN, *key))
+            .get(Key::new(PolicyAddrKey::FULL_LEN, *key))
             .copied()
     }
 
     #[inline(always)]
     fn acl_port(&self, key: &PolicyPortKey) -> Option<AclVerdict> {
         ACL_PORT
-            .get(&Key::new(PolicyPortKey::FULL_LEN, *key))
+            .get(Key::new(PolicyPortKey::FULL_LEN, *key))
             .copied()
     }
 

@@ -327,7 +327,10 @@ fn network_acl_deny_beats_security_group_allow() {
         let drops = cli(&["datapath", "drops", "--pin-dir", &pins]).unwrap();
         assert!(drops.contains("acl_ingress"), "{drops}");
         let ct = cli(&["datapath", "conntrack", "--flows", "--pin-dir", &pins]).unwrap();
-        assert!(ct.contains("pressure") && ct.lines().any(|l| l.starts_with("100 ")), "{ct}");
+        assert!(
+            ct.contains("pressure") && ct.lines().any(|l| l.starts_with("100 ")),
+            "{ct}"
+        );
         // Everything else the groups allow still works (rule 100).
         assert_eq!(ping(t.instance(CLIENT), "10.0.2.20", 1).unwrap(), 1);
         assert!(udp_round_trip(t.instance(CLIENT)));

@@ -34,10 +34,10 @@ pub struct StateFile {
     #[serde(default)]
     pub endpoints: Vec<EndpointDoc>,
     /// Security groups.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub security_groups: Vec<SecurityGroup>,
     /// Network ACLs.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network_acls: Vec<NetworkAcl>,
     /// Quotas (AWS's defaults when absent).
     #[serde(default)]
@@ -131,7 +131,7 @@ pub struct SubnetDoc {
     pub cidr: Ipv4Network,
     /// Network ACL id; absent: the VPC's default ACL (allow all unless one is marked
     /// `default`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_acl: Option<String>,
 }
 
@@ -163,7 +163,7 @@ pub struct EndpointDoc {
     #[serde(default)]
     pub ifname: Option<String>,
     /// Security group ids; none: the VPC's default group.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub security_groups: Vec<String>,
 }
 
