@@ -32,8 +32,7 @@ pub fn run(ctx: &TcContext) -> i32 {
             rc
         }
         Err((reason, charged)) => {
-            stats::count_drop(Hook::Port, reason, len);
-            stats::count_endpoint_drop(charged, reason, len);
+            stats::count_port_drop(Hook::Port, charged, reason, len);
             TC_ACT_SHOT
         }
     }
@@ -90,8 +89,7 @@ fn forward(ctx: &TcContext, pkt: &TcPacket, port: u32) -> Result<(Action, i32), 
         }
         Forward::FragNeeded => {
             // The packet itself is dropped (and counted so); the instance learns the MTU.
-            stats::count_drop(Hook::Port, DropReason::MtuExceeded, pkt.len());
-            stats::count_endpoint_drop(port, DropReason::MtuExceeded, pkt.len());
+            stats::count_port_drop(Hook::Port, port, DropReason::MtuExceeded, pkt.len());
             frag_needed_reply(pkt, ep, action.mtu).map_err(here)?;
             Ok((Action::Reply, forward::to_port(port).map_err(here)?))
         }

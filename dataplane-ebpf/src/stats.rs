@@ -50,7 +50,14 @@ pub fn count_and_log_drop<C: EbpfContext>(ctx: &C, hook: Hook, reason: DropReaso
     );
 }
 
-/// Counts a drop charged to the instance port `ifindex` (besides the per-hook counters).
+/// Counts a drop under `hook` and charges it to the instance port `ifindex`.
+#[inline(always)]
+pub fn count_port_drop(hook: Hook, ifindex: u32, reason: DropReason, bytes: usize) {
+    count_drop(hook, reason, bytes);
+    count_endpoint_drop(ifindex, reason, bytes);
+}
+
+/// Charges a drop to the instance port `ifindex` (the per-hook counters are separate).
 #[inline(always)]
 pub fn count_endpoint_drop(ifindex: u32, reason: DropReason, bytes: usize) {
     let key = EndpointDropKey {

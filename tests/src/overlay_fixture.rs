@@ -12,10 +12,11 @@ use std::net::Ipv4Addr;
 
 use controlplane::{
     host::{HostDesired, HostReconciler, Report},
+    overlay::statefile::PolicyRefs,
     overlay::{EndpointSpec, HostSpec, OverlayState, SubnetSpec, VpcSpec, compile, diff},
     policy::{
         NetworkAcl, PolicyLimits, SecurityGroup,
-        compile::{EndpointRef, PolicyInput, SubnetRef},
+        compile::{EndpointRef, SubnetRef},
     },
 };
 use dataplane_common::{conntrack::CtConfig, overlay::OverlayConfig};
@@ -78,6 +79,55 @@ pub struct PolicySpec {
     pub conntrack: CtConfig,
 }
 
+/// The value paired with `id`.
+fn lookup<V: Clone>(pairs: &[(String, V)], id: &str) -> Option<V> {
+    pairs.iter().find(|(k, _)| k == id).map(|(_, v)| v.clone())
+}
+
+impl PolicySpec {
+    /// The compiler's view of `state` under this spec: memberships and subnet ACLs applied,
+    /// endpoints of host `h0` local (what [`Fixture::apply_policy`] compiles).
+    ///
+    /// # Panics
+    ///
+    /// If an endpoint names a subnet `state` does not have.
+    pub fn refs(&self, state: &OverlayState) -> PolicyRefs {
+        let vpc_of = |subnet: &str| {
+            state
+                .subnets
+                .iter()
+                .find(|s| s.id == subnet)
+                .map(|s| s.vpc.clone())
+                .expect("endpoint subnet exists")
+        };
+        PolicyRefs {
+            vpcs: state.vpcs.iter().map(|v| v.id.clone()).collect(),
+            subnets: state
+                .subnets
+                .iter()
+                .map(|s| SubnetRef {
+                    id: s.id.clone(),
+                    vpc: s.vpc.clone(),
+                    cidr: s.cidr,
+                    network_acl: lookup(&self.subnet_acls, &s.id),
+                })
+                .collect(),
+            endpoints: state
+                .endpoints
+                .iter()
+                .map(|e| EndpointRef {
+                    id: e.id.clone(),
+                    vpc: vpc_of(&e.subnet),
+                    subnet: e.subnet.clone(),
+                    ip: e.ip,
+                    security_groups: lookup(&self.memberships, &e.id).unwrap_or_default(),
+                    local: e.host == "h0",
+                })
+                .collect(),
+        }
+    }
+}
+
 impl Fixture {
     /// Programs `policy` (and the overlay again) the way the agent does; returns the report.
     ///
@@ -85,58 +135,14 @@ impl Fixture {
     ///
     /// If the policy is invalid or programming fails.
     pub fn apply_policy(&mut self, policy: &PolicySpec) -> Report {
-        let vpc_of = |subnet: &str| {
-            self.state
-                .subnets
-                .iter()
-                .find(|s| s.id == subnet)
-                .map(|s| s.vpc.clone())
-                .unwrap()
-        };
-        let vpcs: Vec<String> = self.state.vpcs.iter().map(|v| v.id.clone()).collect();
-        let subnets: Vec<SubnetRef> = self
-            .state
-            .subnets
-            .iter()
-            .map(|s| SubnetRef {
-                id: s.id.clone(),
-                vpc: s.vpc.clone(),
-                cidr: s.cidr,
-                network_acl: policy
-                    .subnet_acls
-                    .iter()
-                    .find(|(id, _)| *id == s.id)
-                    .map(|(_, a)| a.clone()),
-            })
-            .collect();
-        let endpoints: Vec<EndpointRef> = self
-            .state
-            .endpoints
-            .iter()
-            .map(|e| EndpointRef {
-                id: e.id.clone(),
-                vpc: vpc_of(&e.subnet),
-                subnet: e.subnet.clone(),
-                ip: e.ip,
-                security_groups: policy
-                    .memberships
-                    .iter()
-                    .find(|(id, _)| *id == e.id)
-                    .map(|(_, g)| g.clone())
-                    .unwrap_or_default(),
-                local: e.host == "h0",
-            })
-            .collect();
+        let refs = policy.refs(&self.state);
         let desired = HostDesired {
             overlay: &self.state,
-            policy: PolicyInput {
-                vpcs: &vpcs,
-                subnets: &subnets,
-                endpoints: &endpoints,
-                security_groups: &policy.security_groups,
-                network_acls: &policy.network_acls,
-                limits: &policy.limits,
-            },
+            policy: refs.input(
+                &policy.security_groups,
+                &policy.network_acls,
+                &policy.limits,
+            ),
             conntrack: policy.conntrack,
         };
         self.host

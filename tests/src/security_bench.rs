@@ -41,10 +41,7 @@ use anyhow::{Context, Result, ensure};
 use controlplane::{
     datapath::policy_maps::now_ns,
     host::Report,
-    policy::{
-        PolicyLimits, Protocol, SecurityGroup, SgRule,
-        compile::{EndpointRef, PolicyInput, SubnetRef, compile},
-    },
+    policy::{PolicyLimits, Protocol, SecurityGroup, SgRule, compile::compile},
 };
 use dataplane_common::{
     Hook,
@@ -355,68 +352,6 @@ fn rule_count(p: &PolicySpec) -> usize {
         .iter()
         .map(|g| g.inbound.len() + g.outbound.len())
         .sum()
-}
-
-/// The compiler's input for `policy` on the fixture's overlay, as `Fixture::apply_policy`
-/// builds it.
-struct Input {
-    vpcs: Vec<String>,
-    subnets: Vec<SubnetRef>,
-    endpoints: Vec<EndpointRef>,
-}
-
-impl Input {
-    fn new(f: &Fixture, policy: &PolicySpec) -> Self {
-        let s = &f.state;
-        let vpc_of = |subnet: &str| {
-            s.subnets
-                .iter()
-                .find(|x| x.id == subnet)
-                .map(|x| x.vpc.clone())
-                .unwrap_or_default()
-        };
-        Input {
-            vpcs: s.vpcs.iter().map(|v| v.id.clone()).collect(),
-            subnets: s
-                .subnets
-                .iter()
-                .map(|x| SubnetRef {
-                    id: x.id.clone(),
-                    vpc: x.vpc.clone(),
-                    cidr: x.cidr,
-                    network_acl: None,
-                })
-                .collect(),
-            endpoints: s
-                .endpoints
-                .iter()
-                .map(|e| EndpointRef {
-                    id: e.id.clone(),
-                    vpc: vpc_of(&e.subnet),
-                    subnet: e.subnet.clone(),
-                    ip: e.ip,
-                    security_groups: policy
-                        .memberships
-                        .iter()
-                        .find(|(id, _)| *id == e.id)
-                        .map(|(_, g)| g.clone())
-                        .unwrap_or_default(),
-                    local: e.host == "h0",
-                })
-                .collect(),
-        }
-    }
-
-    fn policy_input<'a>(&'a self, policy: &'a PolicySpec) -> PolicyInput<'a> {
-        PolicyInput {
-            vpcs: &self.vpcs,
-            subnets: &self.subnets,
-            endpoints: &self.endpoints,
-            security_groups: &policy.security_groups,
-            network_acls: &policy.network_acls,
-            limits: &policy.limits,
-        }
-    }
 }
 
 /// (policies, `SG_ADDR` entries, `SG_PORT` entries) of all installed policies, and (`SG_ADDR`,
@@ -766,12 +701,12 @@ pub fn apply_time() -> Result<()> {
     let counts = RuleCounts::split(10_000);
     let spec = policy(counts, 0x5eed + 2);
     let rules = rule_count(&spec);
-    let input = Input::new(&f, &spec);
+    let refs = spec.refs(&f.state);
     let mut compile_times = Vec::new();
     let mut sets = (0, 0, 0);
     for _ in 0..5 {
         let start = Instant::now();
-        let c = compile(&input.policy_input(&spec))?;
+        let c = compile(&refs.input(&spec.security_groups, &spec.network_acls, &spec.limits))?;
         compile_times.push(start.elapsed());
         sets = (
             c.sg_sets.len(),

@@ -214,16 +214,24 @@ fn endpoint_drops(t: &Topology, host: usize, endpoint: &str, reason: DropReason)
         .map_or(0, |c| c.packets)
 }
 
-#[test]
-fn allowed_flows_work_denied_ones_fail_and_replies_need_no_rule() {
+/// Builds the topology, starts the echo servers in the server's namespace and runs `body`;
+/// the servers stop when it returns or fails.
+fn with_servers(body: impl FnOnce(&Topology)) {
     let t = build();
     let stop = AtomicBool::new(false);
     thread::scope(|s| {
         serve(s, t.instance(SERVER), &stop);
         let _stop = StopOnDrop(&stop);
+        body(&t);
+    });
+}
+
+#[test]
+fn allowed_flows_work_denied_ones_fail_and_replies_need_no_rule() {
+    with_servers(|t| {
         // Before any group is set, every instance is in the VPC's default group.
         assert!(connect(t.instance(CLIENT), 5003).is_some(), "default group");
-        set_state(&t, |v| policy(v, true, &["sg-other"]));
+        set_state(t, |v| policy(v, true, &["sg-other"]));
         eventually("tcp 5003 refused once sg-web applies", false, || {
             connect(t.instance(CLIENT), 5003).is_some()
         });
@@ -240,23 +248,19 @@ fn allowed_flows_work_denied_ones_fail_and_replies_need_no_rule() {
 
         // Denied: TCP 5003 (no rule), anything toward the client (no inbound rules), UDP
         // from a non-member.
-        let before = endpoint_drops(&t, 1, SERVER, DropReason::SgIngress);
+        let before = endpoint_drops(t, 1, SERVER, DropReason::SgIngress);
         assert!(connect(t.instance(CLIENT), 5003).is_none());
-        assert!(endpoint_drops(&t, 1, SERVER, DropReason::SgIngress) > before);
+        assert!(endpoint_drops(t, 1, SERVER, DropReason::SgIngress) > before);
         assert_eq!(ping(t.instance(SERVER), "10.0.1.10", 1).unwrap(), 0);
-        assert!(endpoint_drops(&t, 0, CLIENT, DropReason::SgIngress) >= 1);
+        assert!(endpoint_drops(t, 0, CLIENT, DropReason::SgIngress) >= 1);
         assert!(!udp_round_trip(t.instance(JOINER)), "udp from a non-member");
     });
 }
 
 #[test]
 fn rule_removal_keeps_open_connections_and_group_membership_is_followed() {
-    let t = build();
-    let stop = AtomicBool::new(false);
-    thread::scope(|s| {
-        serve(s, t.instance(SERVER), &stop);
-        let _stop = StopOnDrop(&stop);
-        set_state(&t, |v| policy(v, true, &["sg-other"]));
+    with_servers(|t| {
+        set_state(t, |v| policy(v, true, &["sg-other"]));
         eventually("tcp 5003 refused", false, || {
             connect(t.instance(CLIENT), 5003).is_some()
         });
@@ -264,7 +268,7 @@ fn rule_removal_keeps_open_connections_and_group_membership_is_followed() {
         assert!(echoes(&mut conn));
 
         // The TCP rule goes: the open connection lives on, a new one is refused.
-        set_state(&t, |v| policy(v, false, &["sg-other"]));
+        set_state(t, |v| policy(v, false, &["sg-other"]));
         eventually(
             "new tcp 5001 refused after the rule is removed",
             false,
@@ -276,12 +280,12 @@ fn rule_removal_keeps_open_connections_and_group_membership_is_followed() {
 
         // The joiner enters sg-app: the rule referencing sg-app admits it ...
         assert!(!udp_round_trip(t.instance(JOINER)));
-        set_state(&t, |v| policy(v, false, &["sg-other", "sg-app"]));
+        set_state(t, |v| policy(v, false, &["sg-other", "sg-app"]));
         eventually("udp admitted after joining sg-app", true, || {
             udp_round_trip(t.instance(JOINER))
         });
         // ... and rejects it once it leaves.
-        set_state(&t, |v| policy(v, false, &["sg-other"]));
+        set_state(t, |v| policy(v, false, &["sg-other"]));
         eventually("udp rejected after leaving sg-app", false, || {
             udp_round_trip(t.instance(JOINER))
         });
@@ -290,18 +294,14 @@ fn rule_removal_keeps_open_connections_and_group_membership_is_followed() {
 
 #[test]
 fn network_acl_deny_beats_security_group_allow() {
-    let t = build();
-    let stop = AtomicBool::new(false);
-    thread::scope(|s| {
-        serve(s, t.instance(SERVER), &stop);
-        let _stop = StopOnDrop(&stop);
-        set_state(&t, |v| policy(v, true, &["sg-other"]));
+    with_servers(|t| {
+        set_state(t, |v| policy(v, true, &["sg-other"]));
         eventually("tcp 5001 allowed", true, || {
             connect(t.instance(CLIENT), 5001).is_some()
         });
         // The server's subnet gets an ACL: rule 50 denies TCP 5001 from the client, rule 100
         // allows everything, both ways.
-        set_state(&t, |v| {
+        set_state(t, |v| {
             policy(v, true, &["sg-other"]);
             v["network_acls"] = json!([{
                 "id": "acl-a2", "vpc": "vpc-a",
@@ -321,7 +321,7 @@ fn network_acl_deny_beats_security_group_allow() {
         eventually("tcp 5001 denied by the ACL", false, || {
             connect(t.instance(CLIENT), 5001).is_some()
         });
-        assert!(endpoint_drops(&t, 1, SERVER, DropReason::AclIngress) >= 1);
+        assert!(endpoint_drops(t, 1, SERVER, DropReason::AclIngress) >= 1);
         // The CLI shows the per-port drop and the tracked flows of VPC A (VNI 100).
         let pins = t.pin_dir(1).unwrap().to_str().unwrap().to_owned();
         let drops = cli(&["datapath", "drops", "--pin-dir", &pins]).unwrap();

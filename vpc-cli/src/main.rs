@@ -9,7 +9,7 @@ use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use controlplane::datapath::{PinLayout, PinnedMaps, PolicyMaps};
+use controlplane::datapath::{PinLayout, PinnedMaps, PolicyMaps, policy_maps::summarize};
 use dataplane_common::{
     Action, DropReason, FilterAction, FilterKey, FilterValue, Hook, filter::ipv4_mapped,
 };
@@ -159,7 +159,9 @@ fn conntrack(pins: &PinArgs, flows: bool) -> Result<()> {
     use dataplane_common::{conntrack::CtState, overlay::v4};
     let maps = open_policy(pins)?;
     let now = controlplane::datapath::policy_maps::now_ns();
-    let s = maps.ct_sweep(now, false)?;
+    let cfg = maps.ct_config()?.or_default();
+    let entries = maps.conntrack()?;
+    let (s, _) = summarize(&entries, &cfg, now, maps.conntrack_capacity()?);
     println!(
         "entries {} (expired {}) of {}: pressure {:.4}",
         s.entries,
@@ -172,13 +174,12 @@ fn conntrack(pins: &PinArgs, flows: bool) -> Result<()> {
         println!("{vni:<10} {n:>12}");
     }
     if flows {
-        let cfg = maps.ct_config()?.or_default();
         println!();
         println!(
             "{:<8} {:<5} {:<22} {:<22} {:<12} {:>8}",
             "VNI", "PROTO", "OPENER", "PEER", "STATE", "IDLE s"
         );
-        for (k, e) in maps.conntrack()? {
+        for (k, e) in entries {
             let lo = format!("{}:{}", std::net::Ipv4Addr::from(v4(&k.lo_addr)), k.lo_port);
             let hi = format!("{}:{}", std::net::Ipv4Addr::from(v4(&k.hi_addr)), k.hi_port);
             let (opener, peer) = if e.flags & dataplane_common::conntrack::CT_OPENED_BY_LO != 0 {

@@ -12,6 +12,7 @@
 pub mod bpffs;
 mod error;
 pub mod loader;
+mod map_io;
 pub mod object;
 pub mod overlay_maps;
 pub mod pinned;

@@ -6,13 +6,16 @@
 
 use std::net::Ipv4Addr;
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
 use dataplane_common::{
     maps,
     overlay::{Endpoint, Neighbor, NeighborKey, OverlayConfig, Route, RouteKind, RoutePrefix},
 };
 
-use super::{DatapathError, PinLayout};
+use super::{
+    DatapathError, PinLayout,
+    map_io::{map_err, open, removed},
+};
 use crate::overlay::{
     MapOp,
     compile::{EndpointEntry, HostMaps, NeighborEntry},
@@ -31,31 +34,6 @@ pub struct OverlayMaps {
 impl std::fmt::Debug for OverlayMaps {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OverlayMaps").finish_non_exhaustive()
-    }
-}
-
-fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
-    move |source| DatapathError::Map { map, source }
-}
-
-fn open(layout: &PinLayout, name: &'static str) -> Result<MapData, DatapathError> {
-    MapData::from_pin(layout.map(name)).map_err(map_err(name))
-}
-
-/// Whether a delete failed only because the key was already gone.
-fn is_missing(e: &MapError) -> bool {
-    match e {
-        MapError::KeyNotFound => true,
-        MapError::SyscallError(e) => e.io_error.kind() == std::io::ErrorKind::NotFound,
-        _ => false,
-    }
-}
-
-/// Deletes, treating an absent key as done (the goal state holds).
-fn remove(r: Result<(), MapError>, name: &'static str) -> Result<(), DatapathError> {
-    match r {
-        Err(e) if !is_missing(&e) => Err(map_err(name)(e)),
-        _ => Ok(()),
     }
 }
 
@@ -138,18 +116,18 @@ impl OverlayMaps {
     fn apply_one(&mut self, op: &MapOp) -> Result<(), DatapathError> {
         match op {
             MapOp::AddVni(vni) => self.vnis.insert(vni, 1, 0).map_err(map_err(maps::VNIS)),
-            MapOp::DelVni(vni) => remove(self.vnis.remove(vni), maps::VNIS),
+            MapOp::DelVni(vni) => removed(self.vnis.remove(vni), maps::VNIS),
             MapOp::AddVtep(ip) => self
                 .vteps
                 .insert(ip.octets(), 1, 0)
                 .map_err(map_err(maps::VTEPS)),
-            MapOp::DelVtep(ip) => remove(self.vteps.remove(&ip.octets()), maps::VTEPS),
+            MapOp::DelVtep(ip) => removed(self.vteps.remove(&ip.octets()), maps::VTEPS),
             MapOp::PutRoute(len, prefix, kind) => self
                 .routes
                 .insert(&Key::new(*len, *prefix), Route { kind: *kind as u32 }, 0)
                 .map_err(map_err(maps::ROUTES)),
             MapOp::DelRoute(len, prefix) => {
-                remove(self.routes.remove(&Key::new(*len, *prefix)), maps::ROUTES)
+                removed(self.routes.remove(&Key::new(*len, *prefix)), maps::ROUTES)
             }
             MapOp::PutNeighbor(vni, addr, entry) => self
                 .neighbors
@@ -162,7 +140,7 @@ impl OverlayMaps {
                     0,
                 )
                 .map_err(map_err(maps::NEIGHBORS)),
-            MapOp::DelNeighbor(vni, addr) => remove(
+            MapOp::DelNeighbor(vni, addr) => removed(
                 self.neighbors.remove(&NeighborKey {
                     vni: *vni,
                     addr: *addr,
@@ -173,7 +151,7 @@ impl OverlayMaps {
                 .endpoints
                 .insert(ifindex, entry.value(), 0)
                 .map_err(map_err(maps::ENDPOINTS)),
-            MapOp::DelEndpoint(ifindex) => remove(self.endpoints.remove(ifindex), maps::ENDPOINTS),
+            MapOp::DelEndpoint(ifindex) => removed(self.endpoints.remove(ifindex), maps::ENDPOINTS),
         }
     }
 }

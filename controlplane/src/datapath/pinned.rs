@@ -9,7 +9,10 @@ use dataplane_common::{
     stats::{ACTION_SLOTS, action_slot_index, drop_slot_index},
 };
 
-use super::{DatapathError, PinLayout};
+use super::{
+    DatapathError, PinLayout,
+    map_io::{is_missing, map_err, open},
+};
 
 /// Handles on the pinned maps of one datapath.
 pub struct PinnedMaps {
@@ -24,14 +27,9 @@ impl std::fmt::Debug for PinnedMaps {
     }
 }
 
-fn open(layout: &PinLayout, name: &'static str) -> Result<MapData, DatapathError> {
-    MapData::from_pin(layout.map(name)).map_err(|source| DatapathError::Map { map: name, source })
-}
-
 impl PinnedMaps {
     /// Opens the maps pinned under `layout` (a datapath must have been loaded there).
     pub fn open(layout: &PinLayout) -> Result<Self, DatapathError> {
-        let map_err = |map| move |source| DatapathError::Map { map, source };
         Ok(PinnedMaps {
             action_stats: PerCpuArray::try_from(Map::PerCpuArray(open(
                 layout,
@@ -91,17 +89,8 @@ impl PinnedMaps {
     pub fn remove_filter(&mut self, key: &FilterKey) -> Result<bool, DatapathError> {
         match self.filter.remove(key) {
             Ok(()) => Ok(true),
-            // aya reports a missing key as the raw ENOENT of BPF_MAP_DELETE_ELEM.
-            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.kind() == std::io::ErrorKind::NotFound =>
-            {
-                Ok(false)
-            }
-            Err(source) => Err(DatapathError::Map {
-                map: maps::FILTER,
-                source,
-            }),
+            Err(e) if is_missing(&e) => Ok(false),
+            Err(e) => Err(map_err(maps::FILTER)(e)),
         }
     }
 

@@ -18,7 +18,11 @@ use dataplane_common::{
     stats::EndpointDropKey,
 };
 
-use super::{DatapathError, PinLayout, sys};
+use super::{
+    DatapathError, PinLayout,
+    map_io::{map_err, open, removed},
+    sys,
+};
 
 /// An address-stage entry: (LPM prefix length, key, class id).
 pub type AddrEntry = (u32, PolicyAddrKey, u32);
@@ -86,10 +90,6 @@ impl std::fmt::Debug for PolicyMaps {
     }
 }
 
-fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
-    move |source| DatapathError::Map { map, source }
-}
-
 fn io_err(map: &'static str) -> impl Fn(std::io::Error) -> DatapathError {
     move |e| DatapathError::Map {
         map,
@@ -98,10 +98,6 @@ fn io_err(map: &'static str) -> impl Fn(std::io::Error) -> DatapathError {
             io_error: e,
         }),
     }
-}
-
-fn open(layout: &PinLayout, name: &'static str) -> Result<MapData, DatapathError> {
-    MapData::from_pin(layout.map(name)).map_err(map_err(name))
 }
 
 fn trie<K: aya::Pod, V: aya::Pod>(
@@ -122,17 +118,6 @@ fn read_trie<K: aya::Pod, V: aya::Pod>(
                 .map_err(map_err(name))
         })
         .collect()
-}
-
-/// Deletes, treating an absent key as done.
-fn remove(r: Result<(), MapError>, name: &'static str) -> Result<(), DatapathError> {
-    match r {
-        Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
-            Ok(())
-        }
-        r => r.map_err(map_err(name)),
-    }
 }
 
 /// The policy or ACL id a port-stage class belongs to.
@@ -214,10 +199,10 @@ impl PolicyMaps {
     /// Removes a security-group policy's entries (addresses first).
     pub fn remove_sg(&mut self, e: &SgEntries) -> Result<(), DatapathError> {
         for (len, key, _) in &e.addr {
-            remove(self.sg_addr.remove(&Key::new(*len, *key)), maps::SG_ADDR)?;
+            removed(self.sg_addr.remove(&Key::new(*len, *key)), maps::SG_ADDR)?;
         }
         for (len, key) in &e.ports {
-            remove(self.sg_port.remove(&Key::new(*len, *key)), maps::SG_PORT)?;
+            removed(self.sg_port.remove(&Key::new(*len, *key)), maps::SG_PORT)?;
         }
         Ok(())
     }
@@ -240,10 +225,10 @@ impl PolicyMaps {
     /// Removes an ACL's entries (addresses first).
     pub fn remove_acl(&mut self, e: &AclEntries) -> Result<(), DatapathError> {
         for (len, key, _) in &e.addr {
-            remove(self.acl_addr.remove(&Key::new(*len, *key)), maps::ACL_ADDR)?;
+            removed(self.acl_addr.remove(&Key::new(*len, *key)), maps::ACL_ADDR)?;
         }
         for (len, key, _) in &e.ports {
-            remove(self.acl_port.remove(&Key::new(*len, *key)), maps::ACL_PORT)?;
+            removed(self.acl_port.remove(&Key::new(*len, *key)), maps::ACL_PORT)?;
         }
         Ok(())
     }

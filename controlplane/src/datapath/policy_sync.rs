@@ -125,7 +125,6 @@ impl PolicySync {
 
     /// Replaces the known installed state with what the maps hold.
     pub fn resync(&mut self, maps: &PolicyMaps) -> Result<(), PolicySyncError> {
-        self.pass += 1;
         let mut sg = Installed::new();
         self.stray_sg.clear();
         for (id, e) in maps.read_sg()? {

@@ -245,15 +245,20 @@ pub struct PolicyRefs {
 }
 
 impl PolicyRefs {
-    /// The compiler input over these refs and `doc`'s groups, ACLs and quotas.
-    pub fn input<'a>(&'a self, doc: &'a StateFile) -> PolicyInput<'a> {
+    /// The compiler input over these refs and the given groups, ACLs and quotas.
+    pub fn input<'a>(
+        &'a self,
+        security_groups: &'a [SecurityGroup],
+        network_acls: &'a [NetworkAcl],
+        limits: &'a PolicyLimits,
+    ) -> PolicyInput<'a> {
         PolicyInput {
             vpcs: &self.vpcs,
             subnets: &self.subnets,
             endpoints: &self.endpoints,
-            security_groups: &doc.security_groups,
-            network_acls: &doc.network_acls,
-            limits: &doc.limits,
+            security_groups,
+            network_acls,
+            limits,
         }
     }
 }

@@ -4,7 +4,7 @@
 //! Every pass compiles the desired state, reads the overlay maps back from the kernel, diffs
 //! and applies only the difference (`controlplane::host`), then makes the set of attached
 //! ports match the local endpoints. Installed rule sets are read back on the first pass and
-//! on every full resync. A pass that fails (bad document, invalid state) changes nothing: the
+//! when the caller asks (every 60 s). A pass that fails (bad document, invalid state) changes nothing: the
 //! datapath keeps forwarding with the last good state.
 
 use std::{
@@ -96,7 +96,7 @@ impl Reconciler {
         };
         let desired = HostDesired {
             overlay: &state,
-            policy: refs.input(&doc),
+            policy: refs.input(&doc.security_groups, &doc.network_acls, &doc.limits),
             conntrack,
         };
         enable_forwarding(&self.underlay)?;
