@@ -78,11 +78,15 @@ pub enum DropReason {
     /// A TCP packet with a flag combination no connection uses (SYN with FIN or RST, FIN
     /// alone, no flags): dropped by connection tracking whatever the rules say.
     CtInvalid = 25,
+    /// A packet to a load balancer's VIP on a port (or protocol) without a listener.
+    LbNoListener = 26,
+    /// A new flow to a listener whose target group has no registered target.
+    LbNoTarget = 27,
 }
 
 impl DropReason {
     /// Every reason, in number order.
-    pub const ALL: [DropReason; 25] = [
+    pub const ALL: [DropReason; 27] = [
         DropReason::Truncated,
         DropReason::MalformedIpv4,
         DropReason::MalformedIpv6,
@@ -108,6 +112,8 @@ impl DropReason {
         DropReason::AclIngress,
         DropReason::AclEgress,
         DropReason::CtInvalid,
+        DropReason::LbNoListener,
+        DropReason::LbNoTarget,
     ];
 
     /// The stable number of this reason.
@@ -148,6 +154,8 @@ impl DropReason {
             DropReason::AclIngress => "acl_ingress",
             DropReason::AclEgress => "acl_egress",
             DropReason::CtInvalid => "ct_invalid",
+            DropReason::LbNoListener => "lb_no_listener",
+            DropReason::LbNoTarget => "lb_no_target",
         }
     }
 }

@@ -8,6 +8,7 @@
 //! - [`overlay`]: keys and values of the VPC overlay maps.
 //! - [`conntrack`], [`policy`]: connection tracking, security groups and network ACLs (map
 //!   layout and the per-packet verdict).
+//! - [`lb`]: network load balancers (map layout, flow hash).
 //! - [`packet`], [`parse`], [`verdict`], [`port`], [`underlay`]: the pure per-packet logic
 //!   (filter verdicts, instance-port forwarding, VXLAN receive), with the header builders
 //!   [`arp`], [`vxlan`], [`icmp`] and [`checksum`]. It is written against the
@@ -27,6 +28,7 @@ pub mod conntrack;
 pub mod drop_reason;
 pub mod filter;
 pub mod icmp;
+pub mod lb;
 pub mod maps;
 pub mod overlay;
 #[cfg(test)]

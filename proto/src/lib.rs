@@ -40,6 +40,8 @@ impl From<dp::DropReason> for v1::DropReason {
             dp::DropReason::AclIngress => v1::DropReason::AclIngress,
             dp::DropReason::AclEgress => v1::DropReason::AclEgress,
             dp::DropReason::CtInvalid => v1::DropReason::CtInvalid,
+            dp::DropReason::LbNoListener => v1::DropReason::LbNoListener,
+            dp::DropReason::LbNoTarget => v1::DropReason::LbNoTarget,
         }
     }
 }
