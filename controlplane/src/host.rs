@@ -4,19 +4,25 @@
 //! ([`crate::policy::compile`]), installs any new rule sets under fresh ids
 //! ([`PolicySync`]), fills the endpoints' policy and ACL ids in, diffs the overlay against
 //! the kernel and applies the difference (which switches endpoints to new ids), then removes
-//! rule sets retired by an earlier pass that no endpoint uses any more. A pass that fails
+//! rule sets retired by an earlier pass that no endpoint uses any more. Load balancers are
+//! synced before the overlay diff (listeners exist before their VIPs are answered). A pass that fails
 //! validation changes nothing.
 
 use std::collections::BTreeSet;
 
-use dataplane_common::conntrack::CtConfig;
+use dataplane_common::{conntrack::CtConfig, filter::ipv4_mapped, overlay::EP_LB_CLIENT};
 
 use crate::{
     datapath::{
-        DatapathError, OverlayMaps, PinLayout, PolicyMaps,
+        DatapathError, LbMaps, LbSync, OverlayMaps, PinLayout, PolicyMaps,
+        lb_maps::{LbReport, LbSyncError},
         policy_sync::{PolicySync, PolicySyncError},
     },
-    overlay::{CompileError, OverlayState, compile, diff},
+    lb::{
+        LbPlan,
+        compile::{TargetStatus, desired as lb_desired},
+    },
+    overlay::{CompileError, NeighborEntry, OverlayState, compile, diff},
     policy::compile::{PolicyError, PolicyInput, compile as compile_policy},
 };
 
@@ -35,6 +41,9 @@ pub enum ReconcileError {
     /// A map operation failed.
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    /// Installing load balancers failed.
+    #[error("load balancers: {0}")]
+    Lb(#[from] LbSyncError),
 }
 
 /// What a pass did.
@@ -54,6 +63,10 @@ pub struct Report {
     pub neighbors: usize,
     /// Security-group policies and ACLs installed.
     pub installed: (usize, usize),
+    /// Load-balancer map changes.
+    pub lb: LbReport,
+    /// Listeners and backends installed.
+    pub lb_installed: (usize, usize),
 }
 
 impl Report {
@@ -63,6 +76,7 @@ impl Report {
             + self.rule_sets_written
             + self.rule_sets_removed
             + usize::from(self.conntrack_config)
+            + self.lb.changes()
     }
 }
 
@@ -75,6 +89,17 @@ pub struct HostDesired<'a> {
     pub policy: PolicyInput<'a>,
     /// Conntrack timeouts.
     pub conntrack: CtConfig,
+    /// Load balancers and their targets' states.
+    pub lb: LbInput<'a>,
+}
+
+/// The load balancers of the desired state: the plan and every target's state.
+#[derive(Clone, Copy, Debug)]
+pub struct LbInput<'a> {
+    /// The plan (cluster-wide).
+    pub plan: &'a LbPlan,
+    /// Target states as this host's health checks see them.
+    pub targets: &'a [TargetStatus],
 }
 
 /// The maps of one host and the ids installed in them.
@@ -84,6 +109,8 @@ pub struct HostReconciler {
     policy: PolicyMaps,
     sync: PolicySync,
     synced: bool,
+    lb: LbMaps,
+    lb_sync: LbSync,
 }
 
 impl HostReconciler {
@@ -94,6 +121,8 @@ impl HostReconciler {
             policy: PolicyMaps::open(layout)?,
             sync: PolicySync::new(),
             synced: false,
+            lb: LbMaps::open(layout)?,
+            lb_sync: LbSync::new(),
         })
     }
 
@@ -105,6 +134,11 @@ impl HostReconciler {
     /// The policy maps (conntrack, counters).
     pub fn policy_maps(&self) -> &PolicyMaps {
         &self.policy
+    }
+
+    /// The load-balancer maps (flows, GC).
+    pub fn lb_maps(&self) -> &LbMaps {
+        &self.lb
     }
 
     /// One pass for host `host` (VPC router MAC `router_mac`). `full`: read the installed
@@ -147,6 +181,23 @@ impl HostReconciler {
                     .unwrap_or(0);
             }
         }
+        // Load balancers: VIPs are neighbors answered by the router, clients' endpoints look
+        // up reverse NAT. Listeners are installed before their VIP appears.
+        let lb = lb_desired(desired.lb.plan, &maps.vnis, desired.lb.targets);
+        for (vni, vip) in &lb.vips {
+            maps.neighbors.insert(
+                (*vni, ipv4_mapped(vip.octets())),
+                NeighborEntry::LoadBalancer { mac: router_mac },
+            );
+        }
+        for e in maps.endpoints.values_mut() {
+            if lb.client_vnis.contains(&e.vni) {
+                e.flags |= EP_LB_CLIENT;
+            }
+        }
+        report.lb = self.lb_sync.sync(&mut self.lb, &lb, full)?;
+        report.lb_installed = self.lb_sync.counts();
+
         let actual = self.overlay.read()?;
         let ops = diff(&actual, &maps);
         self.overlay.apply(&ops)?;

@@ -5,9 +5,10 @@
 //! reads and writes the pinned maps. The `vpc-agent` binary wraps it. [`overlay`] compiles the
 //! desired VPC overlay state into this host's map contents (pure, unit-tested). [`policy`]
 //! compiles security groups and network ACLs into the policy maps' contents (pure,
-//! unit-tested).
+//! unit-tested). [`lb`] plans network load balancers (VIPs, targets, Maglev tables, health).
 
 pub mod datapath;
 pub mod host;
+pub mod lb;
 pub mod overlay;
 pub mod policy;

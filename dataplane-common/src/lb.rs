@@ -25,7 +25,11 @@
 //! indexes them. A service switches tables by pointing at a new range (written beside the old
 //! one), so no packet sees a half-written table.
 
-use crate::parse::IpPacket;
+use crate::{
+    DropReason,
+    conntrack::CtConfig,
+    parse::{IPPROTO_TCP, IPPROTO_UDP, IpPacket},
+};
 
 /// [`LbBackend::state`]: the target takes new flows (it is in the service's table).
 pub const LB_BACKEND_ACTIVE: u16 = 1;
@@ -184,6 +188,143 @@ pub fn flow_hash(src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16, proto: 
     let ports = (u64::from(sport) << 24) | (u64::from(dport) << 8) | u64::from(proto);
     let h = fmix64(addrs ^ fmix64(ports ^ 0x9e37_79b9_7f4a_7c15));
     (h ^ (h >> 32)) as u32
+}
+
+/// The load-balancer maps as the selection logic reads them: the kernel implements it over
+/// the BPF maps, host tests over in-memory tables.
+pub trait LbTables {
+    /// `LB_SERVICES`.
+    fn service(&self, key: &LbServiceKey) -> Option<LbService>;
+    /// `LB_MAGLEV[slot]`.
+    fn slot(&self, slot: u32) -> Option<u32>;
+    /// `LB_BACKENDS`.
+    fn backend(&self, id: u32) -> Option<LbBackend>;
+    /// `LB_FLOWS`.
+    fn flow(&self, key: &LbTuple) -> Option<LbFlow>;
+    /// Writes a flow's `LB_FLOWS` entry and its replies' `LB_REVERSE` entry (a full LRU
+    /// table evicts the stalest).
+    fn record(&self, key: &LbTuple, flow: &LbFlow, reply: &LbTuple, rev: &LbReverse);
+    /// `LB_REVERSE`.
+    fn reverse(&self, key: &LbTuple) -> Option<LbReverse>;
+    /// `CT_CONFIG` (flows idle longer than their conntrack timeout are balanced anew).
+    fn ct_config(&self) -> CtConfig;
+}
+
+/// The outcome of [`select`]: the backend a packet goes to, and whether its flow must be
+/// recorded (new) or refreshed ([`record`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// The backend (its address and port are the packet's new destination).
+    pub backend: LbBackend,
+    /// Its id.
+    pub id: u32,
+    /// Whether [`record`] must run.
+    pub record: bool,
+}
+
+/// The target of packet `ip` of VPC `vni`, sent to a VIP, into `out`: the flow's target if
+/// it has one that still serves (active or draining), else a new one from the Maglev table,
+/// which the caller records for the rest of the flow ([`record`]). `now_ns` is
+/// `bpf_ktime_get_ns`. Never inlined: in the kernel a BPF subprogram (its keys take stack
+/// only while it runs; the 512-byte limit covers the whole call chain, so `record` is its
+/// sibling, not its child), which fills `out` rather than returning a struct.
+#[inline(never)]
+pub fn select<T: LbTables>(
+    ip: &IpPacket,
+    vni: u32,
+    now_ns: u64,
+    t: &T,
+    out: &mut Selection,
+) -> Result<(), DropReason> {
+    if !ip.has_l4 || !matches!(ip.proto, IPPROTO_TCP | IPPROTO_UDP) {
+        return Err(DropReason::LbNoListener);
+    }
+    let svc = t
+        .service(&LbServiceKey {
+            vni,
+            vip: ip.dst,
+            port: ip.dst_port,
+            proto: ip.proto,
+            _pad: 0,
+        })
+        .ok_or(DropReason::LbNoListener)?;
+    if let Some(flow) = t.flow(&LbTuple::of(vni, ip))
+        && flow.service == svc.id
+        && let Some(b) = t.backend(flow.backend)
+        && b.service == svc.id
+        && (b.state == LB_BACKEND_ACTIVE || b.state == LB_BACKEND_DRAINING)
+    {
+        let timeout = t
+            .ct_config()
+            .or_default()
+            .timeout_ns(ip.proto, crate::conntrack::CtState::Established as u32);
+        let idle = now_ns.saturating_sub(flow.last_seen_ns);
+        if idle <= timeout {
+            out.backend = b;
+            out.id = flow.backend;
+            out.record = idle >= LB_FLOW_REFRESH_NS;
+            return Ok(());
+        }
+    }
+    if svc.table_size == 0 {
+        return Err(DropReason::LbNoTarget);
+    }
+    let hash = flow_hash(&ip.src, &ip.dst, ip.src_port, ip.dst_port, ip.proto);
+    let id = t
+        .slot(svc.table_offset + hash % svc.table_size)
+        .ok_or(DropReason::LbNoTarget)?;
+    let b = t.backend(id).ok_or(DropReason::LbNoTarget)?;
+    if b.service != svc.id || b.state != LB_BACKEND_ACTIVE {
+        // The table names a backend of another service or one no longer taking flows: user
+        // space is between two writes; the client retries.
+        return Err(DropReason::LbNoTarget);
+    }
+    out.backend = b;
+    out.id = id;
+    out.record = true;
+    Ok(())
+}
+
+/// Records (or refreshes) the flow of `ip` (VPC `vni`) bound to `sel`'s backend, and its
+/// reply direction. A BPF subprogram, as [`select`].
+#[inline(never)]
+pub fn record<T: LbTables>(t: &T, ip: &IpPacket, vni: u32, sel: &Selection, now_ns: u64) {
+    let key = LbTuple::of(vni, ip);
+    let (b, id) = (&sel.backend, sel.id);
+    let reply = LbTuple {
+        vni: key.vni,
+        src: b.addr,
+        dst: key.src,
+        sport: b.port,
+        dport: key.sport,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    t.record(
+        &key,
+        &LbFlow {
+            last_seen_ns: now_ns,
+            backend: id,
+            service: b.service,
+        },
+        &reply,
+        &LbReverse {
+            vip: key.dst,
+            port: key.dport,
+            _pad: 0,
+            service: b.service,
+        },
+    );
+}
+
+/// What a packet delivered to a client of VPC `vni` must look like if it is a target's reply
+/// to a balanced flow: the VIP and listener port to put in as its source.
+#[inline(always)]
+pub fn reverse<T: LbTables>(ip: &IpPacket, vni: u32, t: &T) -> Option<LbReverse> {
+    if !ip.has_l4 || !matches!(ip.proto, IPPROTO_TCP | IPPROTO_UDP) {
+        return None;
+    }
+    t.reverse(&LbTuple::of(vni, ip))
 }
 
 /// Backend state names, as `vpc` and the agent print them.

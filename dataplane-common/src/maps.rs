@@ -5,7 +5,7 @@
 //! never reuses an old pin with another layout (it starts a fresh set beside the old one).
 
 /// Version of the pinned-map layout; names the pin subdirectory.
-pub const MAPS_ABI: &str = "v3";
+pub const MAPS_ABI: &str = "v4";
 
 /// Name of the per-CPU (hook, action) counter array.
 pub const ACTION_STATS: &str = "ACTION_STATS";
@@ -69,6 +69,30 @@ pub const POLICY_MAX_ENTRIES: u32 = 1 << 21;
 /// Capacity of `ENDPOINT_DROPS` (LRU: a full table forgets the stalest counter): ports per
 /// host times the port drop reasons.
 pub const ENDPOINT_DROPS_MAX_ENTRIES: u32 = 16_384;
+
+/// Name of the listener hash (`crate::lb`).
+pub const LB_SERVICES: &str = "LB_SERVICES";
+/// Name of the backend hash.
+pub const LB_BACKENDS: &str = "LB_BACKENDS";
+/// Name of the Maglev slot array.
+pub const LB_MAGLEV: &str = "LB_MAGLEV";
+/// Name of the balanced-flow LRU hash.
+pub const LB_FLOWS: &str = "LB_FLOWS";
+/// Name of the reverse-NAT LRU hash.
+pub const LB_REVERSE: &str = "LB_REVERSE";
+
+/// Capacity of `LB_SERVICES`: listeners of the VPCs on one host (allocated on demand).
+pub const LB_SERVICES_MAX_ENTRIES: u32 = 16_384;
+/// Capacity of `LB_BACKENDS`: targets of those listeners, including draining ones
+/// (allocated on demand).
+pub const LB_BACKENDS_MAX_ENTRIES: u32 = 262_144;
+/// Default capacity of `LB_MAGLEV` in slots (the loader can change it, `vpc-agent
+/// --lb-table-slots`): 16 MiB, room for 64 tables of the default 65 537 slots, or a
+/// 1 000 003-slot table (10 000 targets) written beside the one it replaces.
+pub const LB_MAGLEV_SLOTS: u32 = 1 << 22;
+/// Default capacity of `LB_FLOWS` and of `LB_REVERSE` (LRU; the loader sizes them like
+/// `CONNTRACK`).
+pub const LB_FLOWS_MAX_ENTRIES: u32 = 262_144;
 
 /// Program names in the object, as the loader finds them.
 pub mod programs {

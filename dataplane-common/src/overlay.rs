@@ -42,9 +42,15 @@ pub struct Endpoint {
     /// Prefix length of the endpoint's subnet (with `gateway`, the subnet itself): the ACL
     /// applies only to traffic crossing the subnet boundary.
     pub subnet_bits: u32,
+    /// `EP_*` flags.
+    pub flags: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Endpoint>() == 60);
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 64);
+
+/// [`Endpoint::flags`]: the endpoint's VPC has load balancers, so packets delivered to it
+/// may be replies of a balanced flow to reverse-NAT (`LB_REVERSE` is looked up only then).
+pub const EP_LB_CLIENT: u32 = 1;
 
 /// Value of `OVERLAY_CONFIG` (index 0). All zero means the overlay is not configured: the
 /// underlay hooks then never decapsulate.
@@ -84,6 +90,9 @@ pub enum NeighborKind {
     Remote = 2,
     /// A subnet's gateway address (answered by the datapath, never forwarded to).
     Gateway = 3,
+    /// A load balancer's VIP: answered with the router MAC; packets to it are balanced
+    /// (`crate::lb`).
+    LoadBalancer = 4,
 }
 
 /// Value of `NEIGHBORS`.

@@ -136,6 +136,7 @@ fn me() -> Endpoint {
         policy: 1,
         acl: 0,
         subnet_bits: 24,
+        flags: 0,
     }
 }
 

@@ -43,3 +43,15 @@ unsafe impl aya::Pod for crate::policy::PolicyPortKey {}
 unsafe impl aya::Pod for crate::policy::AclVerdict {}
 // SAFETY: as above.
 unsafe impl aya::Pod for crate::stats::EndpointDropKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for crate::lb::LbServiceKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for crate::lb::LbService {}
+// SAFETY: as above.
+unsafe impl aya::Pod for crate::lb::LbBackend {}
+// SAFETY: as above.
+unsafe impl aya::Pod for crate::lb::LbTuple {}
+// SAFETY: as above.
+unsafe impl aya::Pod for crate::lb::LbFlow {}
+// SAFETY: as above.
+unsafe impl aya::Pod for crate::lb::LbReverse {}

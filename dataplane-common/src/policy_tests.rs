@@ -115,6 +115,7 @@ fn ep(addr: [u8; 4], policy: u32, acl: u32) -> Endpoint {
         policy,
         acl,
         subnet_bits: 24,
+        flags: 0,
     }
 }
 

@@ -38,6 +38,9 @@ pub enum Forward {
     /// "fragmentation needed" announcing [`PortAction::mtu`] (quoting the packet's first
     /// [`QUOTE_LEN`] bytes of IP).
     FragNeeded = 4,
+    /// To a load balancer's VIP: pick a target (`crate::lb`), rewrite the destination and
+    /// decide again.
+    Balance = 5,
 }
 
 /// The decision for one frame from an instance.
@@ -200,6 +203,12 @@ fn ipv4<P: PacketView, T: OverlayTables>(
             forward: Forward::Local,
             ifindex: n.ifindex,
             mac: n.mac,
+            ..PortAction::NONE
+        });
+    }
+    if n.kind == NeighborKind::LoadBalancer as u32 {
+        return Ok(PortAction {
+            forward: Forward::Balance,
             ..PortAction::NONE
         });
     }

@@ -8,6 +8,7 @@
 #![no_main]
 
 mod forward;
+mod lb;
 mod maps;
 mod packet;
 mod pipeline;

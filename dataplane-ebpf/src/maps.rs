@@ -12,8 +12,10 @@ use aya_ebpf::{
 use dataplane_common::{
     Counter, FilterKey, FilterValue,
     conntrack::{CtConfig, CtEntry, CtKey},
+    lb::{LbBackend, LbFlow, LbReverse, LbService, LbServiceKey, LbTuple},
     maps::{
-        CONNTRACK_MAX_ENTRIES, ENDPOINT_DROPS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES,
+        CONNTRACK_MAX_ENTRIES, LB_BACKENDS_MAX_ENTRIES, LB_FLOWS_MAX_ENTRIES, LB_MAGLEV_SLOTS,
+        LB_SERVICES_MAX_ENTRIES, ENDPOINT_DROPS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES,
         FILTER_MAX_ENTRIES, NEIGHBORS_MAX_ENTRIES, POLICY_MAX_ENTRIES, ROUTES_MAX_ENTRIES,
         VNIS_MAX_ENTRIES, VTEPS_MAX_ENTRIES,
     },
@@ -122,3 +124,42 @@ pub static VNIS: HashMap<u32, u32> = HashMap::pinned(VNIS_MAX_ENTRIES, 0);
 /// MTU). Writer: the agent at start. Readers: every program that forwards. Size: 1.
 #[map]
 pub static OVERLAY_CONFIG: Array<OverlayConfig> = Array::pinned(1, 0);
+
+/// Load-balancer listeners. Key: [`LbServiceKey`] (VNI, VIP, port, protocol); value:
+/// [`LbService`] (service id, its range of `LB_MAGLEV`). Writer: the agent's load-balancer
+/// sync (a new table range is written first, then this entry switches to it). Reader:
+/// `vpc_port`, for packets to a VIP. Size: `LB_SERVICES_MAX_ENTRIES`; not preallocated, so
+/// an update publishes a new element (readers never see a half-written one).
+#[map]
+pub static LB_SERVICES: HashMap<LbServiceKey, LbService> =
+    HashMap::pinned(LB_SERVICES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Load-balancer targets. Key: backend id; value: [`LbBackend`] (address, port, state,
+/// service). Writer: the agent (draining targets stay until their deregistration delay
+/// ends). Reader: `vpc_port` (every balanced packet checks its flow's backend). Size:
+/// `LB_BACKENDS_MAX_ENTRIES`; not preallocated (as `LB_SERVICES`).
+#[map]
+pub static LB_BACKENDS: HashMap<u32, LbBackend> =
+    HashMap::pinned(LB_BACKENDS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Maglev tables of all services, back to back. Index: slot; value: backend id. Writer: the
+/// agent (batched writes into a free range, then the service switches to it). Reader:
+/// `vpc_port` for new flows (one slot per flow). Size: the loader's `lb_table_slots`
+/// (default `LB_MAGLEV_SLOTS`, 16 MiB).
+#[map]
+pub static LB_MAGLEV: Array<u32> = Array::pinned(LB_MAGLEV_SLOTS, 0);
+
+/// Balanced flows. Key: [`LbTuple`] client -> VIP; value: [`LbFlow`] (backend, service, last
+/// seen). Writer: `vpc_port` (new flows, a refresh at most once a second); the agent deletes
+/// idle ones. Reader: `vpc_port` (every packet to a VIP). Size: the loader's `lb_flows_max`
+/// (default `LB_FLOWS_MAX_ENTRIES`); LRU, so a full table forgets the stalest flow.
+#[map]
+pub static LB_FLOWS: LruHashMap<LbTuple, LbFlow> = LruHashMap::pinned(LB_FLOWS_MAX_ENTRIES, 0);
+
+/// Reverse NAT of balanced flows. Key: [`LbTuple`] target -> client; value: [`LbReverse`]
+/// (VIP and listener port). Writer: `vpc_port` with `LB_FLOWS`. Readers: `vpc_port` (local
+/// deliveries) and TC ingress (decapsulated deliveries) for clients in VPCs with load
+/// balancers. Size: as `LB_FLOWS`.
+#[map]
+pub static LB_REVERSE: LruHashMap<LbTuple, LbReverse> =
+    LruHashMap::pinned(LB_FLOWS_MAX_ENTRIES, 0);

@@ -12,7 +12,7 @@
 use core::mem;
 
 use aya_ebpf::{
-    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     programs::{TcContext, XdpContext},
 };
 use dataplane_common::{DropReason, packet::PacketView};
@@ -171,6 +171,61 @@ impl TcPacket<'_> {
         self.ctx
             .adjust_room(diff, BPF_ADJ_ROOM_MAC, flags)
             .map_err(|_| DropReason::RewriteFailed)
+    }
+
+    /// Replaces the 4 bytes `old` at `offset` (an IPv4 address) with `new`, updating the
+    /// IPv4 header checksum at `ip_csum` and the L4 checksum at `l4_csum` (which covers the
+    /// address through the pseudo-header; `udp`: a zero checksum means none and stays zero).
+    #[inline(always)]
+    pub fn replace_addr(
+        &self,
+        offset: usize,
+        ip_csum: usize,
+        l4_csum: usize,
+        udp: bool,
+        old: [u8; 4],
+        new: [u8; 4],
+    ) -> Result<(), DropReason> {
+        // The helpers take the values as they lie in the packet (network order).
+        let (from, to) = (
+            u64::from(u32::from_ne_bytes(old)),
+            u64::from(u32::from_ne_bytes(new)),
+        );
+        let mut flags = (BPF_F_PSEUDO_HDR as u64) | 4;
+        if udp {
+            flags |= BPF_F_MARK_MANGLED_0 as u64;
+        }
+        self.ctx
+            .l4_csum_replace(l4_csum, from, to, flags)
+            .and_then(|()| self.ctx.l3_csum_replace(ip_csum, from, to, 4))
+            .map_err(|_| DropReason::RewriteFailed)?;
+        self.write(offset, &new)
+    }
+
+    /// Replaces the 2-byte port `old` at `offset` with `new`, updating the L4 checksum at
+    /// `l4_csum` (`udp` as in [`Self::replace_addr`]).
+    #[inline(always)]
+    pub fn replace_port(
+        &self,
+        offset: usize,
+        l4_csum: usize,
+        udp: bool,
+        old: u16,
+        new: u16,
+    ) -> Result<(), DropReason> {
+        let (old, new) = (old.to_be_bytes(), new.to_be_bytes());
+        let (from, to) = (
+            u64::from(u16::from_ne_bytes(old)),
+            u64::from(u16::from_ne_bytes(new)),
+        );
+        let mut flags = 2u64;
+        if udp {
+            flags |= BPF_F_MARK_MANGLED_0 as u64;
+        }
+        self.ctx
+            .l4_csum_replace(l4_csum, from, to, flags)
+            .map_err(|_| DropReason::RewriteFailed)?;
+        self.write(offset, &new)
     }
 
     /// Trims or extends the packet to `len` bytes.

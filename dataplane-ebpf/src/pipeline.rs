@@ -9,6 +9,7 @@
 use aya_ebpf::EbpfContext;
 use dataplane_common::{
     Action, DropReason, Hook,
+    overlay::EP_LB_CLIENT,
     packet::PacketView,
     parse::{Parsed, parse},
     underlay::{UnderlayAction, decide as overlay_decide},
@@ -16,7 +17,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    forward, policy, stats,
+    forward, lb, policy, stats,
     tables::{KernelTables, overlay_config},
 };
 
@@ -78,6 +79,13 @@ pub fn deliver<C: EbpfContext>(
     let result = match policy::endpoint(ifindex) {
         None => Err(DropReason::NoNeighbor),
         Some(ep) => forward::decapsulate(pkt, eth)
+            .and_then(|()| {
+                if ep.flags & EP_LB_CLIENT != 0 {
+                    lb::reverse(pkt, ep)
+                } else {
+                    Ok(())
+                }
+            })
             .and_then(|()| policy::check(pkt, None, Some(ep)))
             .and_then(|()| forward::to_port(ifindex)),
     };

@@ -13,6 +13,19 @@ use dataplane_common::{
 
 use crate::{maps::ENDPOINTS, packet::TcPacket, tables::KernelTables};
 
+/// A parsed packet before parsing (every field written, for the verifier).
+pub const EMPTY_IP: IpPacket = IpPacket {
+    family: Family::V4,
+    src: [0; 16],
+    dst: [0; 16],
+    proto: 0,
+    l3_offset: 0,
+    l4_offset: 0,
+    has_l4: false,
+    src_port: 0,
+    dst_port: 0,
+};
+
 /// Applies the outbound policy of `out` (the sender, when it lives here) and the inbound
 /// policy of `inb` (the receiver, when it lives here) to the IPv4 frame in `pkt`, and tracks
 /// the flow. A BPF subprogram (the parsed headers live in its frame, not the caller's) whose
@@ -24,17 +37,7 @@ pub fn check(
     out: Option<&Endpoint>,
     inb: Option<&Endpoint>,
 ) -> Result<(), DropReason> {
-    let mut ip = IpPacket {
-        family: Family::V4,
-        src: [0; 16],
-        dst: [0; 16],
-        proto: 0,
-        l3_offset: 0,
-        l4_offset: 0,
-        has_l4: false,
-        src_port: 0,
-        dst_port: 0,
-    };
+    let mut ip = EMPTY_IP;
     parse_ip(pkt, &mut ip)?;
     verdict(pkt, &ip, out, inb)
 }
@@ -60,7 +63,7 @@ fn verdict(
 /// the VXLAN receive checks) let them this far. A BPF subprogram; it fills `out` rather than
 /// returning a `Result` of a struct, whose debug info (BTF) the kernel rejects.
 #[inline(never)]
-fn parse_ip(pkt: &TcPacket, out: &mut IpPacket) -> Result<(), DropReason> {
+pub fn parse_ip(pkt: &TcPacket, out: &mut IpPacket) -> Result<(), DropReason> {
     *out = parse_ipv4(pkt, ETH_HLEN)?;
     Ok(())
 }

@@ -7,7 +7,7 @@ use dataplane_common::{
     Action, DropReason, Hook,
     arp::{self, ArpIpv4},
     icmp::{FRAG_NEEDED_FRAME_LEN, QUOTE_LEN, frag_needed},
-    overlay::{Endpoint, OverlayConfig, v4},
+    overlay::{EP_LB_CLIENT, Endpoint, OverlayConfig, v4},
     packet::PacketView,
     parse::ETH_HLEN,
     port::{Forward, PortAction, decide},
@@ -15,6 +15,7 @@ use dataplane_common::{
 
 use crate::{
     forward::{self, Encap},
+    lb,
     packet::TcPacket,
     policy, stats,
     tables::{KernelTables, overlay_config},
@@ -48,23 +49,46 @@ fn forward(ctx: &TcContext, pkt: &TcPacket, port: u32) -> Result<(Action, i32), 
     // `policy::endpoint` on why the reference stays valid.
     let ep: &Endpoint = policy::endpoint(port).ok_or(here(DropReason::UnknownPort))?;
     let cfg = overlay_config();
-    let action = classify(pkt, ep, &cfg);
+    let mut action = classify(pkt, ep, &cfg);
+    // Whose outbound policy is still to apply.
+    let mut out = Some(ep);
+    if action.forward == Forward::Balance {
+        // The client's outbound rules see the VIP (as in AWS); then the packet goes to the
+        // chosen target like any other, the target's inbound rules seeing the client.
+        policy::check(pkt, Some(ep), None).map_err(here)?;
+        lb::balance(pkt, ep).map_err(here)?;
+        out = None;
+        action = classify(pkt, ep, &cfg);
+    }
     match action.forward {
         Forward::Drop => Err(here(action.reason)),
+        // A target must be an instance, not another VIP.
+        Forward::Balance => Err(here(DropReason::NoNeighbor)),
         Forward::ArpReply => {
             arp_reply(pkt, ep).map_err(here)?;
             Ok((Action::Reply, forward::to_port(port).map_err(here)?))
         }
         Forward::Local => {
             let dst = policy::endpoint(action.ifindex).ok_or(here(DropReason::NoNeighbor))?;
-            policy::check(pkt, Some(ep), Some(dst)).map_err(|reason| {
-                // Inbound verdicts are the receiver's.
+            // Inbound verdicts are the receiver's.
+            let charge = |reason| {
                 let charged = match reason {
                     DropReason::SgIngress | DropReason::AclIngress => action.ifindex,
                     _ => port,
                 };
                 (reason, charged)
-            })?;
+            };
+            if dst.flags & EP_LB_CLIENT != 0 && lb::is_reply(pkt, dst).map_err(here)? {
+                // A target's reply to a balanced flow: the target's rules see it as sent,
+                // the client's as it receives it (from the VIP).
+                if let Some(o) = out {
+                    policy::check(pkt, Some(o), None).map_err(charge)?;
+                }
+                lb::reverse(pkt, dst).map_err(here)?;
+                policy::check(pkt, None, Some(dst)).map_err(charge)?;
+            } else {
+                policy::check(pkt, out, Some(dst)).map_err(charge)?;
+            }
             pkt.write(0, &action.mac).map_err(here)?;
             pkt.write(6, &ep.router_mac).map_err(here)?;
             Ok((
@@ -73,7 +97,9 @@ fn forward(ctx: &TcContext, pkt: &TcPacket, port: u32) -> Result<(Action, i32), 
             ))
         }
         Forward::Remote => {
-            policy::check(pkt, Some(ep), None).map_err(here)?;
+            if let Some(o) = out {
+                policy::check(pkt, Some(o), None).map_err(here)?;
+            }
             let e = Encap {
                 vtep: action.vtep,
                 vni: ep.vni,

@@ -8,14 +8,15 @@ use aya_ebpf::maps::lpm_trie::Key;
 use dataplane_common::{
     FilterKey, FilterValue,
     conntrack::{CtConfig, CtEntry, CtKey},
+    lb::{LbBackend, LbFlow, LbReverse, LbService, LbServiceKey, LbTables, LbTuple},
     overlay::{Neighbor, NeighborKey, OverlayConfig, OverlayTables, Route, RoutePrefix},
     policy::{AclVerdict, CtSlot, PolicyAddrKey, PolicyPortKey, PolicyTables},
     verdict::FilterTable,
 };
 
 use crate::maps::{
-    ACL_ADDR, ACL_PORT, CONNTRACK, CT_CONFIG, FILTER, NEIGHBORS, OVERLAY_CONFIG, ROUTES, SG_ADDR,
-    SG_PORT, VNIS, VTEPS,
+    ACL_ADDR, ACL_PORT, CONNTRACK, CT_CONFIG, FILTER, LB_BACKENDS, LB_FLOWS, LB_MAGLEV,
+    LB_REVERSE, LB_SERVICES, NEIGHBORS, OVERLAY_CONFIG, ROUTES, SG_ADDR, SG_PORT, VNIS, VTEPS,
 };
 
 /// All lookup tables of the datapath.
@@ -122,6 +123,50 @@ impl PolicyTables for KernelTables {
         // An LRU map evicts to make room, so this only fails on memory pressure; the packet
         // passes either way (its next packet is evaluated as new again).
         let _ = CONNTRACK.insert(key, entry, 0);
+    }
+
+    #[inline(always)]
+    fn ct_config(&self) -> CtConfig {
+        CT_CONFIG.get(0).copied().unwrap_or_default()
+    }
+}
+
+impl LbTables for KernelTables {
+    #[inline(always)]
+    fn service(&self, key: &LbServiceKey) -> Option<LbService> {
+        // SAFETY: see the module docs.
+        unsafe { LB_SERVICES.get(key).copied() }
+    }
+
+    #[inline(always)]
+    fn slot(&self, slot: u32) -> Option<u32> {
+        LB_MAGLEV.get(slot).copied()
+    }
+
+    #[inline(always)]
+    fn backend(&self, id: u32) -> Option<LbBackend> {
+        // SAFETY: see the module docs.
+        unsafe { LB_BACKENDS.get(&id).copied() }
+    }
+
+    #[inline(always)]
+    fn flow(&self, key: &LbTuple) -> Option<LbFlow> {
+        // SAFETY: see the module docs; a concurrent refresh races benignly (plain integers).
+        unsafe { LB_FLOWS.get(key).copied() }
+    }
+
+    #[inline(always)]
+    fn record(&self, key: &LbTuple, flow: &LbFlow, reply: &LbTuple, rev: &LbReverse) {
+        // LRU maps evict to make room; a failure under memory pressure only means the next
+        // packet is balanced again.
+        let _ = LB_FLOWS.insert(key, flow, 0);
+        let _ = LB_REVERSE.insert(reply, rev, 0);
+    }
+
+    #[inline(always)]
+    fn reverse(&self, key: &LbTuple) -> Option<LbReverse> {
+        // SAFETY: see the module docs.
+        unsafe { LB_REVERSE.get(key).copied() }
     }
 
     #[inline(always)]

@@ -11,7 +11,8 @@
 use std::net::Ipv4Addr;
 
 use controlplane::{
-    host::{HostDesired, HostReconciler, Report},
+    host::{HostDesired, HostReconciler, LbInput, Report},
+    lb::{LbPlan, compile::TargetStatus},
     overlay::statefile::PolicyRefs,
     overlay::{EndpointSpec, HostSpec, OverlayState, SubnetSpec, VpcSpec, compile, diff},
     policy::{
@@ -60,6 +61,10 @@ pub struct Fixture {
     pub state: OverlayState,
     /// The maps, programmed like the agent does.
     pub host: HostReconciler,
+    /// Load balancers programmed by [`Fixture::apply_policy`] (none by default).
+    pub lb_plan: LbPlan,
+    /// Their targets' states.
+    pub lb_targets: Vec<TargetStatus>,
 }
 
 /// Security groups and ACLs for [`Fixture::apply_policy`].
@@ -144,6 +149,10 @@ impl Fixture {
                 &policy.limits,
             ),
             conntrack: policy.conntrack,
+            lb: LbInput {
+                plan: &self.lb_plan,
+                targets: &self.lb_targets,
+            },
         };
         self.host
             .reconcile(&desired, "h0", ROUTER, false)
@@ -258,6 +267,8 @@ pub fn fixture_with(tag: &str, conntrack_max: Option<u32>) -> Fixture {
         ul_mac,
         state,
         host,
+        lb_plan: LbPlan::default(),
+        lb_targets: Vec::new(),
     };
     f.host
         .overlay_mut()
@@ -280,7 +291,7 @@ pub fn fixture_with(tag: &str, conntrack_max: Option<u32>) -> Fixture {
     let actual = f.host.overlay_mut().read().unwrap();
     for (i, e) in overlay_only.endpoints.iter_mut() {
         let k = actual.endpoints[i];
-        (e.policy, e.acl) = (k.policy, k.acl);
+        (e.policy, e.acl, e.flags) = (k.policy, k.acl, k.flags);
     }
     assert_eq!(diff(&actual, &overlay_only), vec![]);
     f

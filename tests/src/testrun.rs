@@ -65,6 +65,8 @@ impl LoadedDatapath {
             layout: layout.clone(),
             log_level: 1,
             conntrack_max,
+            lb_flows_max: None,
+            lb_table_slots: None,
         })
         .context("loading the datapath")?;
         let maps = PinnedMaps::open(&layout)?;

@@ -52,6 +52,11 @@ pub struct LoadOptions {
     /// Capacity of the conntrack table (`CONNTRACK_MAX_ENTRIES` when `None`). Applies when
     /// the table is created; a table already pinned keeps its size.
     pub conntrack_max: Option<u32>,
+    /// Capacity of `LB_FLOWS` and `LB_REVERSE` (`LB_FLOWS_MAX_ENTRIES` when `None`); as
+    /// `conntrack_max`, applies when the tables are created.
+    pub lb_flows_max: Option<u32>,
+    /// Slots of `LB_MAGLEV` (`LB_MAGLEV_SLOTS` when `None`); as `conntrack_max`.
+    pub lb_table_slots: Option<u32>,
 }
 
 /// What [`Datapath::attach`] did on one hook.
@@ -103,6 +108,13 @@ impl Datapath {
             .override_global(aya_log::LEVEL, &options.log_level, false);
         if let Some(n) = options.conntrack_max {
             loader.map_max_entries(maps::CONNTRACK, n);
+        }
+        if let Some(n) = options.lb_flows_max {
+            loader.map_max_entries(maps::LB_FLOWS, n);
+            loader.map_max_entries(maps::LB_REVERSE, n);
+        }
+        if let Some(n) = options.lb_table_slots {
+            loader.map_max_entries(maps::LB_MAGLEV, n);
         }
         let mut ebpf = loader.load(object)?;
         for name in [programs::TC_INGRESS, programs::TC_EGRESS, programs::PORT] {

@@ -7,10 +7,13 @@
 //! - [`overlay_maps`]: reading and programming the pinned overlay maps.
 //! - [`policy_maps`]: the pinned security-group, ACL and conntrack maps.
 //! - [`policy_sync`]: installing compiled policy under ids (build new, switch, retire old).
+//! - [`lb_maps`]: the pinned load-balancer maps and their reconciler (tables written beside
+//!   the old ones, then switched).
 //! - [`object`]: the embedded eBPF object.
 
 pub mod bpffs;
 mod error;
+pub mod lb_maps;
 pub mod loader;
 mod map_io;
 pub mod object;
@@ -22,6 +25,7 @@ mod sys;
 
 pub use bpffs::PinLayout;
 pub use error::DatapathError;
+pub use lb_maps::{LbMaps, LbSync};
 pub use loader::{AttachOutcome, Attachment, Datapath, LoadOptions, XdpAttachMode};
 pub use overlay_maps::OverlayMaps;
 pub use pinned::{PinnedMaps, StatsSnapshot};

@@ -54,6 +54,11 @@ pub enum NeighborEntry {
         /// Router MAC.
         mac: [u8; 6],
     },
+    /// A load balancer's VIP, answered with the router MAC and balanced.
+    LoadBalancer {
+        /// Router MAC.
+        mac: [u8; 6],
+    },
 }
 
 impl NeighborEntry {
@@ -63,6 +68,7 @@ impl NeighborEntry {
             NeighborEntry::Local { ifindex, mac } => (NeighborKind::Local, ifindex, [0; 4], mac),
             NeighborEntry::Remote { vtep, mac } => (NeighborKind::Remote, 0, vtep.octets(), mac),
             NeighborEntry::Gateway { mac } => (NeighborKind::Gateway, 0, [0; 4], mac),
+            NeighborEntry::LoadBalancer { mac } => (NeighborKind::LoadBalancer, 0, [0; 4], mac),
         };
         Neighbor::new(kind, ifindex, vtep, mac)
     }
@@ -81,6 +87,7 @@ impl NeighborEntry {
                 mac: v.mac,
             },
             k if k == NeighborKind::Gateway as u32 => NeighborEntry::Gateway { mac: v.mac },
+            k if k == NeighborKind::LoadBalancer as u32 => NeighborEntry::LoadBalancer { mac: v.mac },
             _ => return None,
         })
     }
@@ -105,6 +112,8 @@ pub struct EndpointEntry {
     pub policy: u32,
     /// Network ACL id (0: no ACL).
     pub acl: u32,
+    /// `EP_*` flags (set by the load-balancer layer).
+    pub flags: u32,
 }
 
 impl EndpointEntry {
@@ -119,6 +128,7 @@ impl EndpointEntry {
             policy: self.policy,
             acl: self.acl,
             subnet_bits: u32::from(self.subnet_bits),
+            flags: self.flags,
         }
     }
 }
@@ -135,6 +145,7 @@ impl EndpointEntry {
             subnet_bits: v.subnet_bits.min(32) as u8,
             policy: v.policy,
             acl: v.acl,
+            flags: v.flags,
         }
     }
 }
@@ -357,6 +368,7 @@ pub fn compile(
                 subnet_bits: subnet.cidr.prefix(),
                 policy: 0,
                 acl: 0,
+                flags: 0,
             };
             if maps.endpoints.insert(ifindex, entry).is_some() {
                 let other = state

@@ -15,7 +15,7 @@ pub mod diff;
 pub mod model;
 pub mod statefile;
 
-pub use compile::{CompileError, HostMaps, compile};
+pub use compile::{CompileError, HostMaps, NeighborEntry, compile};
 pub use diff::{MapOp, diff};
 pub use model::{EndpointSpec, HostSpec, OverlayState, SubnetSpec, VpcSpec};
 

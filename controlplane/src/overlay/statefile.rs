@@ -12,13 +12,14 @@ use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
 use super::model::{EndpointSpec, HostSpec, OverlayState, SubnetSpec, VpcSpec};
+use crate::lb::model::{LbLimits, LoadBalancer, TargetGroup};
 use crate::policy::{
     compile::{EndpointRef, PolicyInput, SubnetRef},
     model::{NetworkAcl, PolicyLimits, SecurityGroup},
 };
 
 /// The document.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateFile {
     /// VPCs.
@@ -45,6 +46,15 @@ pub struct StateFile {
     /// Connection-tracking idle timeouts (AWS's defaults when absent).
     #[serde(default)]
     pub conntrack: ConntrackDoc,
+    /// Network load balancers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_balancers: Vec<LoadBalancer>,
+    /// Target groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_groups: Vec<TargetGroup>,
+    /// Load-balancer limits (AWS's quotas when absent).
+    #[serde(default)]
+    pub lb_limits: LbLimits,
 }
 
 /// Connection-tracking idle timeouts, in seconds.

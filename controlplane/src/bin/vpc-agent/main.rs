@@ -5,6 +5,7 @@
 //! agent leaves packets flowing, and the next agent takes over the same links atomically.
 //! `--detach-on-exit` (what `cargo xtask run` uses) removes everything on Ctrl-C instead.
 
+mod lb;
 mod overlay;
 
 use std::{path::PathBuf, time::Duration};
@@ -83,6 +84,15 @@ struct RunArgs {
     /// per-VPC counts logged).
     #[arg(long, default_value_t = 10)]
     ct_gc_interval: u64,
+    /// Capacity of the load balancers' flow and reverse-NAT tables (balanced flows per
+    /// host). Takes effect when the tables are created.
+    #[arg(long, default_value_t = dataplane_common::maps::LB_FLOWS_MAX_ENTRIES)]
+    lb_flows_max: u32,
+    /// Slots of the array holding every listener's Maglev table (4 bytes each; a table
+    /// change needs room for the new table beside the old one). Takes effect when the array
+    /// is created.
+    #[arg(long, default_value_t = dataplane_common::maps::LB_MAGLEV_SLOTS)]
+    lb_table_slots: u32,
 }
 
 fn parse_mac(text: &str) -> Result<[u8; 6], String> {
@@ -153,6 +163,8 @@ async fn run(args: RunArgs) -> Result<()> {
         layout: layout.clone(),
         log_level: args.datapath_log_level as u8,
         conntrack_max: Some(args.conntrack_max),
+        lb_flows_max: Some(args.lb_flows_max),
+        lb_table_slots: Some(args.lb_table_slots),
     })
     .context("loading the datapath")?;
     // The logger owns the log ring buffer's fd: it must live as long as the programs run.
@@ -195,6 +207,7 @@ async fn run(args: RunArgs) -> Result<()> {
             let mut r =
                 overlay::Reconciler::new(&datapath, path, host, args.router_mac, &ifaces[0])?;
             r.reconcile(&mut datapath, true)
+                .await
                 .context("applying the desired overlay state")?;
             Some(r)
         }
@@ -210,6 +223,8 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut gc = tokio::time::interval(Duration::from_secs(args.ct_gc_interval.max(1)));
     let mut poll = tokio::time::interval(STATE_POLL);
     let mut ticks = 0u32;
+    let mut lb_results = overlay.as_mut().and_then(|r| r.take_lb_results());
+    let mut drain = tokio::time::interval(Duration::from_millis(500));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut ticker = tokio::time::interval(Duration::from_secs(args.stats_interval.max(1)));
@@ -224,16 +239,37 @@ async fn run(args: RunArgs) -> Result<()> {
                 guard.clear_ready();
             }
             _ = ticker.tick(), if args.stats_interval > 0 => log_stats(&maps),
-            _ = gc.tick() => conntrack_gc(&policy_maps),
+            _ = gc.tick() => {
+                conntrack_gc(&policy_maps);
+                if let Some(r) = overlay.as_ref() {
+                    lb_gc(r.lb_maps(), &policy_maps);
+                }
+            }
             _ = poll.tick(), if overlay.is_some() => {
                 let Some(r) = overlay.as_mut() else { continue };
                 ticks += 1;
                 if r.changed() || ticks.is_multiple_of(RESYNC_TICKS) {
                     let read_policy_back = ticks.is_multiple_of(POLICY_RESYNC_TICKS);
                     // A failed pass changes nothing; the last good state keeps forwarding.
-                    if let Err(e) = r.reconcile(&mut datapath, read_policy_back) {
+                    if let Err(e) = r.reconcile(&mut datapath, read_policy_back).await {
                         warn!(error = format!("{e:#}"), "overlay reconcile failed");
                     }
+                }
+            }
+            Some(result) = recv_opt(&mut lb_results) => {
+                let Some(r) = overlay.as_mut() else { continue };
+                if r.lb_record(result)
+                    && let Err(e) = r.reconcile(&mut datapath, false).await
+                {
+                    warn!(error = format!("{e:#}"), "reconcile after a target health change failed");
+                }
+            }
+            _ = drain.tick(), if overlay.is_some() => {
+                let Some(r) = overlay.as_mut() else { continue };
+                if r.lb_expire()
+                    && let Err(e) = r.reconcile(&mut datapath, false).await
+                {
+                    warn!(error = format!("{e:#}"), "reconcile after a drain ended failed");
                 }
             }
         }
@@ -317,6 +353,27 @@ fn conntrack_gc(maps: &PolicyMaps) {
             }
         }
         Err(e) => warn!(error = %e, "conntrack gc"),
+    }
+}
+
+/// Receives from `rx` if there is one (never resolves otherwise).
+async fn recv_opt<T>(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Deletes idle balanced flows (and their reverse-NAT entries).
+fn lb_gc(lb: &controlplane::datapath::LbMaps, policy: &PolicyMaps) {
+    let now = controlplane::datapath::policy_maps::now_ns();
+    let cfg = policy.ct_config().unwrap_or_default().or_default();
+    match lb.sweep(now, &cfg) {
+        Ok((live, deleted)) if deleted > 0 || live > 0 => {
+            info!(flows = live, expired = deleted, "load-balancer flow gc");
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "load-balancer flow gc"),
     }
 }
 

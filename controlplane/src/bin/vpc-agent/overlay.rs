@@ -16,9 +16,13 @@ use std::{
 use anyhow::{Context, Result, bail};
 use controlplane::{
     datapath::{AttachOutcome, Datapath},
-    host::{HostDesired, HostReconciler},
+    host::{HostDesired, HostReconciler, LbInput},
+    lb::{LbPlan, plan::ProbeNode},
     overlay::statefile::{HostView, StateFile},
 };
+use tokio::sync::mpsc;
+
+use crate::lb::{CheckResult, LbAgent};
 use dataplane_common::overlay::OverlayConfig;
 use tracing::{info, warn};
 
@@ -34,6 +38,11 @@ pub struct Reconciler {
     /// (modification time, length) of the document at the last successful pass.
     seen: Option<(SystemTime, u64)>,
     first: bool,
+    /// Health checks and draining.
+    lb: LbAgent,
+    lb_results: Option<mpsc::UnboundedReceiver<CheckResult>>,
+    /// The load balancers of the last good pass.
+    plan: LbPlan,
 }
 
 impl Reconciler {
@@ -45,7 +54,16 @@ impl Reconciler {
         router_mac: [u8; 6],
         underlay: &str,
     ) -> Result<Self> {
+        let mtu = read_mtu(underlay)?.saturating_sub(dataplane_common::overlay::VXLAN_OVERHEAD);
+        let (lb, lb_results) = LbAgent::new(
+            host,
+            mtu,
+            datapath.layout().abi_dir().join("lb-targets.json"),
+        );
         Ok(Reconciler {
+            lb,
+            lb_results: Some(lb_results),
+            plan: LbPlan::default(),
             state_path: state_path.to_owned(),
             host: host.to_owned(),
             router_mac,
@@ -63,6 +81,27 @@ impl Reconciler {
         Some((m.modified().ok()?, m.len()))
     }
 
+    /// The health-check results (taken once, by the agent's main loop).
+    pub fn take_lb_results(&mut self) -> Option<mpsc::UnboundedReceiver<CheckResult>> {
+        self.lb_results.take()
+    }
+
+    /// Applies a health-check result; returns whether a target changed state (the caller
+    /// then runs a pass, which rebuilds the tables).
+    pub fn lb_record(&mut self, result: CheckResult) -> bool {
+        self.lb.record(&self.plan, result)
+    }
+
+    /// Ends the drains whose delay is over; returns whether any did.
+    pub fn lb_expire(&mut self) -> bool {
+        self.lb.expire(std::time::Instant::now())
+    }
+
+    /// The load-balancer maps.
+    pub fn lb_maps(&self) -> &controlplane::datapath::LbMaps {
+        self.maps.lb_maps()
+    }
+
     /// Whether the document changed since the last successful pass.
     pub fn changed(&self) -> bool {
         let stamp = self.stamp();
@@ -71,9 +110,15 @@ impl Reconciler {
 
     /// One pass (`full`: also read the installed rule sets back from the kernel). Returns
     /// the number of map writes and port changes made.
-    pub fn reconcile(&mut self, datapath: &mut Datapath, full: bool) -> Result<usize> {
+    pub async fn reconcile(&mut self, datapath: &mut Datapath, full: bool) -> Result<usize> {
         let stamp = self.stamp();
-        let doc = StateFile::load(&self.state_path)?;
+        let mut doc = StateFile::load(&self.state_path)?;
+        let plan = controlplane::lb::plan(&doc)?;
+        // Health-check nodes are endpoints like instances: their ports must exist before
+        // the view resolves them.
+        self.lb.ensure_nodes(&plan).await?;
+        doc.endpoints
+            .extend(plan.probe_nodes.iter().map(ProbeNode::endpoint_doc));
         let view = doc.host_view(&self.host, |name| nix::net::if_::if_nametoindex(name).ok())?;
         let refs = doc.policy_refs(&view, &self.host);
         let conntrack = doc.conntrack.config()?;
@@ -94,10 +139,16 @@ impl Reconciler {
                 .with_context(|| format!("underlay interface {}", self.underlay))?,
             underlay_mtu: read_mtu(&self.underlay)?,
         };
+        self.lb.update(&plan, self.maps.lb_maps())?;
+        let targets = self.lb.statuses(&plan);
         let desired = HostDesired {
             overlay: &state,
             policy: refs.input(&doc.security_groups, &doc.network_acls, &doc.limits),
             conntrack,
+            lb: LbInput {
+                plan: &plan,
+                targets: &targets,
+            },
         };
         enable_forwarding(&self.underlay)?;
 
@@ -154,10 +205,13 @@ impl Reconciler {
 
         if changes > 0 || self.first {
             crate::say(format_args!(
-                "overlay: reconciled {changes} changes ({} local ports, {} neighbors, {} security-group policies, {} ACLs)",
+                "overlay: reconciled {changes} changes ({} local ports, {} neighbors, {} security-group policies, {} ACLs, {} listeners, {} backends, {} tables written)",
                 report.ports, report.neighbors, report.installed.0, report.installed.1,
+                report.lb_installed.0, report.lb_installed.1, report.lb.tables,
             ));
         }
+        self.lb.publish(&targets);
+        self.plan = plan;
         self.first = false;
         self.seen = stamp;
         Ok(changes)
