@@ -26,6 +26,24 @@ enum Command {
     /// Inspect and program the datapath of this host (needs root).
     #[command(subcommand)]
     Datapath(DatapathCommand),
+    /// Network load balancers as this host's datapath runs them (needs root).
+    #[command(subcommand)]
+    Lb(LbCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum LbCommand {
+    /// Listeners (VIP, port, protocol) with their targets and each target's state as this
+    /// host's health checks see it (initial, healthy, unhealthy, unused, draining).
+    Targets {
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Balanced flows: client, VIP, the target each is bound to.
+    Flows {
+        #[command(flatten)]
+        pins: PinArgs,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -116,7 +134,77 @@ fn main() -> Result<()> {
         Command::Datapath(DatapathCommand::Filter(cmd)) => filter(cmd),
         Command::Datapath(DatapathCommand::Drops { pins }) => endpoint_drops(&pins),
         Command::Datapath(DatapathCommand::Conntrack { pins, flows }) => conntrack(&pins, flows),
+        Command::Lb(LbCommand::Targets { pins }) => lb_targets(&pins),
+        Command::Lb(LbCommand::Flows { pins }) => lb_flows(&pins),
     }
+}
+
+fn lb_targets(pins: &PinArgs) -> Result<()> {
+    use controlplane::lb::compile::TargetStatus;
+    let layout = PinLayout::new(&pins.pin_dir);
+    let path = controlplane::lb::status_path(&layout);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no target states at {} (is vpc-agent running with load balancers?)",
+            path.display()
+        )
+    })?;
+    let states: Vec<TargetStatus> =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    println!(
+        "{:<20} {:<20} {:<22} {:<10} REASON",
+        "TARGET GROUP", "TARGET", "ADDRESS", "STATE"
+    );
+    for s in states {
+        println!(
+            "{:<20} {:<20} {:<22} {:<10} {}",
+            s.group,
+            s.endpoint,
+            format!("{}:{}", s.ip, s.port),
+            s.state.name(),
+            s.reason.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn lb_flows(pins: &PinArgs) -> Result<()> {
+    use dataplane_common::{lb::backend_state_name, overlay::v4};
+    let layout = PinLayout::new(&pins.pin_dir);
+    let maps = controlplane::datapath::LbMaps::open(&layout).with_context(|| {
+        format!(
+            "no datapath pinned under {} (is vpc-agent running, and are you root?)",
+            pins.pin_dir.display()
+        )
+    })?;
+    let backends = maps.backends()?;
+    let now = controlplane::datapath::policy_maps::now_ns();
+    println!(
+        "{:<8} {:<5} {:<22} {:<22} {:<22} {:<9} {:>8}",
+        "VNI", "PROTO", "CLIENT", "VIP", "TARGET", "STATE", "IDLE(s)"
+    );
+    for (k, f) in maps.flows()? {
+        let (target, state) = backends.get(&f.backend).map_or_else(
+            || ("(gone)".to_owned(), "-"),
+            |b| {
+                (
+                    format!("{}:{}", std::net::Ipv4Addr::from(v4(&b.addr)), b.port),
+                    backend_state_name(b.state),
+                )
+            },
+        );
+        println!(
+            "{:<8} {:<5} {:<22} {:<22} {:<22} {:<9} {:>8}",
+            k.vni,
+            k.proto,
+            format!("{}:{}", std::net::Ipv4Addr::from(v4(&k.src)), k.sport),
+            format!("{}:{}", std::net::Ipv4Addr::from(v4(&k.dst)), k.dport),
+            target,
+            state,
+            now.saturating_sub(f.last_seen_ns) / 1_000_000_000
+        );
+    }
+    Ok(())
 }
 
 fn open_policy(pins: &PinArgs) -> Result<PolicyMaps> {

@@ -17,3 +17,17 @@ pub mod plan;
 pub mod probe;
 
 pub use plan::{LbError, LbPlan, plan};
+
+/// Where the agent of the datapath pinned under `layout` publishes its target states (JSON,
+/// a list of [`compile::TargetStatus`]) for `vpc lb targets`: under `/run/vpc-agent/`, named
+/// after the pin directory (bpffs holds no regular files).
+pub fn status_path(layout: &crate::datapath::PinLayout) -> std::path::PathBuf {
+    let name: String = layout
+        .root()
+        .to_string_lossy()
+        .trim_matches('/')
+        .replace('/', "_");
+    std::path::Path::new("/run/vpc-agent")
+        .join(name)
+        .join("lb-targets.json")
+}

@@ -13,7 +13,7 @@
 //!   table slots) for the group's deregistration delay, then removed. A restarted agent
 //!   adopts draining backends from the kernel and gives them a fresh delay.
 //!
-//! The states are written to `<pins>/<abi>/lb-targets.json` for `vpc lb targets`.
+//! The states are written to `controlplane::lb::status_path` for `vpc lb targets`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -407,6 +407,9 @@ impl LbAgent {
             return;
         }
         let tmp = self.status_path.with_extension("tmp");
+        if let Some(dir) = self.status_path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
         let result = serde_json::to_vec_pretty(statuses)
             .map_err(anyhow::Error::from)
             .and_then(|text| Ok(std::fs::write(&tmp, text)?))

@@ -58,7 +58,7 @@ impl Reconciler {
         let (lb, lb_results) = LbAgent::new(
             host,
             mtu,
-            datapath.layout().abi_dir().join("lb-targets.json"),
+            controlplane::lb::status_path(datapath.layout()),
         );
         Ok(Reconciler {
             lb,
