@@ -41,7 +41,16 @@ pub fn balance(pkt: &TcPacket, ep: &Endpoint) -> Result<(), DropReason> {
         record(&KernelTables, &ip, ep.vni, &sel, now);
     }
     let b = &sel.backend;
-    rewrite(pkt, &ip, IP_DST, 2, v4(&ip.dst), v4(&b.addr), ip.dst_port, b.port)
+    rewrite(
+        pkt,
+        &ip,
+        IP_DST,
+        2,
+        v4(&ip.dst),
+        v4(&b.addr),
+        ip.dst_port,
+        b.port,
+    )
 }
 
 /// Whether a packet about to be delivered to `ep` is a target's reply to a balanced flow.
@@ -63,7 +72,16 @@ pub fn reverse(pkt: &TcPacket, ep: &Endpoint) -> Result<(), DropReason> {
         return Ok(());
     };
     let rev: LbReverse = rev;
-    rewrite(pkt, &ip, IP_SRC, 0, v4(&ip.src), v4(&rev.vip), ip.src_port, rev.port)
+    rewrite(
+        pkt,
+        &ip,
+        IP_SRC,
+        0,
+        v4(&ip.src),
+        v4(&rev.vip),
+        ip.src_port,
+        rev.port,
+    )
 }
 
 /// Replaces the address at IPv4 offset `addr_field` (`old` -> `new`) and the port at L4

@@ -14,9 +14,9 @@ use dataplane_common::{
     conntrack::{CtConfig, CtEntry, CtKey},
     lb::{LbBackend, LbFlow, LbReverse, LbService, LbServiceKey, LbTuple},
     maps::{
-        CONNTRACK_MAX_ENTRIES, LB_BACKENDS_MAX_ENTRIES, LB_FLOWS_MAX_ENTRIES, LB_MAGLEV_SLOTS,
-        LB_SERVICES_MAX_ENTRIES, ENDPOINT_DROPS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES,
-        FILTER_MAX_ENTRIES, NEIGHBORS_MAX_ENTRIES, POLICY_MAX_ENTRIES, ROUTES_MAX_ENTRIES,
+        CONNTRACK_MAX_ENTRIES, ENDPOINT_DROPS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES,
+        FILTER_MAX_ENTRIES, LB_BACKENDS_MAX_ENTRIES, LB_FLOWS_MAX_ENTRIES, LB_MAGLEV_SLOTS,
+        LB_SERVICES_MAX_ENTRIES, NEIGHBORS_MAX_ENTRIES, POLICY_MAX_ENTRIES, ROUTES_MAX_ENTRIES,
         VNIS_MAX_ENTRIES, VTEPS_MAX_ENTRIES,
     },
     overlay::{Endpoint, Neighbor, NeighborKey, OverlayConfig, Route, RoutePrefix},
@@ -161,5 +161,4 @@ pub static LB_FLOWS: LruHashMap<LbTuple, LbFlow> = LruHashMap::pinned(LB_FLOWS_M
 /// deliveries) and TC ingress (decapsulated deliveries) for clients in VPCs with load
 /// balancers. Size: as `LB_FLOWS`.
 #[map]
-pub static LB_REVERSE: LruHashMap<LbTuple, LbReverse> =
-    LruHashMap::pinned(LB_FLOWS_MAX_ENTRIES, 0);
+pub static LB_REVERSE: LruHashMap<LbTuple, LbReverse> = LruHashMap::pinned(LB_FLOWS_MAX_ENTRIES, 0);

@@ -15,8 +15,8 @@ use dataplane_common::{
 };
 
 use crate::maps::{
-    ACL_ADDR, ACL_PORT, CONNTRACK, CT_CONFIG, FILTER, LB_BACKENDS, LB_FLOWS, LB_MAGLEV,
-    LB_REVERSE, LB_SERVICES, NEIGHBORS, OVERLAY_CONFIG, ROUTES, SG_ADDR, SG_PORT, VNIS, VTEPS,
+    ACL_ADDR, ACL_PORT, CONNTRACK, CT_CONFIG, FILTER, LB_BACKENDS, LB_FLOWS, LB_MAGLEV, LB_REVERSE,
+    LB_SERVICES, NEIGHBORS, OVERLAY_CONFIG, ROUTES, SG_ADDR, SG_PORT, VNIS, VTEPS,
 };
 
 /// All lookup tables of the datapath.
@@ -146,7 +146,7 @@ impl LbTables for KernelTables {
     #[inline(always)]
     fn backend(&self, id: u32) -> Option<LbBackend> {
         // SAFETY: see the module docs.
-        unsafe { LB_BACKENDS.get(&id).copied() }
+        unsafe { LB_BACKENDS.get(id).copied() }
     }
 
     #[inline(always)]

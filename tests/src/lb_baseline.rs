@@ -298,7 +298,16 @@ struct WorkerResult {
 /// (`net.ipv4.ip_local_port_range = 1024 65535`) and `net.ipv4.tcp_tw_reuse = 1`.
 /// [`connect_rate`] calls it.
 pub fn tune_client(ns: &NetNs) -> Result<()> {
-    ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    tune_client_ports(ns, (1024, 65535))
+}
+
+/// As [`tune_client`], with the ephemeral ports `ports` (disjoint ranges keep two measured
+/// paths from reusing each other's 4-tuples).
+pub fn tune_client_ports(ns: &NetNs, ports: (u16, u16)) -> Result<()> {
+    ns.sysctl(
+        "net.ipv4.ip_local_port_range",
+        &format!("{} {}", ports.0, ports.1),
+    )?;
     ns.sysctl("net.ipv4.tcp_tw_reuse", "1")
 }
 
@@ -319,7 +328,18 @@ pub fn connect_rate(
     duration: Duration,
     concurrency: usize,
 ) -> Result<ConnRate> {
-    tune_client(ns)?;
+    connect_rate_ports(ns, addr, duration, concurrency, (1024, 65535))
+}
+
+/// As [`connect_rate`], with the client's ephemeral ports limited to `ports`.
+pub fn connect_rate_ports(
+    ns: &NetNs,
+    addr: SocketAddrV4,
+    duration: Duration,
+    concurrency: usize,
+    ports: (u16, u16),
+) -> Result<ConnRate> {
+    tune_client_ports(ns, ports)?;
     let concurrency = concurrency.max(1);
     let barrier = Barrier::new(concurrency + 1);
     let (results, elapsed) = thread::scope(|s| {

@@ -5,6 +5,7 @@
 //! xtask test` runs them; names are unique per test, so they run in parallel.
 
 pub mod lb_baseline;
+pub mod lb_bench;
 pub mod netns;
 pub mod overlay_fixture;
 pub mod procs;

@@ -82,10 +82,7 @@ fn plan() -> LbPlan {
         group(
             "tg-web",
             LbProtocol::Tcp,
-            vec![
-                target("peer", PEER, 8080),
-                target("remote", REMOTE, 8080),
-            ],
+            vec![target("peer", PEER, 8080), target("remote", REMOTE, 8080)],
         ),
         group("tg-dns", LbProtocol::Udp, vec![target("peer", PEER, 5353)]),
         group("tg-empty", LbProtocol::Tcp, vec![]),
@@ -139,7 +136,11 @@ fn send(f: &Fixture, from: u32, frame: &[u8]) -> (u32, Vec<u8>) {
 }
 
 fn syn_to_vip(sport: u16, flags: u8) -> Vec<u8> {
-    with_macs(&tcp(v4(ME, VIP), sport, 80, flags, b"hello"), ROUTER, ME_MAC)
+    with_macs(
+        &tcp(v4(ME, VIP), sport, 80, flags, b"hello"),
+        ROUTER,
+        ME_MAC,
+    )
 }
 
 /// The IPv4 packet of an output frame (the inner one of VXLAN), checksums verified.
@@ -147,7 +148,9 @@ fn ip_of(frame: &[u8]) -> Vec<u8> {
     let eth = EthernetPacket::new(frame).expect("ethernet");
     let mut ip = eth.payload().to_vec();
     let outer = Ipv4Packet::new(&ip).unwrap();
-    if outer.get_next_level_protocol().0 == 17 && outer.get_destination() == Ipv4Addr::from(VTEP_PEER) {
+    if outer.get_next_level_protocol().0 == 17
+        && outer.get_destination() == Ipv4Addr::from(VTEP_PEER)
+    {
         // VXLAN: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
         ip = ip[50..].to_vec();
     }
@@ -258,10 +261,9 @@ fn replies_are_reverse_nated_locally_and_after_decapsulation() {
             ME_MAC,
             ROUTER,
         );
-        let r = f
-            .dp
-            .run(Hook::TcIngress, &vxlan(VTEP_PEER, VTEP_ME, 7, VNI, &inner))
-            .unwrap();
+        let r =
+            f.dp.run(Hook::TcIngress, &vxlan(VTEP_PEER, VTEP_ME, 7, VNI, &inner))
+                .unwrap();
         assert_eq!(r.retval, TC_ACT_REDIRECT);
         assert_eq!(tuple(&ip_of(&r.output)), (VIP, 80, ME, remote));
 
@@ -349,7 +351,10 @@ fn health_and_draining_decide_new_flows_while_existing_ones_stay() {
             .map(|sport| tuple(&ip_of(&send(&f, f.me, &syn_to_vip(sport, SYN)).1)).2)
             .collect()
     });
-    assert!(fresh.contains(&PEER) && fresh.contains(&REMOTE), "fail open");
+    assert!(
+        fresh.contains(&PEER) && fresh.contains(&REMOTE),
+        "fail open"
+    );
 
     // Peer draining: its flows continue, no new ones.
     f.lb_targets = states(TargetState::Draining, TargetState::Healthy);

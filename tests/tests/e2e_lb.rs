@@ -234,7 +234,13 @@ fn load_balancer_spreads_detects_failures_and_drains() {
     // Long-lived connections, at least one per target.
     let mut open: Vec<(u8, TcpStream)> = Vec::new();
     for _ in 0..200 {
-        if open.iter().map(|(tag, _)| *tag).collect::<std::collections::BTreeSet<_>>().len() == 3 {
+        if open
+            .iter()
+            .map(|(tag, _)| *tag)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            == 3
+        {
             break;
         }
         let c = connect(client, vip).unwrap();
@@ -248,7 +254,12 @@ fn load_balancer_spreads_detects_failures_and_drains() {
     // slack), no new connection reaches it, the others' connections are unaffected.
     servers[1].kill();
     let killed = Instant::now();
-    let detected = wait_state(&t, TARGETS[1].1, TargetState::Unhealthy, Duration::from_secs(10));
+    let detected = wait_state(
+        &t,
+        TARGETS[1].1,
+        TargetState::Unhealthy,
+        Duration::from_secs(10),
+    );
     let detected = detected.max(killed.elapsed());
     println!("killed target detected after {detected:?} (interval 0.5 s x threshold 2)");
     assert!(detected < Duration::from_millis(2500), "{detected:?}");
@@ -264,12 +275,24 @@ fn load_balancer_spreads_detects_failures_and_drains() {
     // Deregister target 2: it drains. Its open connection keeps working, no new one
     // reaches it; after the 4 s delay it is gone.
     write_state(&t, &all[..2]);
-    wait_state(&t, TARGETS[2].1, TargetState::Draining, Duration::from_secs(5));
+    wait_state(
+        &t,
+        TARGETS[2].1,
+        TargetState::Draining,
+        Duration::from_secs(5),
+    );
     thread::sleep(Duration::from_millis(300));
     let during = spread(client, vip, 30);
-    assert_eq!(during.keys().copied().collect::<Vec<_>>(), vec![0], "{during:?}");
+    assert_eq!(
+        during.keys().copied().collect::<Vec<_>>(),
+        vec![0],
+        "{during:?}"
+    );
     let (_, draining_conn) = open.iter_mut().find(|(tag, _)| *tag == 2).unwrap();
-    assert!(echoes(draining_conn), "the draining target's connection broke");
+    assert!(
+        echoes(draining_conn),
+        "the draining target's connection broke"
+    );
 
     // The CLI shows the states.
     let out = cli(&[
@@ -279,7 +302,10 @@ fn load_balancer_spreads_detects_failures_and_drains() {
         t.pin_dir(0).unwrap().to_str().unwrap(),
     ])
     .unwrap();
-    assert!(out.contains("draining") && out.contains("unhealthy"), "{out}");
+    assert!(
+        out.contains("draining") && out.contains("unhealthy"),
+        "{out}"
+    );
     let flows = cli(&[
         "lb",
         "flows",
@@ -291,7 +317,10 @@ fn load_balancer_spreads_detects_failures_and_drains() {
 
     let start = Instant::now();
     while states(&t).contains_key(&Ipv4Addr::from(TARGETS[2].1)) {
-        assert!(start.elapsed() < Duration::from_secs(8), "drain never ended");
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "drain never ended"
+        );
         thread::sleep(Duration::from_millis(100));
     }
     println!("drain ended after {:?} (delay 4 s)", start.elapsed());

@@ -190,8 +190,7 @@ impl LbMaps {
             })
             .map(|(k, _)| k)
             .collect();
-        sys::delete_batch(self.reverse.fd().as_fd(), &orphans)
-            .map_err(io_err(maps::LB_REVERSE))?;
+        sys::delete_batch(self.reverse.fd().as_fd(), &orphans).map_err(io_err(maps::LB_REVERSE))?;
         Ok((live.len(), dead.len()))
     }
 
@@ -436,7 +435,8 @@ impl LbSync {
             if let Some(old) = current
                 && old.value.table_size > 0
             {
-                self.retired.push((old.value.table_offset, old.value.table_size));
+                self.retired
+                    .push((old.value.table_offset, old.value.table_size));
             }
             self.services.insert(
                 *key,
@@ -459,7 +459,8 @@ impl LbSync {
             if let Some(old) = self.services.remove(&key)
                 && old.value.table_size > 0
             {
-                self.retired.push((old.value.table_offset, old.value.table_size));
+                self.retired
+                    .push((old.value.table_offset, old.value.table_size));
             }
             report.services += 1;
         }

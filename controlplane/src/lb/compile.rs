@@ -136,11 +136,7 @@ pub fn target_states(
 }
 
 /// What the load-balancer maps of a host running instances of `vnis_here` must hold.
-pub fn desired(
-    plan: &LbPlan,
-    vnis_here: &BTreeSet<u32>,
-    states: &[TargetStatus],
-) -> LbDesired {
+pub fn desired(plan: &LbPlan, vnis_here: &BTreeSet<u32>, states: &[TargetStatus]) -> LbDesired {
     let mut out = LbDesired::default();
     let mut by_group: BTreeMap<&str, Vec<&TargetStatus>> = BTreeMap::new();
     for s in states {

@@ -109,15 +109,24 @@ mod tests {
     fn thresholds_decide_transitions() {
         use TargetState::*;
         let mut t = Tracker::default();
-        assert_eq!(run(&mut t, &[true, true, true]), [Initial, Initial, Healthy]);
+        assert_eq!(
+            run(&mut t, &[true, true, true]),
+            [Initial, Initial, Healthy]
+        );
         // One failure is not enough; a success resets the count.
-        assert_eq!(run(&mut t, &[false, true, false]), [Healthy, Healthy, Healthy]);
+        assert_eq!(
+            run(&mut t, &[false, true, false]),
+            [Healthy, Healthy, Healthy]
+        );
         assert_eq!(run(&mut t, &[false]), [Unhealthy]);
         assert_eq!(t.last_failure.as_deref(), Some("refused"));
         // Back to healthy only after the healthy threshold.
-        assert_eq!(run(&mut t, &[true, true, false, true, true, true]), [
-            Unhealthy, Unhealthy, Unhealthy, Unhealthy, Unhealthy, Healthy
-        ]);
+        assert_eq!(
+            run(&mut t, &[true, true, false, true, true, true]),
+            [
+                Unhealthy, Unhealthy, Unhealthy, Unhealthy, Unhealthy, Healthy
+            ]
+        );
         let mut fresh = Tracker::default();
         assert_eq!(run(&mut fresh, &[false, false]), [Initial, Unhealthy]);
     }

@@ -173,11 +173,12 @@ impl Default for HealthCheck {
 impl HealthCheck {
     /// The timeout in effect, in seconds.
     pub fn timeout_secs(&self) -> f64 {
-        self.timeout.unwrap_or(match self.protocol {
-            HealthCheckProtocol::Tcp => 10.0,
-            HealthCheckProtocol::Http => 6.0,
-        })
-        .min(self.interval)
+        self.timeout
+            .unwrap_or(match self.protocol {
+                HealthCheckProtocol::Tcp => 10.0,
+                HealthCheckProtocol::Http => 6.0,
+            })
+            .min(self.interval)
     }
 }
 

@@ -263,7 +263,12 @@ fn check_health(tg: &str, h: &HealthCheck, min_interval_ms: u32) -> Result<(), L
         }
     }
     if h.port == Some(0) {
-        return Err(invalid(&object, "health_check.port", 0, "expected 1..=65535"));
+        return Err(invalid(
+            &object,
+            "health_check.port",
+            0,
+            "expected 1..=65535",
+        ));
     }
     if h.protocol == HealthCheckProtocol::Http && !h.path.starts_with('/') {
         return Err(invalid(
@@ -335,7 +340,11 @@ pub fn plan(doc: &StateFile) -> Result<LbPlan, LbError> {
         if tg.port == 0 {
             return Err(invalid(&object, "port", 0, "expected 1..=65535"));
         }
-        check_health(&tg.id, &tg.health_check, limits.min_health_check_interval_ms)?;
+        check_health(
+            &tg.id,
+            &tg.health_check,
+            limits.min_health_check_interval_ms,
+        )?;
         if tg.deregistration_delay > 3600 {
             return Err(invalid(
                 &object,
@@ -372,7 +381,12 @@ pub fn plan(doc: &StateFile) -> Result<LbPlan, LbError> {
             }
             let weight = t.weight.unwrap_or(1);
             if !(1..=100).contains(&weight) {
-                return Err(invalid(&object, "targets[].weight", weight, "expected 1..=100"));
+                return Err(invalid(
+                    &object,
+                    "targets[].weight",
+                    weight,
+                    "expected 1..=100",
+                ));
             }
             if !seen.insert((e.ip, port)) {
                 return Err(invalid(
@@ -465,7 +479,12 @@ pub fn plan(doc: &StateFile) -> Result<LbPlan, LbError> {
         let mut seen = BTreeSet::new();
         for l in &lb.listeners {
             if l.port == 0 {
-                return Err(invalid(&object, "listeners[].port", 0, "expected 1..=65535"));
+                return Err(invalid(
+                    &object,
+                    "listeners[].port",
+                    0,
+                    "expected 1..=65535",
+                ));
             }
             if !seen.insert((l.protocol, l.port)) {
                 return Err(invalid(

@@ -17,11 +17,12 @@
 //! A [`ProbeNs`] is a namespace that a dedicated OS thread creates with `unshare(CLONE_NEWNET)`
 //! and that nothing else refers to (no bind mount, no name under /run/netns):
 //!
-//! - It lives exactly as long as the thread. When the thread exits, or the process dies (a
-//!   crash included), the kernel drops the namespace's last reference and destroys it with its
-//!   interfaces; destroying the namespace's end of a veth destroys the pair. A crashed agent
-//!   leaks no namespace, interface or route, and a restarted one starts from a clean slate.
-//!   (A named namespace, or a descriptor kept to `setns` into, would outlive a crash.)
+//! - It lives as long as the thread. When the thread exits, or the process dies (a crash
+//!   included), the namespace loses its last reference and the kernel destroys it, a few
+//!   milliseconds later, with its interfaces; destroying the namespace's end of a veth
+//!   destroys the pair. A crashed agent leaks no namespace, interface or route, and a
+//!   restarted one starts from a clean slate. (A namespace named under /run/netns is a bind
+//!   mount, which outlives a crash and must be cleaned up.)
 //! - The network namespace is a per-thread attribute: `unshare` moves the calling thread only,
 //!   never the rest of the (multi-threaded) agent. A socket belongs to the namespace its
 //!   creating thread was in when it was created, and a child process starts in its spawning
@@ -386,10 +387,9 @@ async fn serve(mut jobs: mpsc::UnboundedReceiver<Job>) {
             Job::Ip(job) => {
                 let _ = ip_jobs.send(job);
             }
-            Job::Shutdown => {}
+            Job::Shutdown => break,
         }
     }
-    std::future::pending::<()>().await;
 }
 
 /// Runs `ip` commands, one job at a time.
@@ -737,6 +737,15 @@ mod tests {
         format!("/proc/{}/task/{}", std::process::id(), ns.tid())
     }
 
+    /// Panics unless `ns`'s thread is in another network namespace than the test.
+    fn assert_separate(ns: &ProbeNs) {
+        let ours = fs::metadata("/proc/self/ns/net").expect("our netns").ino();
+        let theirs = fs::metadata(format!("{}/ns/net", task_dir(ns)))
+            .expect("the thread's netns")
+            .ino();
+        assert_ne!(ours, theirs, "the thread must be in another namespace");
+    }
+
     /// Runs `f` on a scoped thread that entered `ns`'s namespace with setns(2).
     fn in_namespace<T: Send>(ns: &ProbeNs, f: impl FnOnce() -> T + Send) -> T {
         let path = format!("{}/ns/net", task_dir(ns));
@@ -942,6 +951,9 @@ mod tests {
         async fn new() -> Lab {
             let probe = ProbeNs::spawn("hc-test-probe").expect("probe namespace");
             let server = ProbeNs::spawn("hc-test-server").expect("server namespace");
+            // Everything below happens in these two namespaces: make sure they are not ours.
+            assert_separate(&probe);
+            assert_separate(&server);
             let server_if = unique_ifname();
             // Both ends are created directly in their namespaces: nothing appears here.
             let (ok, out) = ip_here(&[
@@ -960,7 +972,10 @@ mod tests {
             ]);
             assert!(ok, "creating the veth: {out}");
             let (here, _) = ip_here(&["link", "show", "dev", &server_if]);
-            assert!(!here, "{server_if} must not be in the test's namespace");
+            if here {
+                ip_here(&["link", "del", "dev", &server_if]);
+                panic!("{server_if} must not be in the test's namespace");
+            }
 
             server
                 .configure(&server_if, SERVER_MAC, SERVER_IP, 24, PROBE_IP, MTU)
@@ -1039,11 +1054,7 @@ mod tests {
             "the tid of a new thread, not the pid"
         );
 
-        let ours = fs::metadata("/proc/self/ns/net").expect("our netns").ino();
-        let theirs = fs::metadata(format!("{}/ns/net", task_dir(&ns)))
-            .expect("the thread's netns")
-            .ino();
-        assert_ne!(ours, theirs, "the thread must be in another namespace");
+        assert_separate(&ns);
         let comm = fs::read_to_string(format!("{}/comm", task_dir(&ns))).expect("comm");
         assert_eq!(comm.trim(), "hc-test-spawn");
 
@@ -1298,7 +1309,7 @@ mod tests {
 
     /// Stops a lab's probe namespace with `stop`; checks the thread, the namespace and the
     /// veth pair (whose other end is in the server namespace) disappear.
-    async fn check_stop_removes_everything(stop: impl FnOnce(ProbeNs)) {
+    async fn check_stop_removes_everything(stop: impl FnOnce(ProbeNs) + Send + 'static) {
         let lab = Lab::new().await;
         assert_eq!(
             lab.probe.probe(at(TCP_PORT), &tcp()).await,
@@ -1315,7 +1326,13 @@ mod tests {
         } = lab;
         assert!(veth_exists(&server, &server_if).await);
 
-        stop(probe);
+        // On another thread, so that a stop that hangs fails the test instead of hanging it.
+        let stopper = thread::spawn(move || stop(probe));
+        assert!(
+            eventually(Duration::from_secs(5), async || stopper.is_finished()).await,
+            "stopping the namespace's thread did not return within 5 s"
+        );
+        stopper.join().expect("stopping panicked");
         assert!(
             eventually(Duration::from_secs(2), async || !Path::new(&task).exists()).await,
             "the thread {task} is still there"
@@ -1376,6 +1393,12 @@ mod tests {
             "{stdout}{}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    #[test]
+    fn probe_ns_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<ProbeNs>();
     }
 
     #[test]

@@ -87,7 +87,9 @@ impl NeighborEntry {
                 mac: v.mac,
             },
             k if k == NeighborKind::Gateway as u32 => NeighborEntry::Gateway { mac: v.mac },
-            k if k == NeighborKind::LoadBalancer as u32 => NeighborEntry::LoadBalancer { mac: v.mac },
+            k if k == NeighborKind::LoadBalancer as u32 => {
+                NeighborEntry::LoadBalancer { mac: v.mac }
+            }
             _ => return None,
         })
     }

@@ -44,6 +44,7 @@ use dataplane_common::{
     testpkt::{arp_request, icmp4_echo, tcp_syn, udp, v4, v6},
 };
 use vpc_tests::{
+    lb_bench,
     netns::{BpffsDir, NetNs, ping, veth_pair},
     procs::Agent,
     security_bench,
@@ -85,10 +86,16 @@ fn main() -> Result<()> {
         "security-apply" => security_bench::apply_time(),
         "security-conntrack" => security_bench::conntrack_scale(&security),
         "security-nft" => security_bench::nft_baseline(&security, &Vec::new()),
+        "lb" => {
+            lb_bench::per_packet(security.samples.min(5_000))?;
+            lb_bench::conn_rate(seconds.min(3), rounds.min(3), 4)
+        }
+        "lb-per-packet" => lb_bench::per_packet(security.samples),
+        "lb-conn" => lb_bench::conn_rate(seconds, rounds, 4),
         other => bail!(
             "unknown benchmark `{other}` (datapath, per-packet, throughput, overlay, \
              overlay-per-packet, security, security-rules, security-apply, security-conntrack, \
-             security-nft)"
+             security-nft, lb, lb-per-packet, lb-conn)"
         ),
     }
 }

@@ -416,7 +416,9 @@ impl LbAgent {
             .and_then(|()| Ok(std::fs::rename(&tmp, &self.status_path)?));
         match result {
             Ok(()) => self.last_status = statuses.to_vec(),
-            Err(e) => warn!(error = %e, path = %self.status_path.display(), "writing target states"),
+            Err(e) => {
+                warn!(error = %e, path = %self.status_path.display(), "writing target states")
+            }
         }
     }
 }

@@ -55,11 +55,8 @@ impl Reconciler {
         underlay: &str,
     ) -> Result<Self> {
         let mtu = read_mtu(underlay)?.saturating_sub(dataplane_common::overlay::VXLAN_OVERHEAD);
-        let (lb, lb_results) = LbAgent::new(
-            host,
-            mtu,
-            controlplane::lb::status_path(datapath.layout()),
-        );
+        let (lb, lb_results) =
+            LbAgent::new(host, mtu, controlplane::lb::status_path(datapath.layout()));
         Ok(Reconciler {
             lb,
             lb_results: Some(lb_results),
@@ -206,8 +203,13 @@ impl Reconciler {
         if changes > 0 || self.first {
             crate::say(format_args!(
                 "overlay: reconciled {changes} changes ({} local ports, {} neighbors, {} security-group policies, {} ACLs, {} listeners, {} backends, {} tables written)",
-                report.ports, report.neighbors, report.installed.0, report.installed.1,
-                report.lb_installed.0, report.lb_installed.1, report.lb.tables,
+                report.ports,
+                report.neighbors,
+                report.installed.0,
+                report.installed.1,
+                report.lb_installed.0,
+                report.lb_installed.1,
+                report.lb.tables,
             ));
         }
         self.lb.publish(&targets);
