@@ -695,11 +695,16 @@ mod tests {
 
     /// Slack on top of a check's timeout.
     const SLACK: Duration = Duration::from_millis(500);
+    /// The timeout of checks that should not time out: TCP retransmits a lost SYN after 1 s,
+    /// so a 1 s timeout would turn one packet lost on a busy machine into a failed test.
+    const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+    /// The timeout of checks that should time out.
+    const SHORT_TIMEOUT: Duration = Duration::from_secs(1);
 
     fn tcp() -> ProbeSpec {
         ProbeSpec {
             kind: ProbeKind::Tcp,
-            timeout: Duration::from_secs(1),
+            timeout: CHECK_TIMEOUT,
         }
     }
 
@@ -708,7 +713,15 @@ mod tests {
             kind: ProbeKind::Http {
                 path: path.to_owned(),
             },
-            timeout: Duration::from_secs(1),
+            timeout: CHECK_TIMEOUT,
+        }
+    }
+
+    /// `spec` with [`SHORT_TIMEOUT`].
+    fn short(spec: ProbeSpec) -> ProbeSpec {
+        ProbeSpec {
+            timeout: SHORT_TIMEOUT,
+            ..spec
         }
     }
 
@@ -1237,11 +1250,13 @@ mod tests {
 
         let start = Instant::now();
         assert_eq!(
-            lab.probe.probe(at(HTTP_SILENT_PORT), &http("/")).await,
+            lab.probe
+                .probe(at(HTTP_SILENT_PORT), &short(http("/")))
+                .await,
             unhealthy("timed out after 1s")
         );
         assert!(
-            start.elapsed() <= Duration::from_secs(1) + SLACK,
+            start.elapsed() <= SHORT_TIMEOUT + SLACK,
             "took {:?}",
             start.elapsed()
         );
@@ -1281,7 +1296,7 @@ mod tests {
                 if i % 2 == 0 {
                     let outcome = lab
                         .probe
-                        .probe(SocketAddrV4::new(BLACKHOLE_IP, 1000 + i), &tcp())
+                        .probe(SocketAddrV4::new(BLACKHOLE_IP, 1000 + i), &short(tcp()))
                         .await;
                     (outcome, unhealthy("timed out after 1s"))
                 } else {
@@ -1296,9 +1311,10 @@ mod tests {
             let (outcome, expected) = result.expect("probe task");
             assert_eq!(outcome, expected);
         }
-        // One after the other, the 100 timeouts alone would take 100 s.
+        // One after the other, the 100 timeouts alone would take 100 s. (Not 1 s + slack: on
+        // a busy machine a healthy check may wait for a SYN retransmission.)
         assert!(
-            start.elapsed() <= Duration::from_secs(1) + SLACK,
+            start.elapsed() <= Duration::from_secs(3),
             "took {:?}",
             start.elapsed()
         );
