@@ -53,13 +53,24 @@ pub fn balance(pkt: &TcPacket, ep: &Endpoint) -> Result<(), DropReason> {
     )
 }
 
+/// Parses the packet into `ip` and looks up its reverse NAT (a reply of a balanced flow of
+/// `ep`'s VPC).
+#[inline(always)]
+fn reply(
+    pkt: &TcPacket,
+    ep: &Endpoint,
+    ip: &mut IpPacket,
+) -> Result<Option<LbReverse>, DropReason> {
+    parse_ip(pkt, ip)?;
+    Ok(reverse_of(ip, ep.vni, &KernelTables))
+}
+
 /// Whether a packet about to be delivered to `ep` is a target's reply to a balanced flow.
 /// A BPF subprogram.
 #[inline(never)]
 pub fn is_reply(pkt: &TcPacket, ep: &Endpoint) -> Result<bool, DropReason> {
     let mut ip = EMPTY_IP;
-    parse_ip(pkt, &mut ip)?;
-    Ok(reverse_of(&ip, ep.vni, &KernelTables).is_some())
+    Ok(reply(pkt, ep, &mut ip)?.is_some())
 }
 
 /// Rewrites a target's reply to a balanced flow of `ep` so it comes from the VIP and
@@ -67,11 +78,9 @@ pub fn is_reply(pkt: &TcPacket, ep: &Endpoint) -> Result<bool, DropReason> {
 #[inline(never)]
 pub fn reverse(pkt: &TcPacket, ep: &Endpoint) -> Result<(), DropReason> {
     let mut ip = EMPTY_IP;
-    parse_ip(pkt, &mut ip)?;
-    let Some(rev) = reverse_of(&ip, ep.vni, &KernelTables) else {
+    let Some(rev) = reply(pkt, ep, &mut ip)? else {
         return Ok(());
     };
-    let rev: LbReverse = rev;
     rewrite(
         pkt,
         &ip,

@@ -63,6 +63,12 @@ pub fn overlay_config() -> OverlayConfig {
     OVERLAY_CONFIG.get(0).copied().unwrap_or_default()
 }
 
+/// The conntrack timeouts (`CT_CONFIG`; policy and load balancer both read them).
+#[inline(always)]
+fn ct_config() -> CtConfig {
+    CT_CONFIG.get(0).copied().unwrap_or_default()
+}
+
 /// A conntrack entry in the map, written in place.
 pub struct KernelCt(*mut CtEntry);
 
@@ -127,7 +133,7 @@ impl PolicyTables for KernelTables {
 
     #[inline(always)]
     fn ct_config(&self) -> CtConfig {
-        CT_CONFIG.get(0).copied().unwrap_or_default()
+        ct_config()
     }
 }
 
@@ -171,6 +177,6 @@ impl LbTables for KernelTables {
 
     #[inline(always)]
     fn ct_config(&self) -> CtConfig {
-        CT_CONFIG.get(0).copied().unwrap_or_default()
+        ct_config()
     }
 }

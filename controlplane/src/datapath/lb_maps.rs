@@ -34,7 +34,7 @@ use dataplane_common::{
 
 use super::{
     DatapathError, PinLayout,
-    map_io::{map_err, open, removed},
+    map_io::{batch_err, map_err, open, removed},
     sys,
 };
 use crate::lb::{
@@ -71,16 +71,6 @@ pub enum LbSyncError {
         /// Slots in use.
         used: u64,
     },
-}
-
-fn io_err(map: &'static str) -> impl Fn(std::io::Error) -> DatapathError {
-    move |e| DatapathError::Map {
-        map,
-        source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-            call: "bpf batch",
-            io_error: e,
-        }),
-    }
 }
 
 /// Handles on the pinned load-balancer maps.
@@ -121,11 +111,6 @@ impl LbMaps {
         })
     }
 
-    /// Slots of `LB_MAGLEV`.
-    pub fn table_capacity(&self) -> u32 {
-        self.maglev_slots
-    }
-
     /// Every listener.
     pub fn services(&self) -> Result<BTreeMap<LbServiceKey, LbService>, DatapathError> {
         self.services
@@ -142,25 +127,14 @@ impl LbMaps {
             .collect()
     }
 
-    /// Slots `offset..offset + len` of `LB_MAGLEV` (batched reads).
-    pub fn table(&self, offset: u32, len: u32) -> Result<Vec<u32>, DatapathError> {
-        let all: Vec<(u32, u32)> =
-            sys::lookup_batch(self.maglev.fd().as_fd()).map_err(io_err(maps::LB_MAGLEV))?;
-        Ok(all
-            .into_iter()
-            .filter(|(k, _)| (offset..offset + len).contains(k))
-            .map(|(_, v)| v)
-            .collect())
-    }
-
     /// Every balanced flow.
     pub fn flows(&self) -> Result<Vec<(LbTuple, LbFlow)>, DatapathError> {
-        sys::lookup_batch(self.flows.fd().as_fd()).map_err(io_err(maps::LB_FLOWS))
+        sys::lookup_batch(self.flows.fd().as_fd()).map_err(batch_err(maps::LB_FLOWS))
     }
 
     /// Every reverse-NAT entry.
     pub fn reverse_entries(&self) -> Result<Vec<(LbTuple, LbReverse)>, DatapathError> {
-        sys::lookup_batch(self.reverse.fd().as_fd()).map_err(io_err(maps::LB_REVERSE))
+        sys::lookup_batch(self.reverse.fd().as_fd()).map_err(batch_err(maps::LB_REVERSE))
     }
 
     /// Deletes flows idle past their timeout (`cfg`'s established TCP, UDP or other) and
@@ -172,7 +146,7 @@ impl LbMaps {
                 > cfg.timeout_ns(k.proto, CtState::Established as u32)
         });
         let dead: Vec<LbTuple> = expired.iter().map(|(k, _)| *k).collect();
-        sys::delete_batch(self.flows.fd().as_fd(), &dead).map_err(io_err(maps::LB_FLOWS))?;
+        sys::delete_batch(self.flows.fd().as_fd(), &dead).map_err(batch_err(maps::LB_FLOWS))?;
         let forward: BTreeSet<LbTuple> = live.iter().map(|(k, _)| *k).collect();
         let orphans: Vec<LbTuple> = self
             .reverse_entries()?
@@ -190,7 +164,8 @@ impl LbMaps {
             })
             .map(|(k, _)| k)
             .collect();
-        sys::delete_batch(self.reverse.fd().as_fd(), &orphans).map_err(io_err(maps::LB_REVERSE))?;
+        sys::delete_batch(self.reverse.fd().as_fd(), &orphans)
+            .map_err(batch_err(maps::LB_REVERSE))?;
         Ok((live.len(), dead.len()))
     }
 
@@ -200,7 +175,7 @@ impl LbMaps {
             .enumerate()
             .map(|(i, id)| (offset + i as u32, *id))
             .collect();
-        sys::update_batch(self.maglev.fd().as_fd(), &entries).map_err(io_err(maps::LB_MAGLEV))
+        sys::update_batch(self.maglev.fd().as_fd(), &entries).map_err(batch_err(maps::LB_MAGLEV))
     }
 }
 

@@ -32,3 +32,14 @@ pub(super) fn removed(r: Result<(), MapError>, name: &'static str) -> Result<(),
         _ => Ok(()),
     }
 }
+
+/// Wraps the error of a batched syscall (`sys::*_batch`) with the map's name.
+pub(super) fn batch_err(map: &'static str) -> impl Fn(std::io::Error) -> DatapathError {
+    move |io_error| DatapathError::Map {
+        map,
+        source: MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf batch",
+            io_error,
+        }),
+    }
+}

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{Array, LpmTrie, Map, MapData, MapError, PerCpuHashMap, lpm_trie::Key};
+use aya::maps::{Array, LpmTrie, Map, MapData, PerCpuHashMap, lpm_trie::Key};
 use dataplane_common::{
     Counter,
     conntrack::{CtConfig, CtEntry, CtKey},
@@ -20,7 +20,7 @@ use dataplane_common::{
 
 use super::{
     DatapathError, PinLayout,
-    map_io::{map_err, open, removed},
+    map_io::{batch_err, map_err, open, removed},
     sys,
 };
 
@@ -87,16 +87,6 @@ pub struct PolicyMaps {
 impl std::fmt::Debug for PolicyMaps {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PolicyMaps").finish_non_exhaustive()
-    }
-}
-
-fn io_err(map: &'static str) -> impl Fn(std::io::Error) -> DatapathError {
-    move |e| DatapathError::Map {
-        map,
-        source: MapError::SyscallError(aya::sys::SyscallError {
-            call: "bpf batch",
-            io_error: e,
-        }),
     }
 }
 
@@ -248,7 +238,7 @@ impl PolicyMaps {
     /// Every conntrack entry (batched reads).
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError> {
         use std::os::fd::AsFd as _;
-        sys::lookup_batch(self.conntrack.fd().as_fd()).map_err(io_err(maps::CONNTRACK))
+        sys::lookup_batch(self.conntrack.fd().as_fd()).map_err(batch_err(maps::CONNTRACK))
     }
 
     /// Capacity of the conntrack table.
@@ -263,7 +253,7 @@ impl PolicyMaps {
     /// Inserts conntrack entries (benchmarks and tests prefill the table this way).
     pub fn ct_insert(&self, entries: &[(CtKey, CtEntry)]) -> Result<(), DatapathError> {
         use std::os::fd::AsFd as _;
-        sys::update_batch(self.conntrack.fd().as_fd(), entries).map_err(io_err(maps::CONNTRACK))
+        sys::update_batch(self.conntrack.fd().as_fd(), entries).map_err(batch_err(maps::CONNTRACK))
     }
 
     /// Scans conntrack at `now_ns` (CLOCK_MONOTONIC); with `gc`, deletes expired entries.
@@ -274,7 +264,7 @@ impl PolicyMaps {
         let (summary, expired) = summarize(&entries, &cfg, now_ns, self.conntrack_capacity()?);
         if gc && !expired.is_empty() {
             sys::delete_batch(self.conntrack.fd().as_fd(), &expired)
-                .map_err(io_err(maps::CONNTRACK))?;
+                .map_err(batch_err(maps::CONNTRACK))?;
         }
         Ok(summary)
     }

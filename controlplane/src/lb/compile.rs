@@ -164,7 +164,7 @@ pub fn desired(plan: &LbPlan, vnis_here: &BTreeSet<u32>, states: &[TargetStatus]
                 TargetState::Initial | TargetState::Unhealthy => !any_healthy,
                 TargetState::Unused | TargetState::Draining => false,
             };
-            if !in_table && !draining && s.state == TargetState::Unused {
+            if s.state == TargetState::Unused {
                 continue;
             }
             backends.insert(

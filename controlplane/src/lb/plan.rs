@@ -13,7 +13,7 @@ use std::{
 use ipnetwork::Ipv4Network;
 
 use super::{
-    maglev::{MIN_SLOTS_PER_BACKEND, is_prime, next_prime},
+    maglev::{DEFAULT_TABLE_SIZE, MIN_SLOTS_PER_BACKEND, is_prime, next_prime},
     model::{HealthCheck, HealthCheckProtocol, LbProtocol},
 };
 use crate::overlay::{
@@ -21,8 +21,14 @@ use crate::overlay::{
     statefile::{EndpointDoc, StateFile},
 };
 
-/// Default Maglev table size (slots).
-pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
+/// The table size of a listener over `targets` targets when the load balancer sets none:
+/// the default, or the smallest prime giving every target `MIN_SLOTS_PER_BACKEND` slots.
+pub fn default_table_size(targets: usize) -> u32 {
+    let needed = u32::try_from(targets)
+        .unwrap_or(u32::MAX)
+        .saturating_mul(MIN_SLOTS_PER_BACKEND);
+    DEFAULT_TABLE_SIZE.max(next_prime(needed))
+}
 
 /// Why the load balancers of a document are invalid. Each names the object and field.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -541,7 +547,7 @@ pub fn plan(doc: &StateFile) -> Result<LbPlan, LbError> {
                     }
                     n
                 }
-                None => DEFAULT_TABLE_SIZE.max(next_prime(needed)),
+                None => default_table_size(g.targets.len()),
             };
             listeners.push(PlannedListener {
                 lb: lb.id.clone(),
