@@ -1,14 +1,18 @@
 //! The gRPC API of the VPC appliance: generated types and services, plus conversions from the
 //! datapath's own types (`dataplane-common`).
 //!
-//! The control-plane services (VPCs, subnets, security groups, ...) join `vpc.v1` with the
-//! control plane; today the package holds the datapath vocabulary they will report.
+//! Services: `VpcService` (VPCs, subnets, route tables), `SecurityService` (security groups,
+//! network ACLs), `LoadBalancerService`, `InstanceService`, `VolumeService` and
+//! `HostService` (agents). Conventions are in `proto/vpc/v1/common.proto`.
 
 /// `vpc.v1`, generated from `proto/vpc/v1/*.proto`.
 #[allow(missing_docs, clippy::all)]
 pub mod v1 {
     tonic::include_proto!("vpc.v1");
 }
+
+/// The encoded `FileDescriptorSet` of `vpc.v1`, for the gRPC reflection service.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("vpc_descriptor");
 
 use dataplane_common as dp;
 

@@ -1,0 +1,1 @@
+//! `InstanceService` and `VolumeService`.

@@ -1,0 +1,159 @@
+//! `HostService`: agents register, watch their desired state and report what they applied.
+
+use std::{net::Ipv4Addr, pin::Pin, sync::Arc};
+
+use tokio_stream::{Stream, StreamExt as _, wrappers::WatchStream};
+use tonic::{Request, Response, Status};
+use vpc_proto::v1::{self as pb, host_service_server::HostService};
+use vpc_store::{Op, TxnOutcome};
+
+use super::error::ApiError;
+use super::records::{HostRec, host_key, now_ms};
+use super::{Api, respond, validate};
+
+/// The service.
+#[derive(Clone, Debug)]
+pub struct Hosts {
+    api: Api,
+}
+
+impl Hosts {
+    /// Over the shared API state.
+    pub fn new(api: Api) -> Self {
+        Hosts { api }
+    }
+}
+
+/// A host id: 1-63 characters of `a-z0-9-`.
+fn host_id(text: &str) -> Result<String, ApiError> {
+    if text.is_empty()
+        || text.len() > 63
+        || !text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(ApiError::invalid("host_id", "1 to 63 characters of a-z, 0-9 and -"));
+    }
+    Ok(text.to_owned())
+}
+
+/// Decrements the host's stream count when the stream is dropped.
+struct StreamGuard {
+    api: Api,
+    host: String,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.api.programming.stream(&self.host, false);
+    }
+}
+
+type DesiredStream = Pin<Box<dyn Stream<Item = Result<pb::DesiredState, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl HostService for Hosts {
+    async fn register_host(&self, r: Request<pb::RegisterHostRequest>) -> Result<Response<pb::RegisterHostResponse>, Status> {
+        self.api.auth.agent(r.metadata())?;
+        let req = r.into_inner();
+        let id = host_id(&req.host_id)?;
+        let vtep: Ipv4Addr = validate::ipv4("underlay_ip", &req.underlay_ip)?;
+        if vtep.is_unspecified() || vtep.is_broadcast() || vtep.is_multicast() {
+            return Err(ApiError::invalid("underlay_ip", format!("{vtep} cannot be a VTEP")).into());
+        }
+        let key = host_key(&id);
+        let store = &self.api.store;
+        let existing = store.get(&key).await.map_err(ApiError::from)?;
+        let registered_ms = match &existing {
+            Some(kv) => {
+                let old: HostRec = serde_json::from_slice(&kv.value).map_err(ApiError::from)?;
+                if old.vtep == vtep {
+                    let rev = store.revision().await.map_err(ApiError::from)?;
+                    return Ok(respond(pb::RegisterHostResponse {}, rev));
+                }
+                old.registered_ms
+            }
+            None => now_ms(),
+        };
+        // Another host with this VTEP?
+        let cur = self.api.desired.borrow().clone();
+        if let Some(other) = cur.hosts.iter().find(|h| h.vtep == vtep && h.id != id) {
+            return Err(ApiError::AlreadyExists(format!("host {} already has underlay address {vtep}", other.id)).into());
+        }
+        let rec = HostRec { id: id.clone(), vtep, registered_ms };
+        let value = serde_json::to_vec(&rec).map_err(ApiError::from)?;
+        let compare = match &existing {
+            Some(kv) => vpc_store::Compare::ModRevision(key.clone(), kv.mod_revision),
+            None => vpc_store::Compare::Absent(key.clone()),
+        };
+        match store.txn(vec![compare], vec![Op::Put(key, value)]).await.map_err(ApiError::from)? {
+            TxnOutcome::Committed(rev) => {
+                self.api.programming.acked(rev);
+                Ok(respond(pb::RegisterHostResponse {}, rev))
+            }
+            TxnOutcome::Conflict(_) => Err(ApiError::Aborted.into()),
+        }
+    }
+
+    type WatchDesiredStateStream = DesiredStream;
+
+    async fn watch_desired_state(&self, r: Request<pb::WatchDesiredStateRequest>) -> Result<Response<DesiredStream>, Status> {
+        self.api.auth.agent(r.metadata())?;
+        let req = r.into_inner();
+        let id = host_id(&req.host_id)?;
+        if !self.api.desired.borrow().hosts.iter().any(|h| h.id == id) {
+            return Err(ApiError::Precondition(format!("host {id} is not registered (RegisterHost first)")).into());
+        }
+        self.api.programming.stream(&id, true);
+        let guard = Arc::new(StreamGuard { api: self.api.clone(), host: id });
+        let stream = WatchStream::new(self.api.desired.clone()).map(move |d| {
+            let _keep = &guard;
+            Ok(pb::DesiredState {
+                revision: d.revision,
+                document: d.document.as_ref().clone(),
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn report_applied(&self, r: Request<pb::ReportAppliedRequest>) -> Result<Response<pb::ReportAppliedResponse>, Status> {
+        self.api.auth.agent(r.metadata())?;
+        let req = r.into_inner();
+        let id = host_id(&req.host_id)?;
+        self.api.programming.report(&id, req.revision, &req.error);
+        Ok(Response::new(pb::ReportAppliedResponse {}))
+    }
+
+    async fn describe_hosts(&self, r: Request<pb::DescribeHostsRequest>) -> Result<Response<pb::DescribeHostsResponse>, Status> {
+        // Tenants may see the hosts (placement is theirs to choose); agents too.
+        self.api.auth.principal(r.metadata())?;
+        let live = self.api.programming.hosts();
+        let d = self.api.desired.borrow().clone();
+        let hosts = d
+            .hosts
+            .iter()
+            .map(|h| {
+                let l = live.get(&h.id).cloned().unwrap_or_default();
+                pb::Host {
+                    host_id: h.id.clone(),
+                    underlay_ip: h.vtep.to_string(),
+                    connected: l.streams > 0,
+                    applied_revision: l.applied,
+                    last_error: l.error,
+                    instance_count: d.instances_per_host.get(&h.id).copied().unwrap_or(0) as u32,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::DescribeHostsResponse { hosts, revision: d.revision }))
+    }
+
+    async fn get_programming_latency(&self, r: Request<pb::GetProgrammingLatencyRequest>) -> Result<Response<pb::GetProgrammingLatencyResponse>, Status> {
+        self.api.auth.principal(r.metadata())?;
+        let s = self.api.programming.summary();
+        Ok(Response::new(pb::GetProgrammingLatencyResponse {
+            samples: s.samples,
+            p50_ms: s.p50_ms,
+            p99_ms: s.p99_ms,
+            max_ms: s.max_ms,
+            last_ms: s.last_ms,
+        }))
+    }
+}

@@ -1,0 +1,1 @@
+//! `LoadBalancerService`: load balancers, listeners, target groups, targets.

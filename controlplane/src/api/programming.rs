@@ -1,0 +1,178 @@
+//! Network programming latency (an API write acknowledged -> the new state applied on every
+//! connected host) and host liveness as this control-plane replica sees it.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::Mutex,
+    time::Instant,
+};
+
+/// Acknowledged writes waiting for hosts, at most (older ones are dropped unmeasured).
+const MAX_PENDING: usize = 100_000;
+/// Latencies kept for percentiles.
+const MAX_SAMPLES: usize = 10_000;
+
+/// A host as seen by this replica.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostLive {
+    /// Open desired-state streams.
+    pub streams: usize,
+    /// Highest revision it reported applied.
+    pub applied: i64,
+    /// Its last error (empty: the last state applied).
+    pub error: String,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    pending: VecDeque<(i64, Instant)>,
+    hosts: BTreeMap<String, HostLive>,
+    samples: VecDeque<f64>,
+    count: u64,
+    last_ms: f64,
+}
+
+/// Latency summary.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LatencySummary {
+    /// Writes measured.
+    pub samples: u64,
+    /// Median, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Maximum, ms.
+    pub max_ms: f64,
+    /// Last, ms.
+    pub last_ms: f64,
+}
+
+/// The tracker.
+#[derive(Debug, Default)]
+pub struct Programming {
+    inner: Mutex<Inner>,
+}
+
+impl Programming {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A write was acknowledged at `revision`.
+    pub fn acked(&self, revision: i64) {
+        let mut g = self.lock();
+        if !g.hosts.values().any(|h| h.streams > 0) {
+            return;
+        }
+        if g.pending.len() == MAX_PENDING {
+            g.pending.pop_front();
+        }
+        g.pending.push_back((revision, Instant::now()));
+    }
+
+    /// A host opened (`true`) or closed a desired-state stream.
+    pub fn stream(&self, host: &str, open: bool) {
+        let mut g = self.lock();
+        let h = g.hosts.entry(host.to_owned()).or_default();
+        if open {
+            h.streams += 1;
+        } else {
+            h.streams = h.streams.saturating_sub(1);
+        }
+        complete(&mut g);
+    }
+
+    /// A host applied `revision` (or failed to, with `error`).
+    pub fn report(&self, host: &str, revision: i64, error: &str) {
+        let mut g = self.lock();
+        let h = g.hosts.entry(host.to_owned()).or_default();
+        h.error = error.to_owned();
+        if error.is_empty() && revision > h.applied {
+            h.applied = revision;
+        }
+        complete(&mut g);
+    }
+
+    /// Hosts seen by this replica.
+    pub fn hosts(&self) -> BTreeMap<String, HostLive> {
+        self.lock().hosts.clone()
+    }
+
+    /// Percentiles of the kept samples.
+    pub fn summary(&self) -> LatencySummary {
+        let g = self.lock();
+        let mut v: Vec<f64> = g.samples.iter().copied().collect();
+        v.sort_by(f64::total_cmp);
+        let pct = |p: f64| {
+            if v.is_empty() {
+                0.0
+            } else {
+                v[((v.len() - 1) as f64 * p).round() as usize]
+            }
+        };
+        LatencySummary {
+            samples: g.count,
+            p50_ms: pct(0.5),
+            p99_ms: pct(0.99),
+            max_ms: v.last().copied().unwrap_or(0.0),
+            last_ms: g.last_ms,
+        }
+    }
+}
+
+/// Turns writes every connected host has applied into samples.
+fn complete(g: &mut Inner) {
+    let Some(min) = g
+        .hosts
+        .values()
+        .filter(|h| h.streams > 0)
+        .map(|h| h.applied)
+        .min()
+    else {
+        g.pending.clear();
+        return;
+    };
+    let now = Instant::now();
+    while let Some(&(rev, at)) = g.pending.front() {
+        if rev > min {
+            break;
+        }
+        g.pending.pop_front();
+        let ms = now.duration_since(at).as_secs_f64() * 1e3;
+        if g.samples.len() == MAX_SAMPLES {
+            g.samples.pop_front();
+        }
+        g.samples.push_back(ms);
+        g.count += 1;
+        g.last_ms = ms;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_completes_when_every_connected_host_applied_it() {
+        let p = Programming::default();
+        p.acked(1); // no host connected: not measured
+        p.stream("a", true);
+        p.stream("b", true);
+        p.acked(5);
+        p.report("a", 5, "");
+        assert_eq!(p.summary().samples, 0);
+        p.report("b", 4, "");
+        assert_eq!(p.summary().samples, 0);
+        p.report("b", 6, "");
+        assert_eq!(p.summary().samples, 1);
+        // A failed apply does not count.
+        p.acked(7);
+        p.report("a", 7, "boom");
+        p.report("b", 7, "");
+        assert_eq!(p.summary().samples, 1);
+        assert_eq!(p.hosts()["a"].error, "boom");
+        // A host that disconnects no longer holds writes back.
+        p.stream("a", false);
+        assert_eq!(p.summary().samples, 2);
+    }
+}

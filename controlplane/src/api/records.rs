@@ -1,0 +1,324 @@
+//! What the API stores: one JSON record per object, under keys that make the common
+//! questions one range read.
+//!
+//! Key layout (account = the owning account's id):
+//! - `/r/<account>/<kind>/<id>`: the object (`kind` is its id prefix: `vpc`, `subnet`, ...).
+//! - `/x/<account>/<parent>/<kind>/<id>`: child index (subnets, groups, ACLs, target
+//!   groups, load balancers of a VPC; instances and load balancers of a subnet), so "is it
+//!   in use?" and "list a VPC's subnets" are prefix reads.
+//! - `/n/<account>/<vpc>/sg/<name>`: security-group names, unique per VPC.
+//! - `/ip/<subnet>/<ip as 8 hex digits>`: IPAM: the address is held by the named object.
+//! - `/vni/<vni>`: the VPC a VNI belongs to (VNIs are unique across accounts).
+//! - `/t/<account>/<kind>/<token>`: a create's client token: request hash and object id.
+//! - `/lock/<account>`: bumped by every write of the account; writes compare it, so an
+//!   account's writes are serializable even with several control-plane replicas on one etcd.
+//! - `/h/<host>`: registered hosts (infrastructure, no account).
+
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+
+use crate::lb::model::{HealthCheck, LbProtocol, TargetRef};
+use crate::policy::model::{AclRule, SgRule};
+
+/// Object kinds (their id prefixes).
+pub mod kind {
+    /// VPC.
+    pub const VPC: &str = "vpc";
+    /// Subnet.
+    pub const SUBNET: &str = "subnet";
+    /// Security group.
+    pub const SG: &str = "sg";
+    /// Security-group rule.
+    pub const SG_RULE: &str = "sgr";
+    /// Network ACL.
+    pub const ACL: &str = "acl";
+    /// Route table.
+    pub const RTB: &str = "rtb";
+    /// Load balancer.
+    pub const LB: &str = "lb";
+    /// Listener.
+    pub const LISTENER: &str = "lsnr";
+    /// Target group.
+    pub const TG: &str = "tg";
+    /// Instance.
+    pub const INSTANCE: &str = "i";
+    /// Volume.
+    pub const VOLUME: &str = "vol";
+}
+
+/// Object key.
+pub fn rec_key(account: &str, kind: &str, id: &str) -> String {
+    format!("/r/{account}/{kind}/{id}")
+}
+
+/// Prefix of an account's objects of one kind.
+pub fn rec_prefix(account: &str, kind: &str) -> String {
+    format!("/r/{account}/{kind}/")
+}
+
+/// Child-index key.
+pub fn child_key(account: &str, parent: &str, kind: &str, id: &str) -> String {
+    format!("/x/{account}/{parent}/{kind}/{id}")
+}
+
+/// Prefix of a parent's children (of one kind, or all with `kind` empty).
+pub fn child_prefix(account: &str, parent: &str, kind: &str) -> String {
+    if kind.is_empty() {
+        format!("/x/{account}/{parent}/")
+    } else {
+        format!("/x/{account}/{parent}/{kind}/")
+    }
+}
+
+/// Security-group name key.
+pub fn sg_name_key(account: &str, vpc: &str, name: &str) -> String {
+    format!("/n/{account}/{vpc}/sg/{name}")
+}
+
+/// IPAM key.
+pub fn ip_key(subnet: &str, ip: Ipv4Addr) -> String {
+    format!("/ip/{subnet}/{:08x}", u32::from(ip))
+}
+
+/// IPAM prefix of a subnet.
+pub fn ip_prefix(subnet: &str) -> String {
+    format!("/ip/{subnet}/")
+}
+
+/// The address of an IPAM key's last segment.
+pub fn ip_of_key(key: &str) -> Option<Ipv4Addr> {
+    let hex = key.rsplit('/').next()?;
+    u32::from_str_radix(hex, 16).ok().map(Ipv4Addr::from)
+}
+
+/// VNI key.
+pub fn vni_key(vni: u32) -> String {
+    format!("/vni/{vni}")
+}
+
+/// Client-token key.
+pub fn token_key(account: &str, kind: &str, token: &str) -> String {
+    format!("/t/{account}/{kind}/{token}")
+}
+
+/// Account write lock.
+pub fn lock_key(account: &str) -> String {
+    format!("/lock/{account}")
+}
+
+/// Host key.
+pub fn host_key(host: &str) -> String {
+    format!("/h/{host}")
+}
+
+/// Prefix of every object (what the desired-state builder watches, with hosts).
+pub const RECORDS_PREFIX: &str = "/r/";
+/// Prefix of hosts.
+pub const HOSTS_PREFIX: &str = "/h/";
+
+/// What every object has.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Id.
+    pub id: String,
+    /// Owning account.
+    pub account: String,
+    /// Tags (key, value).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<(String, String)>,
+    /// Creation time, ms since the Unix epoch.
+    pub created_ms: u64,
+}
+
+/// A VPC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VpcRec {
+    /// Common fields.
+    pub meta: Meta,
+    /// CIDR.
+    pub cidr: Ipv4Network,
+    /// VNI.
+    pub vni: u32,
+    /// Its default security group.
+    pub default_sg: String,
+    /// Its default network ACL.
+    pub default_acl: String,
+    /// Its main route table.
+    pub main_rtb: String,
+}
+
+/// A subnet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubnetRec {
+    /// Common fields.
+    pub meta: Meta,
+    /// VPC.
+    pub vpc: String,
+    /// CIDR.
+    pub cidr: Ipv4Network,
+    /// Associated network ACL (the VPC's default one unless replaced).
+    pub network_acl: String,
+}
+
+/// A security-group rule with its id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SgRuleRec {
+    /// `sgr-` id.
+    pub id: String,
+    /// The rule.
+    pub rule: SgRule,
+    /// Free text.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+}
+
+/// A security group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SgRec {
+    /// Common fields.
+    pub meta: Meta,
+    /// VPC.
+    pub vpc: String,
+    /// Name (unique per VPC).
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// The VPC's default group.
+    pub default: bool,
+    /// Inbound rules.
+    pub ingress: Vec<SgRuleRec>,
+    /// Outbound rules.
+    pub egress: Vec<SgRuleRec>,
+}
+
+/// A network ACL.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AclRec {
+    /// Common fields.
+    pub meta: Meta,
+    /// VPC.
+    pub vpc: String,
+    /// The VPC's default ACL.
+    pub default: bool,
+    /// Inbound entries.
+    pub inbound: Vec<AclRule>,
+    /// Outbound entries.
+    pub outbound: Vec<AclRule>,
+}
+
+/// A listener.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerRec {
+    /// `lsnr-` id.
+    pub id: String,
+    /// Protocol.
+    pub protocol: LbProtocol,
+    /// Port.
+    pub port: u16,
+    /// Target group.
+    pub target_group: String,
+}
+
+/// A load balancer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbRec {
+    /// Common fields.
+    pub meta: Meta,
+    /// Name.
+    pub name: String,
+    /// Subnet.
+    pub subnet: String,
+    /// VPC.
+    pub vpc: String,
+    /// VIP (held in IPAM).
+    pub vip: Ipv4Addr,
+    /// Listeners.
+    pub listeners: Vec<ListenerRec>,
+}
+
+/// A target group.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TgRec {
+    /// Common fields.
+    pub meta: Meta,
+    /// Name.
+    pub name: String,
+    /// VPC.
+    pub vpc: String,
+    /// Protocol.
+    pub protocol: LbProtocol,
+    /// Port.
+    pub port: u16,
+    /// Health check.
+    pub health_check: HealthCheck,
+    /// Seconds.
+    pub deregistration_delay: u32,
+    /// Targets.
+    pub targets: Vec<TargetRef>,
+}
+
+/// An instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRec {
+    /// Common fields.
+    pub meta: Meta,
+    /// Subnet.
+    pub subnet: String,
+    /// VPC.
+    pub vpc: String,
+    /// Host it is placed on.
+    pub host: String,
+    /// Private IPv4 (held in IPAM).
+    pub ip: Ipv4Addr,
+    /// MAC `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// Security groups.
+    pub security_groups: Vec<String>,
+    /// pending, running, ...
+    pub state: String,
+    /// Instance type.
+    pub instance_type: String,
+}
+
+/// A volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRec {
+    /// Common fields.
+    pub meta: Meta,
+    /// GiB.
+    pub size_gib: u32,
+    /// creating, available, in-use, deleting.
+    pub state: String,
+    /// Attached instance.
+    #[serde(default)]
+    pub attached: Option<String>,
+}
+
+/// A registered host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRec {
+    /// Id.
+    pub id: String,
+    /// Underlay IPv4 (VTEP).
+    pub vtep: Ipv4Addr,
+    /// First registration, ms since the epoch.
+    pub registered_ms: u64,
+}
+
+/// A client token's record: the hash of the creating request and the created object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRec {
+    /// FNV-1a of the request's encoding (without the token).
+    pub request_hash: String,
+    /// Created object ids.
+    pub ids: Vec<String>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

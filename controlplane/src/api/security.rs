@@ -1,0 +1,1 @@
+//! `SecurityService`: security groups and network ACLs.
