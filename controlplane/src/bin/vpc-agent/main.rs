@@ -5,6 +5,7 @@
 //! agent leaves packets flowing, and the next agent takes over the same links atomically.
 //! `--detach-on-exit` (what `cargo xtask run` uses) removes everything on Ctrl-C instead.
 
+mod cpclient;
 mod lb;
 mod overlay;
 
@@ -73,6 +74,30 @@ struct RunArgs {
     /// This host's id in the desired state.
     #[arg(long)]
     host: Option<String>,
+    /// Control plane (`http://HOST:PORT`, or `https://` with --tls-ca): register this host
+    /// (`--host`) and apply the desired state it streams. Meanwhile, and whenever it is
+    /// unreachable, the datapath keeps forwarding with what it has.
+    #[arg(long, env = "VPC_CONTROL_PLANE", conflicts_with = "state", requires = "host")]
+    control_plane: Option<String>,
+    /// The agent's bearer token for the control plane.
+    #[arg(long, env = "VPC_AGENT_TOKEN", default_value = "")]
+    agent_token: String,
+    /// This host's underlay (VTEP) address to register. Default: the first IPv4 address of
+    /// the first --iface.
+    #[arg(long)]
+    underlay_ip: Option<std::net::Ipv4Addr>,
+    /// Prefix of the network namespaces this agent creates for instances (`<prefix><id>`).
+    #[arg(long, default_value = "")]
+    netns_prefix: String,
+    /// CA certificate (PEM) of the control plane (https).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// MAC address of the VPC router (what instances resolve their gateway and peers to).
     #[arg(long, default_value = "02:76:70:63:00:01", value_parser = parse_mac)]
     router_mac: [u8; 6],
@@ -202,14 +227,53 @@ async fn run(args: RunArgs) -> Result<()> {
             ));
         }
     }
-    let mut overlay = match (&args.state, &args.host) {
-        (Some(path), Some(host)) => {
-            let mut r =
-                overlay::Reconciler::new(&datapath, path, host, args.router_mac, &ifaces[0])?;
+    let mut cp_rx = None;
+    let mut cp_report = None;
+    let mut cp_applied = None;
+    let mut overlay = match (&args.state, &args.control_plane, &args.host) {
+        (Some(path), _, Some(host)) => {
+            let mut r = overlay::Reconciler::new(
+                &datapath,
+                overlay::Source::File(path.clone()),
+                None,
+                host,
+                args.router_mac,
+                &ifaces[0],
+            )?;
             r.reconcile(&mut datapath, true)
                 .await
                 .context("applying the desired overlay state")?;
             Some(r)
+        }
+        (None, Some(url), Some(host)) => {
+            let underlay_ip = match args.underlay_ip {
+                Some(ip) => ip,
+                None => first_ipv4(&ifaces[0])?,
+            };
+            let cfg = cpclient::CpConfig {
+                url: url.clone(),
+                token: args.agent_token.clone(),
+                host_id: host.clone(),
+                underlay_ip: underlay_ip.to_string(),
+                tls_ca: args.tls_ca.clone(),
+                tls_identity: args.tls_cert.clone().zip(args.tls_key.clone()),
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let (applied_tx, applied_rx) = tokio::sync::watch::channel(0i64);
+            tokio::spawn(cpclient::watch_loop(cfg.clone(), tx, applied_rx));
+            let (rtx, rrx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(cpclient::report_loop(cfg, rrx));
+            cp_rx = Some(rx);
+            cp_report = Some(rtx);
+            cp_applied = Some(applied_tx);
+            Some(overlay::Reconciler::new(
+                &datapath,
+                overlay::Source::Pushed(None),
+                Some(controlplane::compute::ComputeNet::new(&args.netns_prefix)),
+                host,
+                args.router_mac,
+                &ifaces[0],
+            )?)
         }
         _ => None,
     };
@@ -245,7 +309,34 @@ async fn run(args: RunArgs) -> Result<()> {
                     lb_gc(r.lb_maps(), &policy_maps);
                 }
             }
-            _ = poll.tick(), if overlay.is_some() => {
+            Some(got) = recv_bounded(&mut cp_rx) => {
+                let Some(r) = overlay.as_mut() else { continue };
+                let revision = got.revision;
+                let result = match serde_json::from_slice(&got.document) {
+                    Ok(doc) => {
+                        r.set_pushed(revision, doc);
+                        r.reconcile(&mut datapath, false).await.map(|n| (n, r.last_map_changes))
+                    }
+                    Err(e) => Err(anyhow::anyhow!("unreadable desired state: {e}")),
+                };
+                let error = match result {
+                    Ok((changes, maps)) => {
+                        say(format_args!("applied revision {revision}: {changes} changes, {maps} map writes"));
+                        if let Some(a) = &cp_applied {
+                            a.send_replace(revision);
+                        }
+                        String::new()
+                    }
+                    Err(e) => {
+                        warn!(revision, error = format!("{e:#}"), "applying the desired state failed; the previous state keeps forwarding");
+                        format!("{e:#}")
+                    }
+                };
+                if let Some(tx) = &cp_report {
+                    let _ = tx.send((revision, error));
+                }
+            }
+            _ = poll.tick(), if overlay.as_ref().is_some_and(|r| r.has_state()) => {
                 let Some(r) = overlay.as_mut() else { continue };
                 ticks += 1;
                 if r.changed() || ticks.is_multiple_of(RESYNC_TICKS) {
@@ -354,6 +445,31 @@ fn conntrack_gc(maps: &PolicyMaps) {
         }
         Err(e) => warn!(error = %e, "conntrack gc"),
     }
+}
+
+/// Receives from a bounded `rx` if there is one (never resolves otherwise).
+async fn recv_bounded<T>(rx: &mut Option<tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The first IPv4 address of `iface` (`ip -j -4 addr show`).
+fn first_ipv4(iface: &str) -> Result<std::net::Ipv4Addr> {
+    let out = std::process::Command::new("ip")
+        .args(["-j", "-4", "addr", "show", "dev", iface])
+        .output()
+        .context("running ip addr")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("parsing `ip -j addr show dev {iface}`"))?;
+    v.get(0)
+        .and_then(|l| l.get("addr_info"))
+        .and_then(|a| a.get(0))
+        .and_then(|a| a.get("local"))
+        .and_then(|s| s.as_str())
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{iface} has no IPv4 address; pass --underlay-ip"))
 }
 
 /// Receives from `rx` if there is one (never resolves otherwise).

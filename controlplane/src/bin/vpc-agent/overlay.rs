@@ -7,11 +7,9 @@
 //! when the caller asks (every 60 s). A pass that fails (bad document, invalid state) changes nothing: the
 //! datapath keeps forwarding with the last good state.
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-    time::SystemTime,
-};
+use std::{collections::BTreeMap, path::PathBuf, time::SystemTime};
+
+use controlplane::compute::InstanceNet;
 
 use anyhow::{Context, Result, bail};
 use controlplane::{
@@ -26,9 +24,22 @@ use crate::lb::{CheckResult, LbAgent};
 use dataplane_common::overlay::OverlayConfig;
 use tracing::{info, warn};
 
+/// Where the desired state comes from.
+#[derive(Debug)]
+pub enum Source {
+    /// A JSON file, polled.
+    File(PathBuf),
+    /// Pushed by the control plane: the latest document and its revision (none yet: the
+    /// datapath keeps what it has).
+    Pushed(Option<(i64, StateFile)>),
+}
+
 /// Reconciles one host's overlay.
 pub struct Reconciler {
-    state_path: PathBuf,
+    source: Source,
+    /// Instance namespaces (control-plane mode): the compute agent's networking, and the
+    /// specs already in place.
+    compute: Option<(controlplane::compute::ComputeNet, BTreeMap<String, InstanceNet>)>,
     host: String,
     router_mac: [u8; 6],
     underlay: String,
@@ -38,6 +49,8 @@ pub struct Reconciler {
     /// (modification time, length) of the document at the last successful pass.
     seen: Option<(SystemTime, u64)>,
     first: bool,
+    /// Map writes of the last pass (0: the kernel already held the desired state).
+    pub last_map_changes: usize,
     /// Health checks and draining.
     lb: LbAgent,
     lb_results: Option<mpsc::UnboundedReceiver<CheckResult>>,
@@ -49,7 +62,8 @@ impl Reconciler {
     /// A reconciler for `host`, reading `state_path`, encapsulating out of `underlay`.
     pub fn new(
         datapath: &Datapath,
-        state_path: &Path,
+        source: Source,
+        compute: Option<controlplane::compute::ComputeNet>,
         host: &str,
         router_mac: [u8; 6],
         underlay: &str,
@@ -61,7 +75,9 @@ impl Reconciler {
             lb,
             lb_results: Some(lb_results),
             plan: LbPlan::default(),
-            state_path: state_path.to_owned(),
+            source,
+            compute: compute.map(|c| (c, BTreeMap::new())),
+            last_map_changes: 0,
             host: host.to_owned(),
             router_mac,
             underlay: underlay.to_owned(),
@@ -74,7 +90,10 @@ impl Reconciler {
 
     /// (modification time, length) of the document, if readable.
     fn stamp(&self) -> Option<(SystemTime, u64)> {
-        let m = std::fs::metadata(&self.state_path).ok()?;
+        let Source::File(path) = &self.source else {
+            return None;
+        };
+        let m = std::fs::metadata(path).ok()?;
         Some((m.modified().ok()?, m.len()))
     }
 
@@ -101,16 +120,101 @@ impl Reconciler {
 
     /// Whether the document changed since the last successful pass.
     pub fn changed(&self) -> bool {
+        if !matches!(self.source, Source::File(_)) {
+            return false;
+        }
         let stamp = self.stamp();
         stamp != self.seen || stamp.is_none()
     }
 
     /// One pass (`full`: also read the installed rule sets back from the kernel). Returns
     /// the number of map writes and port changes made.
+    /// Sets the pushed desired state (control-plane mode).
+    pub fn set_pushed(&mut self, revision: i64, doc: StateFile) {
+        self.source = Source::Pushed(Some((revision, doc)));
+    }
+
+    /// Whether there is a desired state to apply.
+    pub fn has_state(&self) -> bool {
+        !matches!(self.source, Source::Pushed(None))
+    }
+
+    fn document(&self) -> Result<StateFile> {
+        match &self.source {
+            Source::File(path) => Ok(StateFile::load(path)?),
+            Source::Pushed(Some((_, doc))) => Ok(doc.clone()),
+            Source::Pushed(None) => bail!("no desired state received yet"),
+        }
+    }
+
+    /// Gives local instances their namespace and veth, removes those no longer desired.
+    /// Only what changed is touched, except on the first pass, which verifies everything.
+    async fn compute_pass(&mut self, doc: &StateFile) -> Result<usize> {
+        let Some((net, done)) = self.compute.as_mut() else {
+            return Ok(0);
+        };
+        let mtu = read_mtu(&self.underlay)?.saturating_sub(dataplane_common::overlay::VXLAN_OVERHEAD);
+        let subnets: BTreeMap<&str, ipnetwork::Ipv4Network> =
+            doc.subnets.iter().map(|s| (s.id.as_str(), s.cidr)).collect();
+        let mut wanted = BTreeMap::new();
+        for e in doc.endpoints.iter().filter(|e| e.host == self.host) {
+            let (Some(cidr), Some(mac)) = (
+                subnets.get(e.subnet.as_str()),
+                controlplane::overlay::statefile::parse_mac(&e.mac),
+            ) else {
+                continue;
+            };
+            wanted.insert(
+                e.id.clone(),
+                InstanceNet {
+                    instance_id: e.id.clone(),
+                    netns: net.netns_name(&e.id),
+                    host_ifname: e
+                        .ifname
+                        .clone()
+                        .unwrap_or_else(|| controlplane::compute::host_ifname(&e.id)),
+                    mac,
+                    ip: e.ip,
+                    prefix_len: cidr.prefix(),
+                    gateway: std::net::Ipv4Addr::from(u32::from(cidr.network()) + 1),
+                    mtu,
+                },
+            );
+        }
+        let mut changes = 0;
+        for (id, spec) in &wanted {
+            if !self.first && done.get(id) == Some(spec) {
+                continue;
+            }
+            match net.ensure(spec).await {
+                Ok(_) => {
+                    done.insert(id.clone(), spec.clone());
+                    changes += 1;
+                }
+                Err(e) => warn!(instance = %id, error = %e, "creating the instance's network"),
+            }
+        }
+        let existing = if self.first {
+            net.existing().await?
+        } else {
+            done.keys().cloned().collect()
+        };
+        for id in existing {
+            if !wanted.contains_key(&id) {
+                net.remove(&id).await?;
+                done.remove(&id);
+                info!(instance = %id, "removed the network of an instance no longer desired");
+                changes += 1;
+            }
+        }
+        Ok(changes)
+    }
+
     pub async fn reconcile(&mut self, datapath: &mut Datapath, full: bool) -> Result<usize> {
         let stamp = self.stamp();
-        let mut doc = StateFile::load(&self.state_path)?;
+        let mut doc = self.document()?;
         let plan = controlplane::lb::plan(&doc)?;
+        let compute_changes = self.compute_pass(&doc).await?;
         // Health-check nodes are endpoints like instances: their ports must exist before
         // the view resolves them.
         self.lb.ensure_nodes(&plan).await?;
@@ -128,7 +232,7 @@ impl Reconciler {
             warn!(endpoint = %id, "local endpoint has no interface yet; skipped this pass");
         }
         let Some(me) = state.hosts.iter().find(|h| h.id == self.host) else {
-            bail!("host {} is not in {}", self.host, self.state_path.display());
+            bail!("host {} is not in the desired state", self.host);
         };
         let config = OverlayConfig {
             vtep: me.vtep.octets(),
@@ -149,11 +253,12 @@ impl Reconciler {
         };
         enable_forwarding(&self.underlay)?;
 
-        let mut changes = 0;
+        let mut changes = compute_changes;
         let report =
             self.maps
                 .reconcile(&desired, &self.host, self.router_mac, full || self.first)?;
         changes += report.changes();
+        self.last_map_changes = report.changes();
         if self.maps.overlay_mut().config()? != config {
             self.maps.overlay_mut().set_config(&config)?;
             changes += 1;

@@ -1,0 +1,173 @@
+//! The agent's link to the control plane: registers the host, watches its desired state
+//! (reconnecting with backoff: meanwhile the datapath keeps forwarding with what it has)
+//! and reports the revisions applied.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
+use tonic::{
+    metadata::MetadataValue,
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+use tracing::{info, warn};
+use vpc_proto::v1::{self as pb, host_service_client::HostServiceClient};
+
+/// How to reach the control plane.
+#[derive(Clone, Debug)]
+pub struct CpConfig {
+    /// `http://host:port` or `https://...`.
+    pub url: String,
+    /// Agent bearer token.
+    pub token: String,
+    /// This host.
+    pub host_id: String,
+    /// Its underlay address.
+    pub underlay_ip: String,
+    /// CA of the control plane's certificate (https).
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key (mutual TLS).
+    pub tls_identity: Option<(PathBuf, PathBuf)>,
+}
+
+type Client = HostServiceClient<
+    InterceptedService<Channel, Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>>,
+>;
+
+/// A client with the agent's token on every call.
+pub async fn connect(cfg: &CpConfig) -> Result<Client> {
+    let mut ep = Endpoint::from_shared(cfg.url.clone())
+        .with_context(|| format!("control-plane URL {}", cfg.url))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_keepalive(Some(Duration::from_secs(10)))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5));
+    if cfg.url.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &cfg.tls_ca {
+            tls = tls.ca_certificate(Certificate::from_pem(
+                std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?,
+            ));
+        }
+        if let Some((cert, key)) = &cfg.tls_identity {
+            tls = tls.identity(Identity::from_pem(
+                std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
+                std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
+            ));
+        }
+        ep = ep.tls_config(tls)?;
+    }
+    let channel = ep.connect().await.with_context(|| format!("connecting to {}", cfg.url))?;
+    let value: MetadataValue<_> = format!("Bearer {}", cfg.token)
+        .parse()
+        .context("the agent token is not valid header text")?;
+    let intercept: Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send> =
+        Box::new(move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", value.clone());
+            Ok(req)
+        });
+    Ok(HostServiceClient::with_interceptor(channel, intercept))
+}
+
+/// A desired state received.
+#[derive(Debug)]
+pub struct Received {
+    /// Store revision.
+    pub revision: i64,
+    /// The document.
+    pub document: Vec<u8>,
+}
+
+/// Runs forever: (re)connects, registers, watches; sends every state to `tx`. `applied`
+/// gives the last applied revision (sent when reconnecting).
+pub async fn watch_loop(
+    cfg: CpConfig,
+    tx: mpsc::Sender<Received>,
+    applied: tokio::sync::watch::Receiver<i64>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match watch_once(&cfg, &tx, &applied).await {
+            Ok(()) => warn!("control-plane stream ended; reconnecting"),
+            Err(e) => warn!(error = format!("{e:#}"), "control plane unreachable; the datapath keeps its current state"),
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn watch_once(
+    cfg: &CpConfig,
+    tx: &mpsc::Sender<Received>,
+    applied: &tokio::sync::watch::Receiver<i64>,
+) -> Result<()> {
+    let mut client = connect(cfg).await?;
+    client
+        .register_host(pb::RegisterHostRequest {
+            host_id: cfg.host_id.clone(),
+            underlay_ip: cfg.underlay_ip.clone(),
+        })
+        .await
+        .context("registering the host")?;
+    let mut stream = client
+        .watch_desired_state(pb::WatchDesiredStateRequest {
+            host_id: cfg.host_id.clone(),
+            applied_revision: *applied.borrow(),
+        })
+        .await
+        .context("watching the desired state")?
+        .into_inner();
+    info!(url = %cfg.url, host = %cfg.host_id, "watching the desired state");
+    while let Some(msg) = stream.next().await {
+        let msg = msg.context("desired-state stream")?;
+        if tx
+            .send(Received {
+                revision: msg.revision,
+                document: msg.document,
+            })
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Reports an applied revision (best effort: a lost report is repeated by the next one).
+pub async fn report(client: &mut Client, host: &str, revision: i64, error: String) {
+    if let Err(e) = client
+        .report_applied(pb::ReportAppliedRequest {
+            host_id: host.to_owned(),
+            revision,
+            error,
+        })
+        .await
+    {
+        warn!(error = %e, "reporting the applied revision");
+    }
+}
+
+/// Reports over a lazily (re)connected client.
+pub async fn report_loop(cfg: CpConfig, mut rx: mpsc::UnboundedReceiver<(i64, String)>) {
+    let mut client: Option<Client> = None;
+    while let Some((mut revision, mut error)) = rx.recv().await {
+        // Only the newest report matters.
+        while let Ok((r, e)) = rx.try_recv() {
+            revision = r;
+            error = e;
+        }
+        if client.is_none() {
+            client = connect(&cfg).await.ok();
+        }
+        match client.as_mut() {
+            Some(c) => report(c, &cfg.host_id, revision, error).await,
+            None => warn!("control plane unreachable; report of revision {revision} dropped"),
+        }
+    }
+}

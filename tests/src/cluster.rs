@@ -1,0 +1,349 @@
+//! A small cloud in namespaces driven only through the API: a fabric bridge, `n` hosts
+//! (underlay only), the real `vpc-controlplane` process (embedded store in a temporary
+//! directory, or etcd) and one real `vpc-agent` per host in control-plane mode, which
+//! creates the instances' namespaces itself.
+//!
+//! Dropping the cluster stops the agents and the control plane, deletes the instances'
+//! namespaces (they carry a unique prefix), the pins and the host namespaces.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use tonic::{
+    metadata::MetadataValue,
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint},
+};
+
+use crate::netns::{BpffsDir, NetNs, NsChild, unique_name, veth_pair};
+use crate::procs::{Agent, workspace_bin};
+
+/// Tenant account ids and tokens the cluster's credentials hold.
+pub const ACCOUNT_A: &str = "111122223333";
+/// Second tenant (isolation tests).
+pub const ACCOUNT_B: &str = "444455556666";
+const TOKEN_A: &str = "tenant-a-token-0123456789abcdef";
+const TOKEN_B: &str = "tenant-b-token-0123456789abcdef";
+const AGENT_TOKEN: &str = "agent-token-0123456789abcdef0";
+const BRIDGE: &str = "br0";
+const UNDERLAY_IF: &str = "ul0";
+
+/// A running `vpc-controlplane` (SIGTERM then SIGKILL on drop).
+#[derive(Debug)]
+pub struct ControlPlane {
+    child: NsChild,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl ControlPlane {
+    /// Starts the control plane in `ns` on `listen` with `args` (store, credentials, ...)
+    /// and waits (at most 30 s) for `listening on`.
+    pub fn start(ns: &NetNs, listen: &str, args: &[String]) -> Result<ControlPlane> {
+        let mut cmd = Command::new(workspace_bin("VPC_CONTROLPLANE_BIN", "vpc-controlplane")?);
+        cmd.args(["--listen", listen]).args(args);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        let mut child = ns.spawn(cmd)?;
+        let stdout = child.child_mut().stdout.take().context("control-plane stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => {
+                let addr = line
+                    .strip_prefix("listening on ")
+                    .with_context(|| format!("unexpected first line {line:?}"))?;
+                Ok(ControlPlane {
+                    child,
+                    url: format!("http://{addr}"),
+                })
+            }
+            Err(_) => {
+                let status = child.try_wait()?;
+                bail!("control plane not listening after 30 s (exit: {status:?})")
+            }
+        }
+    }
+
+    /// Kills it with SIGKILL (a crash) and reaps it.
+    pub fn crash(mut self) -> Result<()> {
+        self.child.child_mut().kill()?;
+        self.child.child_mut().wait()?;
+        Ok(())
+    }
+}
+
+/// A gRPC channel carrying a bearer token.
+pub type Authed = InterceptedService<
+    Channel,
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
+>;
+
+/// A channel to `url` with `token` on every call.
+pub async fn channel(url: &str, token: &str) -> Result<Authed> {
+    let ch = Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let value: MetadataValue<_> = format!("Bearer {token}").parse()?;
+    let f: Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send> =
+        Box::new(move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", value.clone());
+            Ok(r)
+        });
+    Ok(InterceptedService::new(ch, f))
+}
+
+/// Writes the credentials file the cluster's control plane uses.
+pub fn write_credentials(path: &Path) -> Result<()> {
+    let creds = serde_json::json!({
+        "accounts": [
+            {"id": ACCOUNT_A, "tokens": [TOKEN_A]},
+            {"id": ACCOUNT_B, "tokens": [TOKEN_B]},
+        ],
+        "agent_tokens": [AGENT_TOKEN],
+    });
+    std::fs::write(path, serde_json::to_vec_pretty(&creds)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// A temporary directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `/tmp/<unique>`.
+    pub fn new(tag: &str) -> Result<TempDir> {
+        let p = std::env::temp_dir().join(unique_name(tag));
+        std::fs::create_dir_all(&p)?;
+        Ok(TempDir(p))
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    agents: Vec<Option<Agent>>,
+    cp: Option<ControlPlane>,
+    pins: Vec<BpffsDir>,
+    netns_prefix: String,
+    hosts: Vec<NetNs>,
+    fabric: NetNs,
+    dir: TempDir,
+    store_args: Vec<String>,
+    listen: String,
+}
+
+impl Cluster {
+    /// Builds `n` hosts, starts the control plane (embedded store) on the fabric namespace's
+    /// 10.200.0.254 and an agent per host.
+    pub fn start(n: usize) -> Result<Cluster> {
+        let dir = TempDir::new("cp")?;
+        let store = dir.path().join("store.redb");
+        Self::start_with(n, dir, vec!["--store".into(), format!("redb:{}", store.display())])
+    }
+
+    /// As [`Cluster::start`] with other store arguments.
+    pub fn start_with(n: usize, dir: TempDir, store_args: Vec<String>) -> Result<Cluster> {
+        let fabric = NetNs::new("fab")?;
+        fabric.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+        fabric.link_up(BRIDGE)?;
+        fabric.add_addr(BRIDGE, "10.200.0.254/24")?;
+        fabric.link_up("lo")?;
+        let mut hosts = Vec::new();
+        for i in 0..n {
+            let h = NetNs::new(&format!("h{i}"))?;
+            for key in ["net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"] {
+                h.sysctl(key, "0")?;
+            }
+            let port = format!("p{i}");
+            veth_pair(&h, UNDERLAY_IF, &fabric, &port)?;
+            fabric.ip(&["link", "set", "dev", &port, "master", BRIDGE])?;
+            fabric.link_up(&port)?;
+            h.add_addr(UNDERLAY_IF, &format!("10.200.0.{}/24", i + 1))?;
+            h.link_up(UNDERLAY_IF)?;
+            h.link_up("lo")?;
+            hosts.push(h);
+        }
+        write_credentials(&dir.path().join("credentials.json"))?;
+        let mut c = Cluster {
+            agents: (0..n).map(|_| None).collect(),
+            cp: None,
+            pins: Vec::new(),
+            netns_prefix: unique_name("i"),
+            hosts,
+            fabric,
+            dir,
+            store_args,
+            listen: "10.200.0.254:7420".into(),
+        };
+        c.start_control_plane()?;
+        for i in 0..n {
+            c.pins.push(BpffsDir::new(&format!("h{i}"))?);
+            c.start_agent(i)?;
+        }
+        Ok(c)
+    }
+
+    /// Starts the control plane (again, on the same store).
+    pub fn start_control_plane(&mut self) -> Result<()> {
+        let mut args = self.store_args.clone();
+        args.push("--credentials".into());
+        args.push(self.dir.path().join("credentials.json").display().to_string());
+        self.cp = Some(ControlPlane::start(&self.fabric, &self.listen, &args)?);
+        Ok(())
+    }
+
+    /// Takes the control plane out (to crash or drop it).
+    pub fn take_control_plane(&mut self) -> Option<ControlPlane> {
+        self.cp.take()
+    }
+
+    /// The control plane's URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+
+    /// Host id of host `i`.
+    pub fn host_id(i: usize) -> String {
+        format!("host-{i}")
+    }
+
+    /// Starts the agent of host `i`.
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let args = [
+            "--host".to_owned(),
+            Self::host_id(i),
+            "--control-plane".into(),
+            self.url(),
+            "--agent-token".into(),
+            AGENT_TOKEN.into(),
+            "--netns-prefix".into(),
+            self.netns_prefix.clone(),
+            "--xdp-mode".into(),
+            "off".into(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let agent = Agent::start_with(&self.hosts[i], self.pins[i].path(), &[UNDERLAY_IF], &args)
+            .with_context(|| format!("starting the agent of host {i}"))?;
+        self.agents[i] = Some(agent);
+        Ok(())
+    }
+
+    /// Takes the agent of host `i` out (to crash or stop it).
+    pub fn take_agent(&mut self, i: usize) -> Option<Agent> {
+        self.agents[i].take()
+    }
+
+    /// The namespace of host `i`.
+    pub fn host(&self, i: usize) -> &NetNs {
+        &self.hosts[i]
+    }
+
+    /// The pin directory of host `i`.
+    pub fn pin_dir(&self, i: usize) -> &Path {
+        self.pins[i].path()
+    }
+
+    /// The name of an instance's namespace.
+    pub fn instance_netns(&self, instance_id: &str) -> String {
+        format!("{}{instance_id}", self.netns_prefix)
+    }
+
+    /// Runs `program args` inside an instance's namespace and returns its output.
+    pub fn in_instance(&self, instance_id: &str, program: &str, args: &[&str]) -> Result<std::process::Output> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.instance_netns(instance_id), program])
+            .args(args)
+            .output()?;
+        Ok(out)
+    }
+
+    /// Whether an instance's namespace exists.
+    pub fn instance_exists(&self, instance_id: &str) -> bool {
+        Path::new("/run/netns").join(self.instance_netns(instance_id)).exists()
+    }
+
+    /// Tenant A's channel.
+    pub async fn tenant_a(&self) -> Result<Authed> {
+        channel(&self.url(), TOKEN_A).await
+    }
+
+    /// Tenant B's channel.
+    pub async fn tenant_b(&self) -> Result<Authed> {
+        channel(&self.url(), TOKEN_B).await
+    }
+
+    /// An agent's channel (host service).
+    pub async fn agent_channel(&self) -> Result<Authed> {
+        channel(&self.url(), AGENT_TOKEN).await
+    }
+
+    /// The temporary directory (store, credentials).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for a in self.agents.iter_mut() {
+            if let Some(a) = a.take() {
+                let _ = a.stop();
+            }
+        }
+        self.cp.take();
+        // Instances' namespaces (the agents leave them running, as a real host would).
+        if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let name = line.split_whitespace().next().unwrap_or_default();
+                if name.starts_with(&self.netns_prefix) {
+                    let _ = Command::new("ip").args(["netns", "del", name]).status();
+                }
+            }
+        }
+    }
+}
+
+/// Polls `f` every 100 ms until it returns `Some` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f().await? {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
