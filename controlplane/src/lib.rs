@@ -7,6 +7,7 @@
 //! compiles security groups and network ACLs into the policy maps' contents (pure,
 //! unit-tested). [`lb`] plans network load balancers (VIPs, targets, Maglev tables, health).
 
+pub mod compute;
 pub mod datapath;
 pub mod host;
 pub mod lb;
