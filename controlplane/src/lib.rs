@@ -8,6 +8,7 @@
 //! unit-tested). [`lb`] plans network load balancers (VIPs, targets, Maglev tables, health).
 
 pub mod api;
+pub mod compute;
 pub mod datapath;
 pub mod host;
 pub mod lb;

@@ -255,6 +255,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// Every stdout line of host `i`'s running agent.
+    pub fn agent_lines(&self, i: usize) -> Vec<String> {
+        self.agents[i].as_ref().map(Agent::lines).unwrap_or_default()
+    }
+
     /// Takes the agent of host `i` out (to crash or stop it).
     pub fn take_agent(&mut self, i: usize) -> Option<Agent> {
         self.agents[i].take()

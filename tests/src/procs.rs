@@ -41,6 +41,8 @@ pub struct Agent {
     child: NsChild,
     /// Lines the agent printed on stdout up to and including `ready`.
     pub startup: Vec<String>,
+    /// Every line it printed so far.
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Agent {
@@ -73,11 +75,16 @@ impl Agent {
         let mut child = ns.spawn(cmd)?;
         let stdout = child.child_mut().stdout.take().context("agent stdout")?;
         let (tx, rx) = mpsc::channel();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let all = std::sync::Arc::clone(&lines);
         std::thread::spawn(move || {
             // Keeps draining after startup (when nobody receives any more): a closed pipe
             // would make the agent's next line fail.
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                if let Ok(mut v) = all.lock() {
+                    v.push(line.clone());
+                }
                 let _ = tx.send(line);
             }
         });
@@ -88,7 +95,11 @@ impl Agent {
                     let ready = line.starts_with("ready");
                     startup.push(line);
                     if ready {
-                        return Ok(Agent { child, startup });
+                        return Ok(Agent {
+                            child,
+                            startup,
+                            lines,
+                        });
                     }
                 }
                 Err(_) => {
@@ -97,6 +108,11 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Every line the agent printed on stdout so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
     /// Link ids the agent reported, in the order printed (`... link N program M`).

@@ -67,10 +67,7 @@ fn parse(key: &str, value: &[u8]) -> Result<Rec, serde_json::Error> {
 
 /// The host-side interface name of an instance's veth.
 pub fn instance_ifname(instance_id: &str) -> String {
-    // TODO(merge): crate::compute::host_ifname
-    let hex = instance_id.rsplit('-').next().unwrap_or(instance_id);
-    let tail: String = hex.chars().rev().take(13).collect::<Vec<_>>().into_iter().rev().collect();
-    format!("vi{tail}")
+    crate::compute::host_ifname(instance_id)
 }
 
 /// Renders the cache.

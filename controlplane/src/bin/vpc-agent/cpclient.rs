@@ -114,10 +114,11 @@ async fn watch_once(
         })
         .await
         .context("registering the host")?;
+    let applied_revision = *applied.borrow();
     let mut stream = client
         .watch_desired_state(pb::WatchDesiredStateRequest {
             host_id: cfg.host_id.clone(),
-            applied_revision: *applied.borrow(),
+            applied_revision,
         })
         .await
         .context("watching the desired state")?

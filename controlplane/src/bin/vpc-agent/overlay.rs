@@ -187,9 +187,11 @@ impl Reconciler {
                 continue;
             }
             match net.ensure(spec).await {
-                Ok(_) => {
+                Ok(e) => {
                     done.insert(id.clone(), spec.clone());
-                    changes += 1;
+                    if e.changed() {
+                        changes += 1;
+                    }
                 }
                 Err(e) => warn!(instance = %id, error = %e, "creating the instance's network"),
             }
@@ -201,10 +203,11 @@ impl Reconciler {
         };
         for id in existing {
             if !wanted.contains_key(&id) {
-                net.remove(&id).await?;
+                if net.remove(&id).await? {
+                    info!(instance = %id, "removed the network of an instance no longer desired");
+                    changes += 1;
+                }
                 done.remove(&id);
-                info!(instance = %id, "removed the network of an instance no longer desired");
-                changes += 1;
             }
         }
         Ok(changes)

@@ -56,7 +56,7 @@ async fn open_store(spec: &str, etcd_prefix: &str) -> Result<Arc<dyn Store>> {
     }
     if let Some(urls) = spec.strip_prefix("etcd:") {
         let endpoints: Vec<String> = urls.split(',').map(str::to_owned).collect();
-        let s = vpc_store::EtcdStore::connect(&endpoints, etcd_prefix)
+        let s = vpc_store::EtcdStore::connect(vpc_store::EtcdOptions::new(endpoints, etcd_prefix))
             .await
             .with_context(|| format!("connecting to etcd at {urls}"))?;
         return Ok(Arc::new(s));
