@@ -96,7 +96,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(VpcServiceServer::new(super::network::Network::new(api.clone())))
-        // .add_service(SecurityServiceServer::new(super::security::Security::new(api.clone())))
+        .add_service(SecurityServiceServer::new(super::security::Security::new(api.clone())))
         // .add_service(LoadBalancerServiceServer::new(super::lb::LoadBalancers::new(api.clone())))
         // .add_service(InstanceServiceServer::new(super::compute::Instances::new(api.clone())))
         // .add_service(VolumeServiceServer::new(super::compute::Volumes::new(api.clone())))
