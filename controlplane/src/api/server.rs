@@ -96,10 +96,10 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(VpcServiceServer::new(super::network::Network::new(api.clone())))
-        // .add_service(SecurityServiceServer::new(super::security::Security::new(api.clone())))
+        .add_service(SecurityServiceServer::new(super::security::Security::new(api.clone())))
         .add_service(LoadBalancerServiceServer::new(super::lb::LoadBalancers::new(api.clone())))
-        // .add_service(InstanceServiceServer::new(super::compute::Instances::new(api.clone())))
-        // .add_service(VolumeServiceServer::new(super::compute::Volumes::new(api.clone())))
+        .add_service(InstanceServiceServer::new(super::compute::Instances::new(api.clone())))
+        .add_service(VolumeServiceServer::new(super::compute::Volumes::new(api.clone())))
         .add_service(HostServiceServer::new(super::host::Hosts::new(api)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
