@@ -8,9 +8,19 @@
 //! A transaction is acknowledged only once it is durable: a crash right after `txn` returns
 //! loses nothing.
 //!
-//! Backends: [`mem::MemStore`] (tests), `redb` (embedded, the default) and `etcd`.
+//! Backends: [`MemStore`] (tests), [`RedbStore`] (embedded, the default) and [`EtcdStore`]
+//! (several control-plane replicas sharing one etcd). With the `testing` feature,
+//! [`conformance`] holds the checks every backend passes.
 
+#[cfg(any(test, feature = "testing"))]
+pub mod conformance;
+pub mod etcd_store;
 pub mod mem;
+pub mod redb_store;
+
+pub use etcd_store::{EtcdOptions, EtcdStore};
+pub use mem::MemStore;
+pub use redb_store::{RedbOptions, RedbStore};
 
 use std::pin::Pin;
 
