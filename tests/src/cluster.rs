@@ -28,7 +28,8 @@ use crate::procs::{Agent, workspace_bin};
 pub const ACCOUNT_A: &str = "111122223333";
 /// Second tenant (isolation tests).
 pub const ACCOUNT_B: &str = "444455556666";
-const TOKEN_A: &str = "tenant-a-token-0123456789abcdef";
+/// Tenant A's token.
+pub const TOKEN_A: &str = "tenant-a-token-0123456789abcdef";
 const TOKEN_B: &str = "tenant-b-token-0123456789abcdef";
 const AGENT_TOKEN: &str = "agent-token-0123456789abcdef0";
 const BRIDGE: &str = "br0";
@@ -53,7 +54,11 @@ impl ControlPlane {
             cmd.env("RUST_LOG", "warn");
         }
         let mut child = ns.spawn(cmd)?;
-        let stdout = child.child_mut().stdout.take().context("control-plane stdout")?;
+        let stdout = child
+            .child_mut()
+            .stdout
+            .take()
+            .context("control-plane stdout")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
@@ -86,26 +91,55 @@ impl ControlPlane {
     }
 }
 
-/// A gRPC channel carrying a bearer token.
-pub type Authed = InterceptedService<
-    Channel,
-    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
->;
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone, Debug)]
+pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
 
-/// A channel to `url` with `token` on every call.
-pub async fn channel(url: &str, token: &str) -> Result<Authed> {
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut().insert("authorization", self.0.clone());
+        Ok(r)
+    }
+}
+
+/// A gRPC channel carrying a bearer token.
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+/// A channel to `url` with `token` on every call, whose connections are made from the
+/// network namespace at `netns` (test traffic stays inside the test's namespaces).
+pub async fn channel(netns: &Path, url: &str, token: &str) -> Result<Authed> {
+    let addr: std::net::SocketAddr = url
+        .trim_start_matches("http://")
+        .parse()
+        .with_context(|| format!("{url} is not http://IP:PORT"))?;
+    let netns = netns.to_owned();
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let netns = netns.clone();
+        async move {
+            // The socket is created by a thread inside the namespace; it stays there.
+            let stream = std::thread::spawn(move || -> std::io::Result<std::net::TcpStream> {
+                let f = std::fs::File::open(&netns)?;
+                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+                s.set_nonblocking(true)?;
+                s.set_nodelay(true)?;
+                Ok(s)
+            })
+            .join()
+            .map_err(|_| std::io::Error::other("connector thread panicked"))??;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                tokio::net::TcpStream::from_std(stream)?,
+            ))
+        }
+    });
     let ch = Endpoint::from_shared(url.to_owned())?
         .connect_timeout(Duration::from_secs(5))
-        .connect()
+        .connect_with_connector(connector)
         .await
         .with_context(|| format!("connecting to {url}"))?;
     let value: MetadataValue<_> = format!("Bearer {token}").parse()?;
-    let f: Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send> =
-        Box::new(move |mut r: tonic::Request<()>| {
-            r.metadata_mut().insert("authorization", value.clone());
-            Ok(r)
-        });
-    Ok(InterceptedService::new(ch, f))
+    Ok(InterceptedService::new(ch, Bearer(value)))
 }
 
 /// Writes the credentials file the cluster's control plane uses.
@@ -165,7 +199,11 @@ impl Cluster {
     pub fn start(n: usize) -> Result<Cluster> {
         let dir = TempDir::new("cp")?;
         let store = dir.path().join("store.redb");
-        Self::start_with(n, dir, vec!["--store".into(), format!("redb:{}", store.display())])
+        Self::start_with(
+            n,
+            dir,
+            vec!["--store".into(), format!("redb:{}", store.display())],
+        )
     }
 
     /// As [`Cluster::start`] with other store arguments.
@@ -178,7 +216,10 @@ impl Cluster {
         let mut hosts = Vec::new();
         for i in 0..n {
             let h = NetNs::new(&format!("h{i}"))?;
-            for key in ["net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"] {
+            for key in [
+                "net.ipv4.conf.all.rp_filter",
+                "net.ipv4.conf.default.rp_filter",
+            ] {
                 h.sysctl(key, "0")?;
             }
             let port = format!("p{i}");
@@ -214,7 +255,13 @@ impl Cluster {
     pub fn start_control_plane(&mut self) -> Result<()> {
         let mut args = self.store_args.clone();
         args.push("--credentials".into());
-        args.push(self.dir.path().join("credentials.json").display().to_string());
+        args.push(
+            self.dir
+                .path()
+                .join("credentials.json")
+                .display()
+                .to_string(),
+        );
         self.cp = Some(ControlPlane::start(&self.fabric, &self.listen, &args)?);
         Ok(())
     }
@@ -244,7 +291,7 @@ impl Cluster {
             "--agent-token".into(),
             AGENT_TOKEN.into(),
             "--netns-prefix".into(),
-            self.netns_prefix.clone(),
+            self.host_prefix(i),
             "--xdp-mode".into(),
             "off".into(),
         ];
@@ -257,7 +304,10 @@ impl Cluster {
 
     /// Every stdout line of host `i`'s running agent.
     pub fn agent_lines(&self, i: usize) -> Vec<String> {
-        self.agents[i].as_ref().map(Agent::lines).unwrap_or_default()
+        self.agents[i]
+            .as_ref()
+            .map(Agent::lines)
+            .unwrap_or_default()
     }
 
     /// Takes the agent of host `i` out (to crash or stop it).
@@ -275,13 +325,28 @@ impl Cluster {
         self.pins[i].path()
     }
 
-    /// The name of an instance's namespace.
+    /// The instance-namespace prefix of host `i`'s agent. Each host has its own: on a real
+    /// host an agent owns every namespace with its prefix, and here all hosts share
+    /// /run/netns.
+    fn host_prefix(&self, i: usize) -> String {
+        format!("{}h{i}-", self.netns_prefix)
+    }
+
+    /// The name of an instance's namespace (on whichever host has it).
     pub fn instance_netns(&self, instance_id: &str) -> String {
-        format!("{}{instance_id}", self.netns_prefix)
+        (0..self.hosts.len())
+            .map(|i| format!("{}{instance_id}", self.host_prefix(i)))
+            .find(|n| Path::new("/run/netns").join(n).exists())
+            .unwrap_or_else(|| format!("{}{instance_id}", self.host_prefix(0)))
     }
 
     /// Runs `program args` inside an instance's namespace and returns its output.
-    pub fn in_instance(&self, instance_id: &str, program: &str, args: &[&str]) -> Result<std::process::Output> {
+    pub fn in_instance(
+        &self,
+        instance_id: &str,
+        program: &str,
+        args: &[&str],
+    ) -> Result<std::process::Output> {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.instance_netns(instance_id), program])
             .args(args)
@@ -291,22 +356,24 @@ impl Cluster {
 
     /// Whether an instance's namespace exists.
     pub fn instance_exists(&self, instance_id: &str) -> bool {
-        Path::new("/run/netns").join(self.instance_netns(instance_id)).exists()
+        Path::new("/run/netns")
+            .join(self.instance_netns(instance_id))
+            .exists()
     }
 
     /// Tenant A's channel.
     pub async fn tenant_a(&self) -> Result<Authed> {
-        channel(&self.url(), TOKEN_A).await
+        channel(&self.fabric.path(), &self.url(), TOKEN_A).await
     }
 
     /// Tenant B's channel.
     pub async fn tenant_b(&self) -> Result<Authed> {
-        channel(&self.url(), TOKEN_B).await
+        channel(&self.fabric.path(), &self.url(), TOKEN_B).await
     }
 
     /// An agent's channel (host service).
     pub async fn agent_channel(&self) -> Result<Authed> {
-        channel(&self.url(), AGENT_TOKEN).await
+        channel(&self.fabric.path(), &self.url(), AGENT_TOKEN).await
     }
 
     /// The temporary directory (store, credentials).

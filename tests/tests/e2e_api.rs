@@ -16,7 +16,9 @@ use vpc_proto::v1::{
     instance_service_client::InstanceServiceClient, volume_service_client::VolumeServiceClient,
     vpc_service_client::VpcServiceClient,
 };
-use vpc_tests::cluster::{Cluster, ControlPlane, TempDir, channel, eventually, write_credentials};
+use vpc_tests::cluster::{
+    Cluster, ControlPlane, TOKEN_A, TempDir, channel, eventually, write_credentials,
+};
 use vpc_tests::netns::NetNs;
 
 fn revision<T>(r: &tonic::Response<T>) -> Result<i64> {
@@ -34,7 +36,10 @@ async fn applied(c: &Cluster, n: usize, rev: i64) -> Result<()> {
     eventually(Duration::from_secs(30), "hosts to apply the write", || {
         let mut h = h.clone();
         async move {
-            let r = h.describe_hosts(pb::DescribeHostsRequest {}).await?.into_inner();
+            let r = h
+                .describe_hosts(pb::DescribeHostsRequest {})
+                .await?
+                .into_inner();
             let ok = r
                 .hosts
                 .iter()
@@ -46,11 +51,7 @@ async fn applied(c: &Cluster, n: usize, rev: i64) -> Result<()> {
     .await
 }
 
-async fn run_on(
-    c: &Cluster,
-    subnet: &str,
-    host: usize,
-) -> Result<(pb::Instance, i64)> {
+async fn run_on(c: &Cluster, subnet: &str, host: usize) -> Result<(pb::Instance, i64)> {
     let mut inst = InstanceServiceClient::new(c.tenant_a().await?);
     let r = inst
         .run_instances(pb::RunInstancesRequest {
@@ -96,14 +97,27 @@ async fn api_drives_two_hosts() -> Result<()> {
         .context("subnet")?;
     let (a, _) = run_on(&c, &subnet.subnet_id, 0).await?;
     let (b, rev) = run_on(&c, &subnet.subnet_id, 1).await?;
-    assert_eq!(a.private_ip_address, "10.0.1.4", "lowest free address first");
+    assert_eq!(
+        a.private_ip_address, "10.0.1.4",
+        "lowest free address first"
+    );
     assert_eq!(b.private_ip_address, "10.0.1.5");
     applied(&c, 2, rev).await?;
     ensure!(c.instance_exists(&a.instance_id) && c.instance_exists(&b.instance_id));
     let out = c.in_instance(
         &a.instance_id,
         "ping",
-        &["-n", "-q", "-c", "3", "-i", "0.2", "-W", "1", &b.private_ip_address],
+        &[
+            "-n",
+            "-q",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            &b.private_ip_address,
+        ],
     )?;
     ensure!(
         out.status.success(),
@@ -117,7 +131,10 @@ async fn api_drives_two_hosts() -> Result<()> {
         .await?
         .into_inner();
     assert_eq!(described.instances.len(), 2);
-    assert!(described.instances.iter().all(|i| i.state == "running"), "{described:?}");
+    assert!(
+        described.instances.iter().all(|i| i.state == "running"),
+        "{described:?}"
+    );
 
     // Tenant isolation: B does not see A's VPC, and may use the same CIDR.
     let mut vpcs_b = VpcServiceClient::new(c.tenant_b().await?);
@@ -129,14 +146,26 @@ async fn api_drives_two_hosts() -> Result<()> {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
-    assert!(vpcs_b.describe_vpcs(pb::DescribeVpcsRequest::default()).await?.into_inner().vpcs.is_empty());
+    assert!(
+        vpcs_b
+            .describe_vpcs(pb::DescribeVpcsRequest::default())
+            .await?
+            .into_inner()
+            .vpcs
+            .is_empty()
+    );
     let err = vpcs_b
-        .delete_vpc(pb::DeleteVpcRequest { vpc_id: vpc.vpc_id.clone() })
+        .delete_vpc(pb::DeleteVpcRequest {
+            vpc_id: vpc.vpc_id.clone(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
     vpcs_b
-        .create_vpc(pb::CreateVpcRequest { cidr_block: "10.0.0.0/16".into(), ..Default::default() })
+        .create_vpc(pb::CreateVpcRequest {
+            cidr_block: "10.0.0.0/16".into(),
+            ..Default::default()
+        })
         .await?;
 
     // Network programming latency was measured.
@@ -158,7 +187,21 @@ async fn api_drives_two_hosts() -> Result<()> {
         .spawn()?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let client = std::process::Command::new("timeout")
-        .args(["20", "ip", "netns", "exec", &a_ns, "iperf3", "-c", &b.private_ip_address, "-p", "5201", "-t", "4", "-J"])
+        .args([
+            "20",
+            "ip",
+            "netns",
+            "exec",
+            &a_ns,
+            "iperf3",
+            "-c",
+            &b.private_ip_address,
+            "-p",
+            "5201",
+            "-t",
+            "4",
+            "-J",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
@@ -178,15 +221,27 @@ async fn api_drives_two_hosts() -> Result<()> {
     let intervals = report["intervals"].as_array().context("iperf3 intervals")?;
     for iv in intervals {
         let bps = iv["sum"]["bits_per_second"].as_f64().unwrap_or(0.0);
-        ensure!(bps > 0.0, "an interval without traffic during the restart: {iv}");
+        ensure!(
+            bps > 0.0,
+            "an interval without traffic during the restart: {iv}"
+        );
     }
     // The restarted agent found the kernel already in the desired state.
-    let restarted = eventually(Duration::from_secs(20), "the restarted agent to apply", || {
-        let lines = c.agent_lines(0);
-        async move { Ok(lines.iter().find_map(|l| map_writes(l))) }
-    })
+    let restarted = eventually(
+        Duration::from_secs(20),
+        "the restarted agent to apply",
+        || {
+            let lines = c.agent_lines(0);
+            async move { Ok(lines.iter().find_map(|l| map_writes(l))) }
+        },
+    )
     .await?;
-    assert_eq!(restarted, 0, "the restarted agent rewrote maps: {:?}", c.agent_lines(0));
+    assert_eq!(
+        restarted,
+        0,
+        "the restarted agent rewrote maps: {:?}",
+        c.agent_lines(0)
+    );
 
     // Host 1's agent is down while the VPC goes away; when it returns, the VPC's state goes.
     c.take_agent(1).context("agent 1")?.stop()?;
@@ -194,14 +249,32 @@ async fn api_drives_two_hosts() -> Result<()> {
         instance_ids: vec![a.instance_id.clone(), b.instance_id.clone()],
     })
     .await?;
-    vpcs.delete_subnet(pb::DeleteSubnetRequest { subnet_id: subnet.subnet_id.clone() }).await?;
-    let rev = revision(&vpcs.delete_vpc(pb::DeleteVpcRequest { vpc_id: vpc.vpc_id.clone() }).await?)?;
+    vpcs.delete_subnet(pb::DeleteSubnetRequest {
+        subnet_id: subnet.subnet_id.clone(),
+    })
+    .await?;
+    let rev = revision(
+        &vpcs
+            .delete_vpc(pb::DeleteVpcRequest {
+                vpc_id: vpc.vpc_id.clone(),
+            })
+            .await?,
+    )?;
     applied(&c, 1, rev).await?;
-    ensure!(!c.instance_exists(&a.instance_id), "host 0 kept a terminated instance");
-    ensure!(c.instance_exists(&b.instance_id), "host 1's agent is down: its instance stays until it returns");
+    ensure!(
+        !c.instance_exists(&a.instance_id),
+        "host 0 kept a terminated instance"
+    );
+    ensure!(
+        c.instance_exists(&b.instance_id),
+        "host 1's agent is down: its instance stays until it returns"
+    );
     c.start_agent(1)?;
     applied(&c, 2, rev).await?;
-    ensure!(!c.instance_exists(&b.instance_id), "host 1 kept a terminated instance");
+    ensure!(
+        !c.instance_exists(&b.instance_id),
+        "host 1 kept a terminated instance"
+    );
     let maps = OverlayMaps::open(&PinLayout::new(c.pin_dir(1)))?.read()?;
     ensure!(
         !maps.vnis.contains(&vpc.vni),
@@ -236,17 +309,25 @@ async fn control_plane_crash_keeps_acknowledged_writes() -> Result<()> {
         let url = url.clone();
         let ns_path = ns.path();
         writers.push(std::thread::spawn(move || -> Result<()> {
-            // The client must live in the namespace: enter it on this thread.
-            let f = std::fs::File::open(&ns_path)?;
-            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async move {
-                let mut vols = VolumeServiceClient::new(channel(&url, "tenant-a-token-0123456789abcdef").await?);
+                let mut vols = VolumeServiceClient::new(channel(&ns_path, &url, TOKEN_A).await?);
                 for _ in 0..100_000 {
-                    match vols.create_volume(pb::CreateVolumeRequest { size_gib: 1, ..Default::default() }).await {
+                    match vols
+                        .create_volume(pb::CreateVolumeRequest {
+                            size_gib: 1,
+                            ..Default::default()
+                        })
+                        .await
+                    {
                         Ok(r) => {
                             let id = r.into_inner().volume.context("volume")?.volume_id;
-                            acked.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push(id);
+                            acked
+                                .lock()
+                                .map_err(|_| anyhow::anyhow!("poisoned"))?
+                                .push(id);
                         }
                         Err(_) => return Ok(()), // the server is gone
                     }
@@ -256,7 +337,9 @@ async fn control_plane_crash_keeps_acknowledged_writes() -> Result<()> {
         }));
     }
     let start = Instant::now();
-    while acked.lock().map(|v| v.len()).unwrap_or(0) < 300 && start.elapsed() < Duration::from_secs(20) {
+    while acked.lock().map(|v| v.len()).unwrap_or(0) < 300
+        && start.elapsed() < Duration::from_secs(20)
+    {
         std::thread::sleep(Duration::from_millis(20));
     }
     cp.crash()?;
@@ -264,27 +347,37 @@ async fn control_plane_crash_keeps_acknowledged_writes() -> Result<()> {
         w.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
     }
     let acked = acked.lock().map(|v| v.clone()).unwrap_or_default();
-    ensure!(acked.len() >= 300, "only {} creates acknowledged before the crash", acked.len());
+    ensure!(
+        acked.len() >= 300,
+        "only {} creates acknowledged before the crash",
+        acked.len()
+    );
     let cp = ControlPlane::start(&ns, "127.0.0.1:7420", &args)?;
     let url = cp.url.clone();
     let ns_path = ns.path();
     let missing = std::thread::spawn(move || -> Result<Vec<String>> {
-        let f = std::fs::File::open(&ns_path)?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(async move {
-            let mut vols = VolumeServiceClient::new(channel(&url, "tenant-a-token-0123456789abcdef").await?);
+            let mut vols = VolumeServiceClient::new(channel(&ns_path, &url, TOKEN_A).await?);
             let mut missing = Vec::new();
             for chunk in acked.chunks(500) {
                 match vols
-                    .describe_volumes(pb::DescribeVolumesRequest { volume_ids: chunk.to_vec(), ..Default::default() })
+                    .describe_volumes(pb::DescribeVolumesRequest {
+                        volume_ids: chunk.to_vec(),
+                        ..Default::default()
+                    })
                     .await
                 {
                     Ok(r) => ensure!(r.into_inner().volumes.len() == chunk.len()),
                     Err(e) if e.code() == tonic::Code::NotFound => {
                         for id in chunk {
                             let r = vols
-                                .describe_volumes(pb::DescribeVolumesRequest { volume_ids: vec![id.clone()], ..Default::default() })
+                                .describe_volumes(pb::DescribeVolumesRequest {
+                                    volume_ids: vec![id.clone()],
+                                    ..Default::default()
+                                })
                                 .await;
                             if r.is_err() {
                                 missing.push(id.clone());
@@ -299,7 +392,10 @@ async fn control_plane_crash_keeps_acknowledged_writes() -> Result<()> {
     })
     .join()
     .map_err(|_| anyhow::anyhow!("reader panicked"))??;
-    ensure!(missing.is_empty(), "acknowledged volumes lost in the crash: {missing:?}");
+    ensure!(
+        missing.is_empty(),
+        "acknowledged volumes lost in the crash: {missing:?}"
+    );
     drop(cp);
     Ok(())
 }

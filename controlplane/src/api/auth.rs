@@ -197,12 +197,18 @@ mod tests {
     #[test]
     fn bad_credentials_are_refused() {
         let short = Credentials {
-            accounts: vec![AccountCredentials { id: "111122223333".into(), tokens: vec!["short".into()] }],
+            accounts: vec![AccountCredentials {
+                id: "111122223333".into(),
+                tokens: vec!["short".into()],
+            }],
             agent_tokens: vec![],
         };
         assert!(Auth::new(&short).is_err());
         let bad_id = Credentials {
-            accounts: vec![AccountCredentials { id: "12".into(), tokens: vec![] }],
+            accounts: vec![AccountCredentials {
+                id: "12".into(),
+                tokens: vec![],
+            }],
             agent_tokens: vec![],
         };
         assert!(Auth::new(&bad_id).is_err());

@@ -80,7 +80,11 @@ impl Instances {
 
     /// Chooses a host: the one asked for (must be registered) or the registered host with
     /// the fewest instances (ties: lowest id).
-    fn place(&self, wanted: &str, planned: &std::collections::BTreeMap<String, usize>) -> ApiResult<String> {
+    fn place(
+        &self,
+        wanted: &str,
+        planned: &std::collections::BTreeMap<String, usize>,
+    ) -> ApiResult<String> {
         let d = self.api.desired.borrow().clone();
         if !wanted.is_empty() {
             return d
@@ -88,26 +92,40 @@ impl Instances {
                 .iter()
                 .find(|h| h.id == wanted)
                 .map(|h| h.id.clone())
-                .ok_or_else(|| ApiError::invalid("host_id", format!("host {wanted:?} is not registered")));
+                .ok_or_else(|| {
+                    ApiError::invalid("host_id", format!("host {wanted:?} is not registered"))
+                });
         }
         d.hosts
             .iter()
             .min_by_key(|h| {
                 (
-                    d.instances_per_host.get(&h.id).copied().unwrap_or(0) + planned.get(&h.id).copied().unwrap_or(0),
+                    d.instances_per_host.get(&h.id).copied().unwrap_or(0)
+                        + planned.get(&h.id).copied().unwrap_or(0),
                     h.id.clone(),
                 )
             })
             .map(|h| h.id.clone())
-            .ok_or_else(|| ApiError::Precondition("no host is registered to run instances on".into()))
+            .ok_or_else(|| {
+                ApiError::Precondition("no host is registered to run instances on".into())
+            })
     }
 
-    async fn run(&self, account: String, req: pb::RunInstancesRequest) -> ApiResult<Response<pb::RunInstancesResponse>> {
+    async fn run(
+        &self,
+        account: String,
+        req: pb::RunInstancesRequest,
+    ) -> ApiResult<Response<pb::RunInstancesResponse>> {
         let subnet_id = validate::id("subnet_id", kind::SUBNET, &req.subnet_id)?;
         let count = match req.count {
             0 => 1,
             n @ 1..=MAX_COUNT => n,
-            n => return Err(ApiError::invalid("count", format!("{n}: expected 1 to {MAX_COUNT}"))),
+            n => {
+                return Err(ApiError::invalid(
+                    "count",
+                    format!("{n}: expected 1 to {MAX_COUNT}"),
+                ));
+            }
         };
         let wanted_ip = if req.private_ip_address.is_empty() {
             None
@@ -115,21 +133,34 @@ impl Instances {
             if count != 1 {
                 return Err(ApiError::invalid("private_ip_address", "only with count 1"));
             }
-            Some(validate::ipv4("private_ip_address", &req.private_ip_address)?)
+            Some(validate::ipv4(
+                "private_ip_address",
+                &req.private_ip_address,
+            )?)
         };
         let mut groups = Vec::new();
         for (i, g) in req.security_group_ids.iter().enumerate() {
             let g = validate::id(&format!("security_group_ids[{i}]"), kind::SG, g)?;
             if groups.contains(&g) {
-                return Err(ApiError::invalid(format!("security_group_ids[{i}]"), format!("{g} is listed twice")));
+                return Err(ApiError::invalid(
+                    format!("security_group_ids[{i}]"),
+                    format!("{g} is listed twice"),
+                ));
             }
             groups.push(g);
         }
         let max_groups = self.api.quotas.policy.groups_per_endpoint;
         if groups.len() > max_groups {
-            return Err(ApiError::invalid("security_group_ids", format!("{} groups; at most {max_groups} per instance", groups.len())));
+            return Err(ApiError::invalid(
+                "security_group_ids",
+                format!("{} groups; at most {max_groups} per instance", groups.len()),
+            ));
         }
-        let instance_type = if req.instance_type.is_empty() { "t3.micro".to_owned() } else { validate::name("instance_type", &req.instance_type, 32)? };
+        let instance_type = if req.instance_type.is_empty() {
+            "t3.micro".to_owned()
+        } else {
+            validate::name("instance_type", &req.instance_type, 32)?
+        };
         let tags = validate::tags(&req.tags)?;
         let token = validate::client_token(&req.client_token)?;
         let quota = self.api.quotas.instances_per_account;
@@ -213,13 +244,24 @@ impl Instances {
         Ok(respond(pb::RunInstancesResponse { instances }, rev))
     }
 
-    async fn terminate(&self, account: String, req: pb::TerminateInstancesRequest) -> ApiResult<Response<pb::TerminateInstancesResponse>> {
+    async fn terminate(
+        &self,
+        account: String,
+        req: pb::TerminateInstancesRequest,
+    ) -> ApiResult<Response<pb::TerminateInstancesResponse>> {
         if req.instance_ids.is_empty() {
-            return Err(ApiError::invalid("instance_ids", "at least one instance id"));
+            return Err(ApiError::invalid(
+                "instance_ids",
+                "at least one instance id",
+            ));
         }
         let mut wanted = Vec::new();
         for (i, id) in req.instance_ids.iter().enumerate() {
-            wanted.push(validate::id(&format!("instance_ids[{i}]"), kind::INSTANCE, id)?);
+            wanted.push(validate::id(
+                &format!("instance_ids[{i}]"),
+                kind::INSTANCE,
+                id,
+            )?);
         }
         let (list, rev) = self
             .api
@@ -255,17 +297,33 @@ impl Instances {
 
 #[tonic::async_trait]
 impl InstanceService for Instances {
-    async fn run_instances(&self, r: Request<pb::RunInstancesRequest>) -> Result<Response<pb::RunInstancesResponse>, Status> {
+    async fn run_instances(
+        &self,
+        r: Request<pb::RunInstancesRequest>,
+    ) -> Result<Response<pb::RunInstancesResponse>, Status> {
         let account = self.api.auth.account(r.metadata())?;
         Ok(self.run(account, r.into_inner()).await?)
     }
 
-    async fn describe_instances(&self, r: Request<pb::DescribeInstancesRequest>) -> Result<Response<pb::DescribeInstancesResponse>, Status> {
+    async fn describe_instances(
+        &self,
+        r: Request<pb::DescribeInstancesRequest>,
+    ) -> Result<Response<pb::DescribeInstancesResponse>, Status> {
         let account = self.api.auth.account(r.metadata())?;
         let req = r.into_inner();
         let tx = self.api.read(&account).await?;
         let (list, next_token) = if !req.instance_ids.is_empty() {
-            (by_ids::<InstanceRec>(&tx, kind::INSTANCE, "instance", "instance_ids", &req.instance_ids).await?, String::new())
+            (
+                by_ids::<InstanceRec>(
+                    &tx,
+                    kind::INSTANCE,
+                    "instance",
+                    "instance_ids",
+                    &req.instance_ids,
+                )
+                .await?,
+                String::new(),
+            )
         } else if !req.subnet_id.is_empty() {
             let s = validate::id("subnet_id", kind::SUBNET, &req.subnet_id)?;
             tx.must::<SubnetRec>(kind::SUBNET, "subnet", &s).await?;
@@ -274,10 +332,16 @@ impl InstanceService for Instances {
             list_page(&tx, kind::INSTANCE, None, req.page.as_ref()).await?
         };
         let instances = self.views(&account, &list).await?;
-        Ok(Response::new(pb::DescribeInstancesResponse { instances, next_token }))
+        Ok(Response::new(pb::DescribeInstancesResponse {
+            instances,
+            next_token,
+        }))
     }
 
-    async fn terminate_instances(&self, r: Request<pb::TerminateInstancesRequest>) -> Result<Response<pb::TerminateInstancesResponse>, Status> {
+    async fn terminate_instances(
+        &self,
+        r: Request<pb::TerminateInstancesRequest>,
+    ) -> Result<Response<pb::TerminateInstancesResponse>, Status> {
         let account = self.api.auth.account(r.metadata())?;
         Ok(self.terminate(account, r.into_inner()).await?)
     }
@@ -310,11 +374,18 @@ fn pb_volume(v: &VolumeRec) -> pb::Volume {
 
 #[tonic::async_trait]
 impl VolumeService for Volumes {
-    async fn create_volume(&self, r: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+    async fn create_volume(
+        &self,
+        r: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
         let account = self.api.auth.account(r.metadata())?;
         let req = r.into_inner();
         if !(1..=16384).contains(&req.size_gib) {
-            return Err(ApiError::invalid("size_gib", format!("{}: expected 1 to 16384 GiB", req.size_gib)).into());
+            return Err(ApiError::invalid(
+                "size_gib",
+                format!("{}: expected 1 to 16384 GiB", req.size_gib),
+            )
+            .into());
         }
         let tags = validate::tags(&req.tags)?;
         let token = validate::client_token(&req.client_token)?;
@@ -325,17 +396,35 @@ impl VolumeService for Volumes {
                 let (req, tags, token) = (&req, tags.clone(), token.clone());
                 async move {
                     let id = ids::new_id(kind::VOLUME);
-                    if let Some(existing) = claim_token(&mut tx, kind::VOLUME, token.as_deref(), req, std::slice::from_ref(&id)).await? {
+                    if let Some(existing) = claim_token(
+                        &mut tx,
+                        kind::VOLUME,
+                        token.as_deref(),
+                        req,
+                        std::slice::from_ref(&id),
+                    )
+                    .await?
+                    {
                         let v: VolumeRec = tx.must(kind::VOLUME, "volume", &existing[0]).await?;
                         return Ok((tx, v));
                     }
                     let acct = tx.account().to_owned();
-                    let have = tx.keys(&rec_prefix(&acct, kind::VOLUME), quota + 1).await?.len();
+                    let have = tx
+                        .keys(&rec_prefix(&acct, kind::VOLUME), quota + 1)
+                        .await?
+                        .len();
                     if have >= quota {
-                        return Err(ApiError::Exhausted(format!("the account has {have} volumes; the quota is {quota}")));
+                        return Err(ApiError::Exhausted(format!(
+                            "the account has {have} volumes; the quota is {quota}"
+                        )));
                     }
                     let v = VolumeRec {
-                        meta: Meta { id: id.clone(), account: acct, tags, created_ms: now_ms() },
+                        meta: Meta {
+                            id: id.clone(),
+                            account: acct,
+                            tags,
+                            created_ms: now_ms(),
+                        },
                         size_gib: req.size_gib,
                         state: "available".into(),
                         attached: None,
@@ -345,22 +434,39 @@ impl VolumeService for Volumes {
                 }
             })
             .await?;
-        Ok(respond(pb::CreateVolumeResponse { volume: Some(pb_volume(&v)) }, rev))
+        Ok(respond(
+            pb::CreateVolumeResponse {
+                volume: Some(pb_volume(&v)),
+            },
+            rev,
+        ))
     }
 
-    async fn describe_volumes(&self, r: Request<pb::DescribeVolumesRequest>) -> Result<Response<pb::DescribeVolumesResponse>, Status> {
+    async fn describe_volumes(
+        &self,
+        r: Request<pb::DescribeVolumesRequest>,
+    ) -> Result<Response<pb::DescribeVolumesResponse>, Status> {
         let account = self.api.auth.account(r.metadata())?;
         let req = r.into_inner();
         let tx = self.api.read(&account).await?;
         let (list, next_token) = if req.volume_ids.is_empty() {
             list_page::<VolumeRec>(&tx, kind::VOLUME, None, req.page.as_ref()).await?
         } else {
-            (by_ids(&tx, kind::VOLUME, "volume", "volume_ids", &req.volume_ids).await?, String::new())
+            (
+                by_ids(&tx, kind::VOLUME, "volume", "volume_ids", &req.volume_ids).await?,
+                String::new(),
+            )
         };
-        Ok(Response::new(pb::DescribeVolumesResponse { volumes: list.iter().map(pb_volume).collect(), next_token }))
+        Ok(Response::new(pb::DescribeVolumesResponse {
+            volumes: list.iter().map(pb_volume).collect(),
+            next_token,
+        }))
     }
 
-    async fn delete_volume(&self, r: Request<pb::DeleteVolumeRequest>) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+    async fn delete_volume(
+        &self,
+        r: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let account = self.api.auth.account(r.metadata())?;
         let id = validate::id("volume_id", kind::VOLUME, &r.get_ref().volume_id)?;
         let ((), rev) = self
@@ -370,7 +476,9 @@ impl VolumeService for Volumes {
                 async move {
                     let v: VolumeRec = tx.must(kind::VOLUME, "volume", &id).await?;
                     if let Some(i) = &v.attached {
-                        return Err(ApiError::Precondition(format!("volume {id} is attached to {i} (VolumeInUse)")));
+                        return Err(ApiError::Precondition(format!(
+                            "volume {id} is attached to {i} (VolumeInUse)"
+                        )));
                     }
                     tx.delete(kind::VOLUME, &id);
                     Ok((tx, ()))

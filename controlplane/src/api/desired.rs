@@ -169,7 +169,9 @@ fn render(cache: &BTreeMap<String, Rec>, quotas: &Quotas, revision: i64) -> Desi
 }
 
 /// Reads everything under the watched prefixes (paged).
-async fn load_all(store: &dyn Store) -> Result<(BTreeMap<String, Rec>, i64), vpc_store::StoreError> {
+async fn load_all(
+    store: &dyn Store,
+) -> Result<(BTreeMap<String, Rec>, i64), vpc_store::StoreError> {
     let mut cache = BTreeMap::new();
     let mut revision = 0;
     for prefix in [RECORDS_PREFIX, HOSTS_PREFIX] {
@@ -231,13 +233,10 @@ async fn run(
                 continue;
             }
         };
-        loop {
-            let Some(first) = stream.next().await else { break };
+        while let Some(first) = stream.next().await {
             let mut batches = vec![first];
             // Coalesce whatever else is ready.
-            while let Ok(Some(more)) =
-                tokio::time::timeout(Duration::ZERO, stream.next()).await
-            {
+            while let Ok(Some(more)) = tokio::time::timeout(Duration::ZERO, stream.next()).await {
                 batches.push(more);
             }
             let mut failed = false;

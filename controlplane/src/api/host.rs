@@ -28,9 +28,14 @@ impl Hosts {
 fn host_id(text: &str) -> Result<String, ApiError> {
     if text.is_empty()
         || text.len() > 63
-        || !text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        || !text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
-        return Err(ApiError::invalid("host_id", "1 to 63 characters of a-z, 0-9 and -"));
+        return Err(ApiError::invalid(
+            "host_id",
+            "1 to 63 characters of a-z, 0-9 and -",
+        ));
     }
     Ok(text.to_owned())
 }
@@ -51,13 +56,18 @@ type DesiredStream = Pin<Box<dyn Stream<Item = Result<pb::DesiredState, Status>>
 
 #[tonic::async_trait]
 impl HostService for Hosts {
-    async fn register_host(&self, r: Request<pb::RegisterHostRequest>) -> Result<Response<pb::RegisterHostResponse>, Status> {
+    async fn register_host(
+        &self,
+        r: Request<pb::RegisterHostRequest>,
+    ) -> Result<Response<pb::RegisterHostResponse>, Status> {
         self.api.auth.agent(r.metadata())?;
         let req = r.into_inner();
         let id = host_id(&req.host_id)?;
         let vtep: Ipv4Addr = validate::ipv4("underlay_ip", &req.underlay_ip)?;
         if vtep.is_unspecified() || vtep.is_broadcast() || vtep.is_multicast() {
-            return Err(ApiError::invalid("underlay_ip", format!("{vtep} cannot be a VTEP")).into());
+            return Err(
+                ApiError::invalid("underlay_ip", format!("{vtep} cannot be a VTEP")).into(),
+            );
         }
         let key = host_key(&id);
         let store = &self.api.store;
@@ -76,15 +86,27 @@ impl HostService for Hosts {
         // Another host with this VTEP?
         let cur = self.api.desired.borrow().clone();
         if let Some(other) = cur.hosts.iter().find(|h| h.vtep == vtep && h.id != id) {
-            return Err(ApiError::AlreadyExists(format!("host {} already has underlay address {vtep}", other.id)).into());
+            return Err(ApiError::AlreadyExists(format!(
+                "host {} already has underlay address {vtep}",
+                other.id
+            ))
+            .into());
         }
-        let rec = HostRec { id: id.clone(), vtep, registered_ms };
+        let rec = HostRec {
+            id: id.clone(),
+            vtep,
+            registered_ms,
+        };
         let value = serde_json::to_vec(&rec).map_err(ApiError::from)?;
         let compare = match &existing {
             Some(kv) => vpc_store::Compare::ModRevision(key.clone(), kv.mod_revision),
             None => vpc_store::Compare::Absent(key.clone()),
         };
-        match store.txn(vec![compare], vec![Op::Put(key, value)]).await.map_err(ApiError::from)? {
+        match store
+            .txn(vec![compare], vec![Op::Put(key, value)])
+            .await
+            .map_err(ApiError::from)?
+        {
             TxnOutcome::Committed(rev) => {
                 self.api.programming.acked(rev);
                 Ok(respond(pb::RegisterHostResponse {}, rev))
@@ -95,15 +117,41 @@ impl HostService for Hosts {
 
     type WatchDesiredStateStream = DesiredStream;
 
-    async fn watch_desired_state(&self, r: Request<pb::WatchDesiredStateRequest>) -> Result<Response<DesiredStream>, Status> {
+    async fn watch_desired_state(
+        &self,
+        r: Request<pb::WatchDesiredStateRequest>,
+    ) -> Result<Response<DesiredStream>, Status> {
         self.api.auth.agent(r.metadata())?;
         let req = r.into_inner();
         let id = host_id(&req.host_id)?;
-        if !self.api.desired.borrow().hosts.iter().any(|h| h.id == id) {
-            return Err(ApiError::Precondition(format!("host {id} is not registered (RegisterHost first)")).into());
+        let Some(kv) = self
+            .api
+            .store
+            .get(&host_key(&id))
+            .await
+            .map_err(ApiError::from)?
+        else {
+            return Err(ApiError::Precondition(format!(
+                "host {id} is not registered (RegisterHost first)"
+            ))
+            .into());
+        };
+        // Start from a state that includes the registration.
+        let mut desired = self.api.desired.clone();
+        let wait = desired.wait_for(|d| d.revision >= kv.mod_revision);
+        if tokio::time::timeout(std::time::Duration::from_secs(10), wait)
+            .await
+            .is_err()
+        {
+            return Err(
+                ApiError::Unavailable("the desired state is catching up; retry".into()).into(),
+            );
         }
         self.api.programming.stream(&id, true);
-        let guard = Arc::new(StreamGuard { api: self.api.clone(), host: id });
+        let guard = Arc::new(StreamGuard {
+            api: self.api.clone(),
+            host: id,
+        });
         let stream = WatchStream::new(self.api.desired.clone()).map(move |d| {
             let _keep = &guard;
             Ok(pb::DesiredState {
@@ -114,7 +162,10 @@ impl HostService for Hosts {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn report_applied(&self, r: Request<pb::ReportAppliedRequest>) -> Result<Response<pb::ReportAppliedResponse>, Status> {
+    async fn report_applied(
+        &self,
+        r: Request<pb::ReportAppliedRequest>,
+    ) -> Result<Response<pb::ReportAppliedResponse>, Status> {
         self.api.auth.agent(r.metadata())?;
         let req = r.into_inner();
         let id = host_id(&req.host_id)?;
@@ -122,7 +173,10 @@ impl HostService for Hosts {
         Ok(Response::new(pb::ReportAppliedResponse {}))
     }
 
-    async fn describe_hosts(&self, r: Request<pb::DescribeHostsRequest>) -> Result<Response<pb::DescribeHostsResponse>, Status> {
+    async fn describe_hosts(
+        &self,
+        r: Request<pb::DescribeHostsRequest>,
+    ) -> Result<Response<pb::DescribeHostsResponse>, Status> {
         // Tenants may see the hosts (placement is theirs to choose); agents too.
         self.api.auth.principal(r.metadata())?;
         let live = self.api.programming.hosts();
@@ -142,10 +196,16 @@ impl HostService for Hosts {
                 }
             })
             .collect();
-        Ok(Response::new(pb::DescribeHostsResponse { hosts, revision: d.revision }))
+        Ok(Response::new(pb::DescribeHostsResponse {
+            hosts,
+            revision: d.revision,
+        }))
     }
 
-    async fn get_programming_latency(&self, r: Request<pb::GetProgrammingLatencyRequest>) -> Result<Response<pb::GetProgrammingLatencyResponse>, Status> {
+    async fn get_programming_latency(
+        &self,
+        r: Request<pb::GetProgrammingLatencyRequest>,
+    ) -> Result<Response<pb::GetProgrammingLatencyResponse>, Status> {
         self.api.auth.principal(r.metadata())?;
         let s = self.api.programming.summary();
         Ok(Response::new(pb::GetProgrammingLatencyResponse {

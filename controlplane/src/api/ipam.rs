@@ -72,9 +72,7 @@ pub async fn allocate(
             ip
         }
         None => pick(net, &held, from).ok_or_else(|| {
-            ApiError::Exhausted(format!(
-                "subnet {subnet} ({net}) has no free address left"
-            ))
+            ApiError::Exhausted(format!("subnet {subnet} ({net}) has no free address left"))
         })?,
     };
     let key = ip_key(subnet, ip);
@@ -101,10 +99,19 @@ mod tests {
     fn picks_skip_reserved_and_held() {
         let n = net("10.0.1.0/28");
         let mut held = BTreeSet::new();
-        assert_eq!(pick(n, &held, From::Bottom), Some("10.0.1.4".parse().unwrap()));
-        assert_eq!(pick(n, &held, From::Top), Some("10.0.1.14".parse().unwrap()));
+        assert_eq!(
+            pick(n, &held, From::Bottom),
+            Some("10.0.1.4".parse().unwrap())
+        );
+        assert_eq!(
+            pick(n, &held, From::Top),
+            Some("10.0.1.14".parse().unwrap())
+        );
         held.insert("10.0.1.4".parse().unwrap());
-        assert_eq!(pick(n, &held, From::Bottom), Some("10.0.1.5".parse().unwrap()));
+        assert_eq!(
+            pick(n, &held, From::Bottom),
+            Some("10.0.1.5".parse().unwrap())
+        );
         // A /28 has 11 usable addresses.
         for a in 4..=14u8 {
             held.insert(Ipv4Addr::new(10, 0, 1, a));

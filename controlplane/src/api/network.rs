@@ -53,8 +53,7 @@ fn pb_subnet(s: &SubnetRec, held: usize) -> pb::Subnet {
         subnet_id: s.meta.id.clone(),
         vpc_id: s.vpc.clone(),
         cidr_block: s.cidr.to_string(),
-        available_ip_address_count: validate::usable_count(s.cidr)
-            .saturating_sub(held as u32),
+        available_ip_address_count: validate::usable_count(s.cidr).saturating_sub(held as u32),
         network_acl_id: s.network_acl.clone(),
         state: "available".into(),
         owner_id: s.meta.account.clone(),
@@ -95,7 +94,9 @@ pub fn allow_all_egress() -> SgRuleRec {
             protocol: Protocol::All,
             from_port: None,
             to_port: None,
-            cidr: Some(ipnetwork::Ipv4Network::new(std::net::Ipv4Addr::UNSPECIFIED, 0).expect("0.0.0.0/0")),
+            cidr: Some(
+                ipnetwork::Ipv4Network::new(std::net::Ipv4Addr::UNSPECIFIED, 0).expect("0.0.0.0/0"),
+            ),
             group: None,
         },
         description: String::new(),
@@ -122,7 +123,11 @@ fn default_acl(meta: Meta, vpc: &str) -> AclRec {
 }
 
 impl Network {
-    async fn create_vpc(&self, account: String, req: pb::CreateVpcRequest) -> ApiResult<Response<pb::CreateVpcResponse>> {
+    async fn create_vpc(
+        &self,
+        account: String,
+        req: pb::CreateVpcRequest,
+    ) -> ApiResult<Response<pb::CreateVpcResponse>> {
         let cidr = validate::cidr("cidr_block", &req.cidr_block)?;
         let tags = validate::tags(&req.tags)?;
         let token = validate::client_token(&req.client_token)?;
@@ -133,11 +138,22 @@ impl Network {
                 let (req, tags, token) = (&req, tags.clone(), token.clone());
                 async move {
                     let id = ids::new_id(kind::VPC);
-                    if let Some(existing) = claim_token(&mut tx, kind::VPC, token.as_deref(), req, std::slice::from_ref(&id)).await? {
+                    if let Some(existing) = claim_token(
+                        &mut tx,
+                        kind::VPC,
+                        token.as_deref(),
+                        req,
+                        std::slice::from_ref(&id),
+                    )
+                    .await?
+                    {
                         let v: VpcRec = tx.must(kind::VPC, "VPC", &existing[0]).await?;
                         return Ok((tx, v));
                     }
-                    let count = tx.keys(&rec_prefix(tx.account(), kind::VPC), quota + 1).await?.len();
+                    let count = tx
+                        .keys(&rec_prefix(tx.account(), kind::VPC), quota + 1)
+                        .await?
+                        .len();
                     if count >= quota {
                         return Err(ApiError::Exhausted(format!(
                             "the account has {count} VPCs; the quota is {quota} (VpcLimitExceeded)"
@@ -173,17 +189,29 @@ impl Network {
                     tx.put(kind::VPC, &id, &v)?;
                     tx.put(kind::SG, &sg.meta.id, &sg)?;
                     tx.put_raw(child_key(&acct, &id, kind::SG, &sg.meta.id), Vec::new());
-                    tx.put_raw(sg_name_key(&acct, &id, "default"), sg.meta.id.as_bytes().to_vec());
+                    tx.put_raw(
+                        sg_name_key(&acct, &id, "default"),
+                        sg.meta.id.as_bytes().to_vec(),
+                    );
                     tx.put(kind::ACL, &acl.meta.id, &acl)?;
                     tx.put_raw(child_key(&acct, &id, kind::ACL, &acl.meta.id), Vec::new());
                     Ok((tx, v))
                 }
             })
             .await?;
-        Ok(respond(pb::CreateVpcResponse { vpc: Some(pb_vpc(&vpc)) }, rev))
+        Ok(respond(
+            pb::CreateVpcResponse {
+                vpc: Some(pb_vpc(&vpc)),
+            },
+            rev,
+        ))
     }
 
-    async fn delete_vpc(&self, account: String, req: pb::DeleteVpcRequest) -> ApiResult<Response<pb::DeleteVpcResponse>> {
+    async fn delete_vpc(
+        &self,
+        account: String,
+        req: pb::DeleteVpcRequest,
+    ) -> ApiResult<Response<pb::DeleteVpcResponse>> {
         let id = validate::id("vpc_id", kind::VPC, &req.vpc_id)?;
         let ((), rev) = self
             .api
@@ -234,7 +262,11 @@ impl Network {
         Ok(respond(pb::DeleteVpcResponse {}, rev))
     }
 
-    async fn create_subnet(&self, account: String, req: pb::CreateSubnetRequest) -> ApiResult<Response<pb::CreateSubnetResponse>> {
+    async fn create_subnet(
+        &self,
+        account: String,
+        req: pb::CreateSubnetRequest,
+    ) -> ApiResult<Response<pb::CreateSubnetResponse>> {
         let vpc_id = validate::id("vpc_id", kind::VPC, &req.vpc_id)?;
         let cidr = validate::cidr("cidr_block", &req.cidr_block)?;
         let tags = validate::tags(&req.tags)?;
@@ -243,10 +275,19 @@ impl Network {
         let (s, rev) = self
             .api
             .write(&account, |mut tx| {
-                let (req, tags, token, vpc_id) = (&req, tags.clone(), token.clone(), vpc_id.clone());
+                let (req, tags, token, vpc_id) =
+                    (&req, tags.clone(), token.clone(), vpc_id.clone());
                 async move {
                     let id = ids::new_id(kind::SUBNET);
-                    if let Some(existing) = claim_token(&mut tx, kind::SUBNET, token.as_deref(), req, std::slice::from_ref(&id)).await? {
+                    if let Some(existing) = claim_token(
+                        &mut tx,
+                        kind::SUBNET,
+                        token.as_deref(),
+                        req,
+                        std::slice::from_ref(&id),
+                    )
+                    .await?
+                    {
                         let s: SubnetRec = tx.must(kind::SUBNET, "subnet", &existing[0]).await?;
                         return Ok((tx, s));
                     }
@@ -258,7 +299,9 @@ impl Network {
                         ));
                     }
                     let acct = tx.account().to_owned();
-                    let siblings = tx.keys(&child_prefix(&acct, &vpc_id, kind::SUBNET), 0).await?;
+                    let siblings = tx
+                        .keys(&child_prefix(&acct, &vpc_id, kind::SUBNET), 0)
+                        .await?;
                     if siblings.len() >= quota {
                         return Err(ApiError::Exhausted(format!(
                             "VPC {vpc_id} has {} subnets; the quota is {quota}",
@@ -271,12 +314,20 @@ impl Network {
                         if validate::overlaps(other.cidr, cidr) {
                             return Err(ApiError::invalid(
                                 "cidr_block",
-                                format!("{cidr} overlaps subnet {sid} ({}) (InvalidSubnet.Conflict)", other.cidr),
+                                format!(
+                                    "{cidr} overlaps subnet {sid} ({}) (InvalidSubnet.Conflict)",
+                                    other.cidr
+                                ),
                             ));
                         }
                     }
                     let s = SubnetRec {
-                        meta: Meta { id: id.clone(), account: acct.clone(), tags, created_ms: now_ms() },
+                        meta: Meta {
+                            id: id.clone(),
+                            account: acct.clone(),
+                            tags,
+                            created_ms: now_ms(),
+                        },
                         vpc: vpc_id.clone(),
                         cidr,
                         network_acl: vpc.default_acl.clone(),
@@ -287,10 +338,19 @@ impl Network {
                 }
             })
             .await?;
-        Ok(respond(pb::CreateSubnetResponse { subnet: Some(pb_subnet(&s, 0)) }, rev))
+        Ok(respond(
+            pb::CreateSubnetResponse {
+                subnet: Some(pb_subnet(&s, 0)),
+            },
+            rev,
+        ))
     }
 
-    async fn delete_subnet(&self, account: String, req: pb::DeleteSubnetRequest) -> ApiResult<Response<pb::DeleteSubnetResponse>> {
+    async fn delete_subnet(
+        &self,
+        account: String,
+        req: pb::DeleteSubnetRequest,
+    ) -> ApiResult<Response<pb::DeleteSubnetResponse>> {
         let id = validate::id("subnet_id", kind::SUBNET, &req.subnet_id)?;
         let ((), rev) = self
             .api
@@ -328,19 +388,28 @@ impl Network {
 
 #[tonic::async_trait]
 impl VpcService for Network {
-    async fn create_vpc(&self, r: Request<pb::CreateVpcRequest>) -> Result<Response<pb::CreateVpcResponse>, Status> {
+    async fn create_vpc(
+        &self,
+        r: Request<pb::CreateVpcRequest>,
+    ) -> Result<Response<pb::CreateVpcResponse>, Status> {
         let account = self.api.auth.account(r.metadata())?;
         Ok(Network::create_vpc(self, account, r.into_inner()).await?)
     }
 
-    async fn describe_vpcs(&self, r: Request<pb::DescribeVpcsRequest>) -> Result<Response<pb::DescribeVpcsResponse>, Status> {
+    async fn describe_vpcs(
+        &self,
+        r: Request<pb::DescribeVpcsRequest>,
+    ) -> Result<Response<pb::DescribeVpcsResponse>, Status> {
         let account = self.api.auth.account(r.metadata())?;
         let req = r.into_inner();
         let tx = self.api.read(&account).await?;
         let (vpcs, next_token) = if req.vpc_ids.is_empty() {
             list_page::<VpcRec>(&tx, kind::VPC, None, req.page.as_ref()).await?
         } else {
-            (by_ids(&tx, kind::VPC, "VPC", "vpc_ids", &req.vpc_ids).await?, String::new())
+            (
+                by_ids(&tx, kind::VPC, "VPC", "vpc_ids", &req.vpc_ids).await?,
+                String::new(),
+            )
         };
         Ok(Response::new(pb::DescribeVpcsResponse {
             vpcs: vpcs.iter().map(pb_vpc).collect(),
@@ -348,22 +417,35 @@ impl VpcService for Network {
         }))
     }
 
-    async fn delete_vpc(&self, r: Request<pb::DeleteVpcRequest>) -> Result<Response<pb::DeleteVpcResponse>, Status> {
+    async fn delete_vpc(
+        &self,
+        r: Request<pb::DeleteVpcRequest>,
+    ) -> Result<Response<pb::DeleteVpcResponse>, Status> {
         let account = self.api.auth.account(r.metadata())?;
         Ok(Network::delete_vpc(self, account, r.into_inner()).await?)
     }
 
-    async fn create_subnet(&self, r: Request<pb::CreateSubnetRequest>) -> Result<Response<pb::CreateSubnetResponse>, Status> {
+    async fn create_subnet(
+        &self,
+        r: Request<pb::CreateSubnetRequest>,
+    ) -> Result<Response<pb::CreateSubnetResponse>, Status> {
         let account = self.api.auth.account(r.metadata())?;
         Ok(Network::create_subnet(self, account, r.into_inner()).await?)
     }
 
-    async fn describe_subnets(&self, r: Request<pb::DescribeSubnetsRequest>) -> Result<Response<pb::DescribeSubnetsResponse>, Status> {
+    async fn describe_subnets(
+        &self,
+        r: Request<pb::DescribeSubnetsRequest>,
+    ) -> Result<Response<pb::DescribeSubnetsResponse>, Status> {
         let account = self.api.auth.account(r.metadata())?;
         let req = r.into_inner();
         let tx = self.api.read(&account).await?;
         let (subnets, next_token) = if !req.subnet_ids.is_empty() {
-            (by_ids::<SubnetRec>(&tx, kind::SUBNET, "subnet", "subnet_ids", &req.subnet_ids).await?, String::new())
+            (
+                by_ids::<SubnetRec>(&tx, kind::SUBNET, "subnet", "subnet_ids", &req.subnet_ids)
+                    .await?,
+                String::new(),
+            )
         } else if !req.vpc_id.is_empty() {
             let vpc = validate::id("vpc_id", kind::VPC, &req.vpc_id)?;
             tx.must::<VpcRec>(kind::VPC, "VPC", &vpc).await?;
@@ -375,15 +457,24 @@ impl VpcService for Network {
         for s in &subnets {
             out.push(self.subnet_view(&tx, s).await?);
         }
-        Ok(Response::new(pb::DescribeSubnetsResponse { subnets: out, next_token }))
+        Ok(Response::new(pb::DescribeSubnetsResponse {
+            subnets: out,
+            next_token,
+        }))
     }
 
-    async fn delete_subnet(&self, r: Request<pb::DeleteSubnetRequest>) -> Result<Response<pb::DeleteSubnetResponse>, Status> {
+    async fn delete_subnet(
+        &self,
+        r: Request<pb::DeleteSubnetRequest>,
+    ) -> Result<Response<pb::DeleteSubnetResponse>, Status> {
         let account = self.api.auth.account(r.metadata())?;
         Ok(Network::delete_subnet(self, account, r.into_inner()).await?)
     }
 
-    async fn describe_route_tables(&self, r: Request<pb::DescribeRouteTablesRequest>) -> Result<Response<pb::DescribeRouteTablesResponse>, Status> {
+    async fn describe_route_tables(
+        &self,
+        r: Request<pb::DescribeRouteTablesRequest>,
+    ) -> Result<Response<pb::DescribeRouteTablesResponse>, Status> {
         let account = self.api.auth.account(r.metadata())?;
         let req = r.into_inner();
         let tx = self.api.read(&account).await?;
@@ -428,6 +519,9 @@ impl VpcService for Network {
                 owner_id: v.meta.account.clone(),
             });
         }
-        Ok(Response::new(pb::DescribeRouteTablesResponse { route_tables: tables, next_token }))
+        Ok(Response::new(pb::DescribeRouteTablesResponse {
+            route_tables: tables,
+            next_token,
+        }))
     }
 }

@@ -74,8 +74,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<VpcServiceServer<super::network::Network>>().await;
-    health.set_serving::<HostServiceServer<super::host::Hosts>>().await;
+    health
+        .set_serving::<VpcServiceServer<super::network::Network>>()
+        .await;
+    health
+        .set_serving::<HostServiceServer<super::host::Hosts>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(vpc_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -86,7 +90,8 @@ pub async fn serve(
         })?;
     let mut builder = Server::builder();
     if let Some(t) = &tls {
-        let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(read(&t.cert)?, read(&t.key)?));
+        let mut cfg =
+            ServerTlsConfig::new().identity(Identity::from_pem(read(&t.cert)?, read(&t.key)?));
         if let Some(ca) = &t.client_ca {
             cfg = cfg.client_ca_root(Certificate::from_pem(read(ca)?));
         }
@@ -95,11 +100,21 @@ pub async fn serve(
     builder
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(VpcServiceServer::new(super::network::Network::new(api.clone())))
-        .add_service(SecurityServiceServer::new(super::security::Security::new(api.clone())))
-        .add_service(LoadBalancerServiceServer::new(super::lb::LoadBalancers::new(api.clone())))
-        .add_service(InstanceServiceServer::new(super::compute::Instances::new(api.clone())))
-        .add_service(VolumeServiceServer::new(super::compute::Volumes::new(api.clone())))
+        .add_service(VpcServiceServer::new(super::network::Network::new(
+            api.clone(),
+        )))
+        .add_service(SecurityServiceServer::new(super::security::Security::new(
+            api.clone(),
+        )))
+        .add_service(LoadBalancerServiceServer::new(
+            super::lb::LoadBalancers::new(api.clone()),
+        ))
+        .add_service(InstanceServiceServer::new(super::compute::Instances::new(
+            api.clone(),
+        )))
+        .add_service(VolumeServiceServer::new(super::compute::Volumes::new(
+            api.clone(),
+        )))
         .add_service(HostServiceServer::new(super::host::Hosts::new(api)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;

@@ -21,16 +21,23 @@ pub const MAX_TAGS: usize = 50;
 pub fn cidr(field: &str, text: &str) -> ApiResult<Ipv4Network> {
     let text = text.trim();
     if text.is_empty() {
-        return Err(ApiError::invalid(field, "required (an IPv4 CIDR such as 10.0.0.0/16)"));
+        return Err(ApiError::invalid(
+            field,
+            "required (an IPv4 CIDR such as 10.0.0.0/16)",
+        ));
     }
-    let net: Ipv4Network = text
-        .parse()
-        .map_err(|_| ApiError::invalid(field, format!("{text:?} is not an IPv4 CIDR (a.b.c.d/n)")))?;
+    let net: Ipv4Network = text.parse().map_err(|_| {
+        ApiError::invalid(field, format!("{text:?} is not an IPv4 CIDR (a.b.c.d/n)"))
+    })?;
     if !text.contains('/') {
-        return Err(ApiError::invalid(field, format!("{text:?} has no prefix length (a.b.c.d/n)")));
+        return Err(ApiError::invalid(
+            field,
+            format!("{text:?} has no prefix length (a.b.c.d/n)"),
+        ));
     }
     if net.network() != net.ip() {
-        let fixed = Ipv4Network::new(net.network(), net.prefix()).map_or(String::new(), |n| n.to_string());
+        let fixed =
+            Ipv4Network::new(net.network(), net.prefix()).map_or(String::new(), |n| n.to_string());
         return Err(ApiError::invalid(
             field,
             format!("{text} has host bits set; did you mean {fixed}?"),
@@ -95,7 +102,10 @@ pub fn gateway(net: Ipv4Network) -> Ipv4Addr {
 /// An address a caller asks for: inside the subnet and not reserved.
 pub fn usable_ip(field: &str, net: Ipv4Network, ip: Ipv4Addr) -> ApiResult<()> {
     if !net.contains(ip) {
-        return Err(ApiError::invalid(field, format!("{ip} is not in the subnet {net}")));
+        return Err(ApiError::invalid(
+            field,
+            format!("{ip} is not in the subnet {net}"),
+        ));
     }
     if is_reserved(net, ip) {
         return Err(ApiError::invalid(
@@ -112,9 +122,15 @@ pub fn usable_ip(field: &str, net: Ipv4Network, ip: Ipv4Addr) -> ApiResult<()> {
 /// A protocol: tcp, udp, icmp, -1/all, or a number.
 pub fn protocol(field: &str, text: &str) -> ApiResult<Protocol> {
     if text.trim().is_empty() {
-        return Err(ApiError::invalid(field, "required: tcp, udp, icmp, -1 (all) or a protocol number"));
+        return Err(ApiError::invalid(
+            field,
+            "required: tcp, udp, icmp, -1 (all) or a protocol number",
+        ));
     }
-    text.parse().map_err(|e: crate::policy::model::ProtocolParseError| ApiError::invalid(field, e.to_string()))
+    text.parse()
+        .map_err(|e: crate::policy::model::ProtocolParseError| {
+            ApiError::invalid(field, e.to_string())
+        })
 }
 
 /// A rule's port range (`from_port`, `to_port` as the API gives them) in model terms:
@@ -140,12 +156,18 @@ pub fn ports(protocol: Protocol, from: i32, to: i32) -> ApiResult<(Option<u16>, 
             -1 => Ok((None, None)),
             0..=255 => {
                 if !(-1..=255).contains(&to) {
-                    return Err(ApiError::invalid("to_port", format!("{to} is not an ICMP code (-1 or 0-255)")));
+                    return Err(ApiError::invalid(
+                        "to_port",
+                        format!("{to} is not an ICMP code (-1 or 0-255)"),
+                    ));
                 }
                 let ty = from as u16;
                 Ok((Some(ty), Some(ty)))
             }
-            _ => Err(ApiError::invalid("from_port", format!("{from} is not an ICMP type (-1 or 0-255)"))),
+            _ => Err(ApiError::invalid(
+                "from_port",
+                format!("{from} is not an ICMP type (-1 or 0-255)"),
+            )),
         },
         _ => {
             if (from, to) != (0, 0) && (from, to) != (-1, -1) {
@@ -162,21 +184,36 @@ pub fn ports(protocol: Protocol, from: i32, to: i32) -> ApiResult<(Option<u16>, 
 /// Tags: at most 50, keys 1-128 characters not starting with `aws:`, values up to 256.
 pub fn tags(tags: &[vpc_proto::v1::Tag]) -> ApiResult<Vec<(String, String)>> {
     if tags.len() > MAX_TAGS {
-        return Err(ApiError::invalid("tags", format!("{} tags; at most {MAX_TAGS}", tags.len())));
+        return Err(ApiError::invalid(
+            "tags",
+            format!("{} tags; at most {MAX_TAGS}", tags.len()),
+        ));
     }
     let mut out = Vec::with_capacity(tags.len());
     for (i, t) in tags.iter().enumerate() {
         if t.key.is_empty() || t.key.chars().count() > 128 {
-            return Err(ApiError::invalid(format!("tags[{i}].key"), "1 to 128 characters"));
+            return Err(ApiError::invalid(
+                format!("tags[{i}].key"),
+                "1 to 128 characters",
+            ));
         }
         if t.key.starts_with("aws:") {
-            return Err(ApiError::invalid(format!("tags[{i}].key"), "the aws: prefix is reserved"));
+            return Err(ApiError::invalid(
+                format!("tags[{i}].key"),
+                "the aws: prefix is reserved",
+            ));
         }
         if t.value.chars().count() > 256 {
-            return Err(ApiError::invalid(format!("tags[{i}].value"), "at most 256 characters"));
+            return Err(ApiError::invalid(
+                format!("tags[{i}].value"),
+                "at most 256 characters",
+            ));
         }
         if out.iter().any(|(k, _): &(String, String)| *k == t.key) {
-            return Err(ApiError::invalid(format!("tags[{i}].key"), format!("duplicate key {:?}", t.key)));
+            return Err(ApiError::invalid(
+                format!("tags[{i}].key"),
+                format!("duplicate key {:?}", t.key),
+            ));
         }
         out.push((t.key.clone(), t.value.clone()));
     }
@@ -203,7 +240,10 @@ pub fn client_token(text: &str) -> ApiResult<Option<String>> {
         return Ok(None);
     }
     if text.len() > 64 || !text.is_ascii() {
-        return Err(ApiError::invalid("client_token", "at most 64 ASCII characters"));
+        return Err(ApiError::invalid(
+            "client_token",
+            "at most 64 ASCII characters",
+        ));
     }
     if text.contains('/') {
         return Err(ApiError::invalid("client_token", "must not contain '/'"));
@@ -216,7 +256,10 @@ pub fn page_size(max_results: u32) -> ApiResult<usize> {
     match max_results {
         0 => Ok(100),
         1..=1000 => Ok(max_results as usize),
-        n => Err(ApiError::invalid("page.max_results", format!("{n}: expected 1 to 1000"))),
+        n => Err(ApiError::invalid(
+            "page.max_results",
+            format!("{n}: expected 1 to 1000"),
+        )),
     }
 }
 
@@ -229,7 +272,10 @@ pub fn name(field: &str, text: &str, max: usize) -> ApiResult<String> {
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || " ._-:/()#,@[]+=&;{}!$*".contains(*c)))
     {
-        return Err(ApiError::invalid(field, format!("character {c:?} is not allowed")));
+        return Err(ApiError::invalid(
+            field,
+            format!("character {c:?} is not allowed"),
+        ));
     }
     Ok(text.to_owned())
 }

@@ -32,9 +32,18 @@ pub struct CpConfig {
     pub tls_identity: Option<(PathBuf, PathBuf)>,
 }
 
-type Client = HostServiceClient<
-    InterceptedService<Channel, Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>>,
->;
+/// Adds the agent's `authorization: Bearer <token>` to every call.
+#[derive(Clone, Debug)]
+pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut().insert("authorization", self.0.clone());
+        Ok(r)
+    }
+}
+
+type Client = HostServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// A client with the agent's token on every call.
 pub async fn connect(cfg: &CpConfig) -> Result<Client> {
@@ -59,16 +68,14 @@ pub async fn connect(cfg: &CpConfig) -> Result<Client> {
         }
         ep = ep.tls_config(tls)?;
     }
-    let channel = ep.connect().await.with_context(|| format!("connecting to {}", cfg.url))?;
+    let channel = ep
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", cfg.url))?;
     let value: MetadataValue<_> = format!("Bearer {}", cfg.token)
         .parse()
         .context("the agent token is not valid header text")?;
-    let intercept: Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send> =
-        Box::new(move |mut req: tonic::Request<()>| {
-            req.metadata_mut().insert("authorization", value.clone());
-            Ok(req)
-        });
-    Ok(HostServiceClient::with_interceptor(channel, intercept))
+    Ok(HostServiceClient::with_interceptor(channel, Bearer(value)))
 }
 
 /// A desired state received.
@@ -91,7 +98,10 @@ pub async fn watch_loop(
     loop {
         match watch_once(&cfg, &tx, &applied).await {
             Ok(()) => warn!("control-plane stream ended; reconnecting"),
-            Err(e) => warn!(error = format!("{e:#}"), "control plane unreachable; the datapath keeps its current state"),
+            Err(e) => warn!(
+                error = format!("{e:#}"),
+                "control plane unreachable; the datapath keeps its current state"
+            ),
         }
         if tx.is_closed() {
             return;

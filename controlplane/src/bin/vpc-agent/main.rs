@@ -77,7 +77,12 @@ struct RunArgs {
     /// Control plane (`http://HOST:PORT`, or `https://` with --tls-ca): register this host
     /// (`--host`) and apply the desired state it streams. Meanwhile, and whenever it is
     /// unreachable, the datapath keeps forwarding with what it has.
-    #[arg(long, env = "VPC_CONTROL_PLANE", conflicts_with = "state", requires = "host")]
+    #[arg(
+        long,
+        env = "VPC_CONTROL_PLANE",
+        conflicts_with = "state",
+        requires = "host"
+    )]
     control_plane: Option<String>,
     /// The agent's bearer token for the control plane.
     #[arg(long, env = "VPC_AGENT_TOKEN", default_value = "")]

@@ -31,7 +31,7 @@ pub enum Source {
     File(PathBuf),
     /// Pushed by the control plane: the latest document and its revision (none yet: the
     /// datapath keeps what it has).
-    Pushed(Option<(i64, StateFile)>),
+    Pushed(Option<Box<(i64, StateFile)>>),
 }
 
 /// Reconciles one host's overlay.
@@ -39,7 +39,10 @@ pub struct Reconciler {
     source: Source,
     /// Instance namespaces (control-plane mode): the compute agent's networking, and the
     /// specs already in place.
-    compute: Option<(controlplane::compute::ComputeNet, BTreeMap<String, InstanceNet>)>,
+    compute: Option<(
+        controlplane::compute::ComputeNet,
+        BTreeMap<String, InstanceNet>,
+    )>,
     host: String,
     router_mac: [u8; 6],
     underlay: String,
@@ -131,7 +134,7 @@ impl Reconciler {
     /// the number of map writes and port changes made.
     /// Sets the pushed desired state (control-plane mode).
     pub fn set_pushed(&mut self, revision: i64, doc: StateFile) {
-        self.source = Source::Pushed(Some((revision, doc)));
+        self.source = Source::Pushed(Some(Box::new((revision, doc))));
     }
 
     /// Whether there is a desired state to apply.
@@ -142,7 +145,7 @@ impl Reconciler {
     fn document(&self) -> Result<StateFile> {
         match &self.source {
             Source::File(path) => Ok(StateFile::load(path)?),
-            Source::Pushed(Some((_, doc))) => Ok(doc.clone()),
+            Source::Pushed(Some(pushed)) => Ok(pushed.1.clone()),
             Source::Pushed(None) => bail!("no desired state received yet"),
         }
     }
@@ -153,9 +156,13 @@ impl Reconciler {
         let Some((net, done)) = self.compute.as_mut() else {
             return Ok(0);
         };
-        let mtu = read_mtu(&self.underlay)?.saturating_sub(dataplane_common::overlay::VXLAN_OVERHEAD);
-        let subnets: BTreeMap<&str, ipnetwork::Ipv4Network> =
-            doc.subnets.iter().map(|s| (s.id.as_str(), s.cidr)).collect();
+        let mtu =
+            read_mtu(&self.underlay)?.saturating_sub(dataplane_common::overlay::VXLAN_OVERHEAD);
+        let subnets: BTreeMap<&str, ipnetwork::Ipv4Network> = doc
+            .subnets
+            .iter()
+            .map(|s| (s.id.as_str(), s.cidr))
+            .collect();
         let mut wanted = BTreeMap::new();
         for e in doc.endpoints.iter().filter(|e| e.host == self.host) {
             let (Some(cidr), Some(mac)) = (

@@ -12,14 +12,21 @@ use tracing::info;
 use vpc_store::Store;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "VPC control plane: the vpc.v1 gRPC API and its store")]
+#[command(
+    version,
+    about = "VPC control plane: the vpc.v1 gRPC API and its store"
+)]
 struct Cli {
     /// Address to serve on (port 0: any free port; the chosen address is printed).
     #[arg(long, env = "VPC_LISTEN", default_value = "127.0.0.1:7420")]
     listen: SocketAddr,
     /// Store: `redb:PATH` (embedded, the default) or `etcd:URL[,URL...]` (shared by several
     /// control-plane replicas), or `mem` (volatile, for experiments only).
-    #[arg(long, env = "VPC_STORE", default_value = "redb:/var/lib/vpc/store.redb")]
+    #[arg(
+        long,
+        env = "VPC_STORE",
+        default_value = "redb:/var/lib/vpc/store.redb"
+    )]
     store: String,
     /// Key prefix in etcd (several appliances can share one etcd).
     #[arg(long, default_value = "/vpc")]
