@@ -301,14 +301,19 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-/// etcd's and gRPC's failures that a retry may cure are [`StoreError::Unavailable`].
+/// etcd's and gRPC's failures that a retry may cure are [`StoreError::Unavailable`]: those
+/// codes, and every failure of the connection itself (the client makes those statuses from a
+/// transport error, which it keeps as their source; a status from etcd has none).
 fn status_error(status: &Status) -> StoreError {
     let msg = format!("etcd: {}: {}", status.code(), status.message());
-    match status.code() {
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => {
-            StoreError::Unavailable(msg)
-        }
-        _ => StoreError::Backend(msg),
+    let transient = matches!(
+        status.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted
+    );
+    if transient || std::error::Error::source(status).is_some() {
+        StoreError::Unavailable(msg)
+    } else {
+        StoreError::Backend(msg)
     }
 }
 

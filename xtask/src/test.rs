@@ -12,7 +12,13 @@ use anyhow::{Result, bail};
 use crate::{setup, util};
 
 /// The end-to-end test targets of vpc-tests (`tests/tests/<name>.rs`), run by `--tier e2e`.
-pub const E2E_TESTS: &[&str] = &["e2e_skeleton", "e2e_overlay", "e2e_security", "e2e_lb"];
+pub const E2E_TESTS: &[&str] = &[
+    "e2e_skeleton",
+    "e2e_overlay",
+    "e2e_security",
+    "e2e_lb",
+    "store_conformance",
+];
 /// The datapath test targets of vpc-tests, run by `--tier datapath`.
 const DATAPATH_TESTS: &[&str] = &[
     "datapath",
