@@ -10,6 +10,8 @@
 //! temporary directory), which should be on the disk being measured.
 
 use std::{
+    io::Write as _,
+    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -26,6 +28,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::args()
         .nth(1)
         .map_or_else(|| tmp.path().to_owned(), Into::into);
+    let mut lat = fsync_floor(&dir.join("fsync.probe"))?;
+    report("fsync of 4 KiB (the disk's floor)", &mut lat, None);
     let store = Arc::new(RedbStore::open(dir.join("bench.redb"))?);
 
     let load = Instant::now();
@@ -108,6 +112,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     report("range page of 100 keys", &mut lat, None);
     Ok(())
+}
+
+/// Latencies of writing 4 KiB and `fdatasync`ing it: what one durable commit costs at least.
+fn fsync_floor(path: &Path) -> std::io::Result<Vec<Duration>> {
+    let mut file = std::fs::File::create(path)?;
+    let mut lat = Vec::with_capacity(SAMPLES / 4);
+    for _ in 0..SAMPLES / 4 {
+        file.write_all(&[0; 4096])?;
+        let t = Instant::now();
+        file.sync_data()?;
+        lat.push(t.elapsed());
+    }
+    std::fs::remove_file(path)?;
+    Ok(lat)
 }
 
 fn key(prefix: &str, i: usize) -> String {
