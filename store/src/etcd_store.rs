@@ -50,6 +50,9 @@ use pb::{
     mvccpb,
 };
 
+/// Largest response accepted (tonic's default is 4 MiB): a range without a limit, or a
+/// watch response with a large transaction, may be bigger. Callers page large ranges.
+const MAX_RESPONSE: usize = 256 << 20;
 /// Watch batches buffered for a slow consumer before etcd's stream is back-pressured.
 const WATCH_BUFFER: usize = 64;
 
@@ -114,8 +117,8 @@ impl EtcdStore {
             _ => Channel::balance_list(endpoints.into_iter()),
         };
         let store = EtcdStore {
-            kv: KvClient::new(channel.clone()),
-            watch: WatchClient::new(channel),
+            kv: KvClient::new(channel.clone()).max_decoding_message_size(MAX_RESPONSE),
+            watch: WatchClient::new(channel).max_decoding_message_size(MAX_RESPONSE),
             namespace: options.namespace,
             request_timeout: options.request_timeout,
         };
@@ -301,14 +304,19 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-/// etcd's and gRPC's failures that a retry may cure are [`StoreError::Unavailable`].
+/// etcd's and gRPC's failures that a retry may cure are [`StoreError::Unavailable`]: those
+/// codes, and every failure of the connection itself (the client makes those statuses from a
+/// transport error, which it keeps as their source; a status from etcd has none).
 fn status_error(status: &Status) -> StoreError {
     let msg = format!("etcd: {}: {}", status.code(), status.message());
-    match status.code() {
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => {
-            StoreError::Unavailable(msg)
-        }
-        _ => StoreError::Backend(msg),
+    let transient = matches!(
+        status.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted
+    );
+    if transient || std::error::Error::source(status).is_some() {
+        StoreError::Unavailable(msg)
+    } else {
+        StoreError::Backend(msg)
     }
 }
 
@@ -357,9 +365,9 @@ impl Store for EtcdStore {
         let req = rpc::RangeRequest {
             key,
             range_end,
+            // No sort order: etcd returns keys in ascending order anyway, and with one it
+            // would read the whole range before applying the limit.
             limit: i64::try_from(limit).unwrap_or(i64::MAX),
-            sort_order: rpc::range_request::SortOrder::Ascend.into(),
-            sort_target: rpc::range_request::SortTarget::Key.into(),
             ..Default::default()
         };
         let resp = self.call(self.kv.clone().range(req)).await?;

@@ -23,6 +23,7 @@ const APT_RUNTIME: &[&str] = &[
     "ethtool",
     "tshark",
     "bridge-utils",
+    "etcd-server",
 ];
 /// The bpf-linker release series the eBPF build is verified with.
 const BPF_LINKER_SERIES: &str = "0.13";

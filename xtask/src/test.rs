@@ -18,6 +18,7 @@ pub const E2E_TESTS: &[&str] = &[
     "e2e_security",
     "e2e_lb",
     "compute_net",
+    "store_conformance",
 ];
 /// The datapath test targets of vpc-tests, run by `--tier datapath`.
 const DATAPATH_TESTS: &[&str] = &[
