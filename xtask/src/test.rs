@@ -19,6 +19,7 @@ pub const E2E_TESTS: &[&str] = &[
     "e2e_lb",
     "compute_net",
     "store_conformance",
+    "e2e_api",
 ];
 /// The datapath test targets of vpc-tests, run by `--tier datapath`.
 const DATAPATH_TESTS: &[&str] = &[
@@ -99,6 +100,7 @@ pub fn main(args: &Args) -> Result<()> {
         let debug = util::target_dir()?.join("debug");
         let agent = existing(debug.join("vpc-agent"))?;
         let cli = existing(debug.join("vpc"))?;
+        let controlplane = existing(debug.join("vpc-controlplane"))?;
 
         let (title, targets): (&str, Vec<&str>) = match args.tier {
             Tier::Datapath => ("tier 2: datapath tests", DATAPATH_TESTS.to_vec()),
@@ -110,7 +112,9 @@ pub fn main(args: &Args) -> Result<()> {
         for target in targets {
             cmd.args(["--test", target]);
         }
-        cmd.env("VPC_AGENT_BIN", agent).env("VPC_CLI_BIN", cli);
+        cmd.env("VPC_AGENT_BIN", agent)
+            .env("VPC_CLI_BIN", cli)
+            .env("VPC_CONTROLPLANE_BIN", controlplane);
         with_test_args(&mut cmd, &args.test_args);
         run_counted(&mut cmd, &mut counts)?;
         eprintln!("xtask: {title} passed in {}", util::elapsed(step));

@@ -177,8 +177,11 @@ impl HostService for Hosts {
         &self,
         r: Request<pb::DescribeHostsRequest>,
     ) -> Result<Response<pb::DescribeHostsResponse>, Status> {
-        // Tenants may see the hosts (placement is theirs to choose); agents too.
-        self.api.auth.principal(r.metadata())?;
+        // Tenants may see the hosts (placement is theirs to choose), but not the underlay.
+        let tenant = matches!(
+            self.api.auth.principal(r.metadata())?,
+            super::auth::Principal::Account(_)
+        );
         let live = self.api.programming.hosts();
         let d = self.api.desired.borrow().clone();
         let hosts = d
@@ -188,7 +191,11 @@ impl HostService for Hosts {
                 let l = live.get(&h.id).cloned().unwrap_or_default();
                 pb::Host {
                     host_id: h.id.clone(),
-                    underlay_ip: h.vtep.to_string(),
+                    underlay_ip: if tenant {
+                        String::new()
+                    } else {
+                        h.vtep.to_string()
+                    },
                     connected: l.streams > 0,
                     applied_revision: l.applied,
                     last_error: l.error,
