@@ -80,7 +80,13 @@ fn host_id() -> String {
         .trim()
         .to_ascii_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(63)
         .collect();
     if id.is_empty() { "host".into() } else { id }
@@ -114,7 +120,10 @@ pub fn main(args: &Args) -> Result<()> {
         bin.display()
     );
     fs::write(Path::new(STATE_DIR).join("env"), &env)?;
-    fs::set_permissions(Path::new(STATE_DIR).join("env"), fs::Permissions::from_mode(0o600))?;
+    fs::set_permissions(
+        Path::new(STATE_DIR).join("env"),
+        fs::Permissions::from_mode(0o600),
+    )?;
 
     if TcpStream::connect(LISTEN).is_ok() {
         bail!("something already listens on {LISTEN} (another `cargo xtask run`?)");
