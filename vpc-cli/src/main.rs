@@ -2,8 +2,17 @@
 //!
 //! Today it has the host-local `datapath` commands, which read and write the pinned maps of
 //! the agent on this host (like `cilium-dbg bpf ...`): counters, filter entries, per-port
-//! drops by reason and connection tracking. The API-backed resource commands
-//! (`vpc create-vpc`, `vpc describe-subnets`, ...) come with the control plane.
+//! drops by reason and connection tracking.
+//!
+//! The API commands (`vpc vpcs create`, `vpc subnets list`, `vpc security-groups
+//! authorize-ingress`, ...) talk to the control plane's gRPC API: see [`api`].
+
+mod api;
+mod compute;
+mod hosts;
+mod lb;
+mod network;
+mod security;
 
 use std::{net::IpAddr, path::PathBuf};
 
@@ -15,8 +24,15 @@ use dataplane_common::{
 };
 
 #[derive(Parser, Debug)]
-#[command(name = "vpc", version, about = "Manage the VPC appliance")]
+#[command(
+    name = "vpc",
+    version,
+    about = "Manage the VPC appliance",
+    after_help = api::EXIT_HELP
+)]
 struct Cli {
+    #[command(flatten)]
+    api: api::ApiArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,6 +45,9 @@ enum Command {
     /// Network load balancers as this host's datapath runs them (needs root).
     #[command(subcommand)]
     Lb(LbCommand),
+    /// The control plane's API: vpcs, subnets, security-groups, instances, ...
+    #[command(flatten)]
+    Api(api::ApiCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -129,13 +148,15 @@ enum ActionArg {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    match cli.command {
         Command::Datapath(DatapathCommand::Stats { pins }) => stats(&pins),
         Command::Datapath(DatapathCommand::Filter(cmd)) => filter(cmd),
         Command::Datapath(DatapathCommand::Drops { pins }) => endpoint_drops(&pins),
         Command::Datapath(DatapathCommand::Conntrack { pins, flows }) => conntrack(&pins, flows),
         Command::Lb(LbCommand::Targets { pins }) => lb_targets(&pins),
         Command::Lb(LbCommand::Flows { pins }) => lb_flows(&pins),
+        Command::Api(cmd) => api::main(&cli.api, cmd),
     }
 }
 

@@ -1,0 +1,1035 @@
+//! The API-backed commands of `vpc`: resources of the control plane (VPCs, subnets, security
+//! groups, ...) over its gRPC API, aws-CLI nouns with kubectl-like output.
+//!
+//! Shared here: the connection flags, the bearer token, output (aligned tables, JSON,
+//! `describe` blocks), error reporting with exit codes, paging and the argument parsers.
+//! One module per area holds the commands (`network`, `security`, `compute`, `lb`, `hosts`).
+
+use std::{fmt::Write as _, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use clap::{Subcommand, ValueEnum};
+use serde_json::{Map, Value, json};
+use tonic::{
+    Code, Status,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+use tonic_types::StatusExt;
+use vpc_proto::v1 as pb;
+
+use crate::{compute, hosts, lb, network, security};
+
+/// Exit codes of the API commands (also in `vpc --help`).
+pub const EXIT_HELP: &str = "\
+Exit status of the API commands (vpcs, subnets, ...):
+  0  success
+  1  the control plane could not be reached or failed (connection, TLS, UNAVAILABLE,
+     DEADLINE_EXCEEDED, INTERNAL, UNKNOWN, ...)
+  2  the request was refused (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS,
+     FAILED_PRECONDITION, RESOURCE_EXHAUSTED, UNAUTHENTICATED, PERMISSION_DENIED, ...)
+     or the command line is invalid
+Errors are printed as `error: <CODE>: <message>`, then `  field <field>: <why>` for each
+field the control plane names.";
+
+/// Connection and output flags of the API commands (global: they go before or after the
+/// subcommand, like the aws CLI's `--output`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// Control plane URL (http:// or https://).
+    #[arg(
+        long,
+        env = "VPC_ENDPOINT",
+        default_value = "http://127.0.0.1:7420",
+        global = true,
+        help_heading = "API options"
+    )]
+    pub endpoint: String,
+    /// Account token, sent as `authorization: Bearer <token>`.
+    #[arg(
+        long,
+        env = "VPC_TOKEN",
+        hide_env_values = true,
+        global = true,
+        help_heading = "API options"
+    )]
+    pub token: Option<String>,
+    /// PEM CA certificate(s) the control plane's certificate is checked against (https).
+    #[arg(long, global = true, help_heading = "API options")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate (mutual TLS; with --tls-key).
+    #[arg(
+        long,
+        global = true,
+        requires = "tls_key",
+        help_heading = "API options"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        global = true,
+        requires = "tls_cert",
+        help_heading = "API options"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Output format.
+    #[arg(
+        short = 'o',
+        long,
+        value_enum,
+        default_value_t = Output::Table,
+        global = true,
+        help_heading = "API options"
+    )]
+    pub output: Output,
+}
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns (kubectl-like); `describe` prints one block per resource.
+    Table,
+    /// The response messages as JSON (proto3 JSON field names, lowerCamelCase).
+    Json,
+}
+
+/// The API nouns (flattened into `vpc`'s subcommands).
+#[derive(Subcommand, Debug)]
+pub enum ApiCommand {
+    /// VPCs (API).
+    #[command(subcommand)]
+    Vpcs(network::VpcsCommand),
+    /// Subnets (API).
+    #[command(subcommand)]
+    Subnets(network::SubnetsCommand),
+    /// Route tables (API).
+    #[command(subcommand, name = "route-tables", visible_alias = "rtb")]
+    RouteTables(network::RouteTablesCommand),
+    /// Security groups and their rules (API).
+    #[command(subcommand, name = "security-groups", visible_alias = "sg")]
+    SecurityGroups(security::SecurityGroupsCommand),
+    /// Network ACLs, their entries and subnet associations (API).
+    #[command(subcommand, name = "network-acls", visible_alias = "nacl")]
+    NetworkAcls(security::NetworkAclsCommand),
+    /// Instances (API).
+    #[command(subcommand)]
+    Instances(compute::InstancesCommand),
+    /// Volumes (API).
+    #[command(subcommand)]
+    Volumes(compute::VolumesCommand),
+    /// Load balancers and their listeners (API; `vpc lb` shows this host's datapath view).
+    #[command(subcommand, name = "load-balancers", visible_alias = "elb")]
+    LoadBalancers(lb::LoadBalancersCommand),
+    /// Target groups and their targets (API).
+    #[command(subcommand, name = "target-groups", visible_alias = "tg")]
+    TargetGroups(lb::TargetGroupsCommand),
+    /// Hosts (agents) and network programming latency (API).
+    #[command(subcommand)]
+    Hosts(hosts::HostsCommand),
+}
+
+/// Runs an API command and exits with its status (see [`EXIT_HELP`]).
+pub fn main(args: &ApiArgs, cmd: ApiCommand) -> ! {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            std::process::exit(1)
+        }
+    };
+    let code = match rt.block_on(run(args, cmd)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprint!("{}", e.render(&args.endpoint));
+            e.exit_code()
+        }
+    };
+    std::process::exit(code)
+}
+
+async fn run(args: &ApiArgs, cmd: ApiCommand) -> Result<(), CliError> {
+    let api = Api::connect(args).await.map_err(CliError::Local)?;
+    match cmd {
+        ApiCommand::Vpcs(c) => network::vpcs(&api, c).await,
+        ApiCommand::Subnets(c) => network::subnets(&api, c).await,
+        ApiCommand::RouteTables(c) => network::route_tables(&api, c).await,
+        ApiCommand::SecurityGroups(c) => security::security_groups(&api, c).await,
+        ApiCommand::NetworkAcls(c) => security::network_acls(&api, c).await,
+        ApiCommand::Instances(c) => compute::instances(&api, c).await,
+        ApiCommand::Volumes(c) => compute::volumes(&api, c).await,
+        ApiCommand::LoadBalancers(c) => lb::load_balancers(&api, c).await,
+        ApiCommand::TargetGroups(c) => lb::target_groups(&api, c).await,
+        ApiCommand::Hosts(c) => hosts::hosts(&api, c).await,
+    }
+}
+
+/// What an API command failed with.
+#[derive(Debug)]
+pub enum CliError {
+    /// The control plane answered with (or the transport produced) a status.
+    Status(Status),
+    /// Before any call: bad TLS files, a bad endpoint, no connection.
+    Local(anyhow::Error),
+    /// The arguments cannot make a request (exit 2, as clap's usage errors).
+    Usage(String),
+}
+
+impl From<Status> for CliError {
+    fn from(s: Status) -> Self {
+        CliError::Status(s)
+    }
+}
+
+impl CliError {
+    /// 2 when the control plane refused the request, 1 when it could not be reached or
+    /// failed.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Local(_) => 1,
+            CliError::Usage(_) => 2,
+            CliError::Status(s) => match s.code() {
+                Code::InvalidArgument
+                | Code::NotFound
+                | Code::AlreadyExists
+                | Code::FailedPrecondition
+                | Code::OutOfRange
+                | Code::ResourceExhausted
+                | Code::PermissionDenied
+                | Code::Unauthenticated
+                | Code::Aborted
+                | Code::Unimplemented => 2,
+                _ => 1,
+            },
+        }
+    }
+
+    /// `error: <CODE>: <message>` and a `  field <f>: <why>` line per field violation.
+    pub fn render(&self, endpoint: &str) -> String {
+        let mut out = String::new();
+        match self {
+            CliError::Local(e) => {
+                let _ = writeln!(out, "error: {e:#}");
+            }
+            CliError::Usage(m) => {
+                let _ = writeln!(out, "error: {m}");
+            }
+            CliError::Status(s) => {
+                let msg = if s.message().is_empty() {
+                    "(no message)"
+                } else {
+                    s.message()
+                };
+                let _ = writeln!(out, "error: {}: {msg}", code_name(s.code()));
+                if let Some(br) = s.get_details_bad_request() {
+                    for v in br.field_violations {
+                        let _ = writeln!(out, "  field {}: {}", v.field, v.description);
+                    }
+                }
+                match s.code() {
+                    Code::Unavailable | Code::DeadlineExceeded => {
+                        let _ = writeln!(out, "  (is the control plane at {endpoint} running?)");
+                    }
+                    Code::Unauthenticated => {
+                        let _ = writeln!(out, "  (set VPC_TOKEN or pass --token)");
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The canonical gRPC name of `code` (`INVALID_ARGUMENT`).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call (nothing without a token: the control
+/// plane answers UNAUTHENTICATED).
+#[derive(Clone, Debug)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
+/// A channel carrying the token.
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+/// A connection to the control plane and the output format.
+#[derive(Debug)]
+pub struct Api {
+    /// The channel (cheap to clone; one per client).
+    pub channel: Authed,
+    /// Output format.
+    pub output: Output,
+}
+
+impl Api {
+    /// Connects to `--endpoint` (TLS for https:// or when TLS files are given).
+    pub async fn connect(args: &ApiArgs) -> Result<Api> {
+        let token = match &args.token {
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse::<MetadataValue<Ascii>>()
+                    .context("--token: not a valid header value")?,
+            ),
+            None => None,
+        };
+        let mut ep = Endpoint::from_shared(args.endpoint.clone())
+            .with_context(|| format!("--endpoint: `{}` is not a URL", args.endpoint))?
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60));
+        let https = args.endpoint.starts_with("https://");
+        if https || args.tls_ca.is_some() || args.tls_cert.is_some() {
+            if !https {
+                bail!("--tls-* options need an https:// endpoint");
+            }
+            let mut tls = ClientTlsConfig::new();
+            match &args.tls_ca {
+                Some(p) => {
+                    let pem = std::fs::read(p)
+                        .with_context(|| format!("--tls-ca: reading {}", p.display()))?;
+                    tls = tls.ca_certificate(Certificate::from_pem(pem));
+                }
+                None => bail!("an https:// endpoint needs --tls-ca (the CA of its certificate)"),
+            }
+            if let (Some(c), Some(k)) = (&args.tls_cert, &args.tls_key) {
+                let cert = std::fs::read(c)
+                    .with_context(|| format!("--tls-cert: reading {}", c.display()))?;
+                let key = std::fs::read(k)
+                    .with_context(|| format!("--tls-key: reading {}", k.display()))?;
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            ep = ep.tls_config(tls).context("TLS configuration")?;
+        }
+        let channel = ep.connect().await.map_err(|e| {
+            anyhow::Error::new(e).context(format!(
+                "UNAVAILABLE: cannot connect to {} (is the control plane running?)",
+                args.endpoint
+            ))
+        })?;
+        Ok(Api {
+            channel: InterceptedService::new(channel, Bearer(token)),
+            output: args.output,
+        })
+    }
+}
+
+/// The `x-vpc-revision` of a write's response, if any.
+pub fn revision<T>(r: &tonic::Response<T>) -> Option<i64> {
+    r.metadata()
+        .get("x-vpc-revision")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The line printed for a write without a resource to show (table output).
+pub fn done(what: &str, verb: &str, rev: Option<i64>) {
+    match rev {
+        Some(r) => println!("{what} {verb} (revision {r})"),
+        None => println!("{what} {verb}"),
+    }
+}
+
+/// Paging flags of the list commands (as the aws CLI's).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct PageArgs {
+    /// Return at most this many (one page, 1-1000); by default every page is fetched.
+    #[arg(long)]
+    pub max_results: Option<u32>,
+    /// Start after this page token (printed to stderr by a --max-results list that has more).
+    #[arg(long, requires = "max_results")]
+    pub starting_token: Option<String>,
+    /// Size of each page fetched (1-1000, default 100); all are still listed.
+    #[arg(long, conflicts_with = "max_results")]
+    pub page_size: Option<u32>,
+}
+
+/// The ids of a list/describe (none: every resource of the account) and paging.
+#[derive(clap::Args, Debug, Clone)]
+pub struct IdsArgs {
+    /// Only these (an unknown id is NOT_FOUND).
+    pub ids: Vec<String>,
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+/// [`IdsArgs`] and a VPC filter.
+#[derive(clap::Args, Debug, Clone)]
+pub struct VpcFilterArgs {
+    /// Only these (an unknown id is NOT_FOUND).
+    pub ids: Vec<String>,
+    /// Only those of this VPC.
+    #[arg(long, visible_alias = "vpc-id")]
+    pub vpc: Option<String>,
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+/// Fetches every page (`--page-size` at a time), or the one page `--max-results` asks for:
+/// `call` gets the page and returns the items and the next token. With --max-results the
+/// next token, if any, is printed to stderr.
+pub async fn paged<T, F, Fut>(page: &PageArgs, mut call: F) -> Result<Vec<T>, CliError>
+where
+    F: FnMut(pb::Page) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), Status>>,
+{
+    let mut all = Vec::new();
+    let mut token = page.starting_token.clone().unwrap_or_default();
+    loop {
+        let (items, next) = call(pb::Page {
+            max_results: page.max_results.or(page.page_size).unwrap_or(0),
+            next_token: token,
+        })
+        .await?;
+        all.extend(items);
+        if next.is_empty() {
+            break;
+        }
+        if page.max_results.is_some() {
+            eprintln!("more results: --starting-token {next}");
+            break;
+        }
+        token = next;
+    }
+    Ok(all)
+}
+
+// ---------------------------------------------------------------------------------------
+// Output.
+
+/// kubectl-like aligned columns: upper-case headers, three spaces between columns.
+#[derive(Debug, Default)]
+pub struct Table {
+    headers: Vec<&'static str>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// A table with these headers.
+    pub fn new(headers: &[&'static str]) -> Table {
+        Table {
+            headers: headers.to_vec(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Adds a row (empty cells are shown as `-`, as `<none>` would be too wide).
+    pub fn row(&mut self, cells: Vec<String>) {
+        let cells = cells
+            .into_iter()
+            .map(|c| if c.is_empty() { "-".to_owned() } else { c })
+            .collect();
+        self.rows.push(cells);
+    }
+
+    /// The rendered table (headers even without rows).
+    pub fn render(&self) -> String {
+        let n = self.headers.len();
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.len()).collect();
+        for r in &self.rows {
+            for (i, c) in r.iter().enumerate().take(n) {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+        let mut out = String::new();
+        let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+            let mut s = String::new();
+            for (i, c) in cells.enumerate() {
+                if i + 1 == n {
+                    s.push_str(c);
+                } else {
+                    let _ = write!(s, "{c:<w$}   ", w = widths[i]);
+                }
+            }
+            out.push_str(s.trim_end());
+            out.push('\n');
+        };
+        line(&mut self.headers.iter().copied());
+        for r in &self.rows {
+            line(&mut r.iter().map(String::as_str));
+        }
+        out
+    }
+
+    /// Prints it.
+    pub fn print(&self) {
+        print!("{}", self.render());
+    }
+}
+
+/// Prints `v` as pretty JSON.
+pub fn print_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
+
+/// kubectl-describe-like text of a JSON object: `Key:  value`, nested objects and lists
+/// indented.
+pub fn describe_text(v: &Value) -> String {
+    let mut out = String::new();
+    describe_into(&mut out, v, 0);
+    out
+}
+
+fn title(key: &str) -> String {
+    let mut s = String::new();
+    for (i, c) in key.chars().enumerate() {
+        if i == 0 {
+            s.extend(c.to_uppercase());
+        } else if c.is_uppercase() {
+            s.push(' ');
+            s.push(c);
+        } else {
+            s.push(c);
+        }
+    }
+    s
+}
+
+fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => Some("<none>".into()),
+        Value::String(s) if s.is_empty() => Some("<none>".into()),
+        Value::String(s) => Some(s.clone()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Array(a) if a.is_empty() => Some("<none>".into()),
+        Value::Array(a) if a.iter().all(|x| x.is_string() || x.is_number()) => Some(
+            a.iter()
+                .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_owned))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
+        _ => None,
+    }
+}
+
+fn describe_into(out: &mut String, v: &Value, indent: usize) {
+    let pad = " ".repeat(indent);
+    match v {
+        Value::Object(m) => {
+            // Tags read better as `k=v`.
+            for (k, val) in m {
+                if k == "tags" {
+                    let tags = val
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|t| {
+                                    format!(
+                                        "{}={}",
+                                        t["key"].as_str().unwrap_or_default(),
+                                        t["value"].as_str().unwrap_or_default()
+                                    )
+                                })
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        })
+                        .unwrap_or_default();
+                    let tags = if tags.is_empty() {
+                        "<none>".into()
+                    } else {
+                        tags
+                    };
+                    let _ = writeln!(out, "{pad}Tags:  {tags}");
+                    continue;
+                }
+                match scalar(val) {
+                    Some(s) => {
+                        let _ = writeln!(out, "{pad}{}:  {s}", title(k));
+                    }
+                    None => {
+                        let _ = writeln!(out, "{pad}{}:", title(k));
+                        describe_into(out, val, indent + 2);
+                    }
+                }
+            }
+        }
+        Value::Array(a) => {
+            for item in a {
+                let mut inner = String::new();
+                describe_into(&mut inner, item, indent + 2);
+                // `- ` in place of the first line's indentation.
+                let inner = inner.replacen(&format!("{pad}  "), &format!("{pad}- "), 1);
+                out.push_str(&inner);
+            }
+        }
+        other => {
+            let _ = writeln!(out, "{pad}{}", scalar(other).unwrap_or_default());
+        }
+    }
+}
+
+/// Prints the resources of a describe: JSON `{key: [...]}` or one describe block each.
+pub fn print_describe(api: &Api, key: &str, items: Vec<Value>) {
+    match api.output {
+        Output::Json => print_json(&json!({ key: items })),
+        Output::Table => {
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    println!();
+                }
+                print!("{}", describe_text(v));
+            }
+        }
+    }
+}
+
+/// Prints resources: an aligned table (`table` builds it), `describe` blocks, or JSON
+/// `{key: [...]}` (the describe response without its page token).
+pub fn show_list<T: ToJson>(
+    api: &Api,
+    key: &str,
+    items: &[T],
+    describe: bool,
+    table: fn(&[T]) -> Table,
+) {
+    let values = || items.iter().map(ToJson::to_json).collect::<Vec<_>>();
+    match (api.output, describe) {
+        (Output::Json, _) => print_json(&json!({ key: values() })),
+        (Output::Table, true) => print_describe(api, key, values()),
+        (Output::Table, false) => table(items).print(),
+    }
+}
+
+/// Prints a created or changed resource: its table row, or JSON `{key: {...}}` (the
+/// response message).
+pub fn show_one<T: ToJson>(api: &Api, key: &str, item: &T, table: fn(&[T]) -> Table) {
+    match api.output {
+        Output::Json => print_json(&json!({ key: item.to_json() })),
+        Output::Table => table(std::slice::from_ref(item)).print(),
+    }
+}
+
+/// A write without a resource in its answer: `<what> <verb> (revision N)`, or `{}` (the empty
+/// response message) as JSON.
+pub fn show_done(api: &Api, what: &str, verb: &str, rev: Option<i64>) {
+    match api.output {
+        Output::Json => print_json(&json!({})),
+        Output::Table => done(what, verb, rev),
+    }
+}
+
+/// The resource a response must carry.
+pub fn need<T>(v: Option<T>, what: &str) -> Result<T, CliError> {
+    v.ok_or_else(|| CliError::Local(anyhow::anyhow!("the response carries no {what}")))
+}
+
+/// lower_snake -> lowerCamel (proto3 JSON names).
+pub fn camel(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut up = false;
+    for c in s.chars() {
+        if c == '_' {
+            up = true;
+        } else if up {
+            out.extend(c.to_uppercase());
+            up = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A message (or field) as JSON, proto3 field names.
+pub trait ToJson {
+    /// The JSON value.
+    fn to_json(&self) -> Value;
+}
+
+impl ToJson for String {
+    fn to_json(&self) -> Value {
+        Value::String(self.clone())
+    }
+}
+impl ToJson for bool {
+    fn to_json(&self) -> Value {
+        Value::Bool(*self)
+    }
+}
+macro_rules! num_json {
+    ($($t:ty),*) => {$(
+        impl ToJson for $t {
+            fn to_json(&self) -> Value {
+                json!(*self)
+            }
+        }
+    )*};
+}
+num_json!(u32, i32, u64, i64, f64);
+
+impl<T: ToJson> ToJson for Vec<T> {
+    fn to_json(&self) -> Value {
+        Value::Array(self.iter().map(ToJson::to_json).collect())
+    }
+}
+impl<T: ToJson> ToJson for Option<T> {
+    fn to_json(&self) -> Value {
+        self.as_ref().map_or(Value::Null, ToJson::to_json)
+    }
+}
+
+/// `impl ToJson` listing every field of a message: the destructuring has no `..`, so a field
+/// added to the proto and not here is a compile error.
+macro_rules! message_json {
+    ($($ty:path { $($f:ident),* $(,)? })*) => {$(
+        impl ToJson for $ty {
+            fn to_json(&self) -> Value {
+                let $ty { $($f),* } = self;
+                let mut m = Map::new();
+                $( m.insert(camel(stringify!($f)), $f.to_json()); )*
+                Value::Object(m)
+            }
+        }
+    )*};
+}
+
+message_json! {
+    pb::Tag { key, value }
+    pb::Vpc {
+        vpc_id, cidr_block, vni, state, owner_id, tags, default_security_group_id,
+        default_network_acl_id, main_route_table_id,
+    }
+    pb::Subnet {
+        subnet_id, vpc_id, cidr_block, available_ip_address_count, network_acl_id, state,
+        owner_id, tags,
+    }
+    pb::Route { destination_cidr_block, gateway_id, state }
+    pb::RouteTable { route_table_id, vpc_id, main, routes, subnet_ids, owner_id }
+    pb::SecurityGroupRule {
+        security_group_rule_id, ip_protocol, from_port, to_port, cidr_ipv4,
+        referenced_group_id, description, is_egress,
+    }
+    pb::SecurityGroup {
+        group_id, group_name, description, vpc_id, owner_id, ingress_rules, egress_rules, tags,
+    }
+    pb::NetworkAclEntry {
+        rule_number, protocol, rule_action, egress, cidr_block, from_port, to_port,
+    }
+    pb::NetworkAcl { network_acl_id, vpc_id, is_default, entries, subnet_ids, owner_id, tags }
+    pb::Instance {
+        instance_id, subnet_id, vpc_id, private_ip_address, mac_address, security_group_ids,
+        state, host_id, instance_type, owner_id, tags, netns,
+    }
+    pb::Volume { volume_id, size_gib, state, attached_instance_id, owner_id, tags }
+    pb::Listener { listener_id, protocol, port, target_group_id }
+    pb::LoadBalancer {
+        load_balancer_id, name, subnet_id, vpc_id, vip, listeners, state, owner_id, tags,
+    }
+    pb::HealthCheck {
+        protocol, port, path, interval_seconds, timeout_seconds, healthy_threshold,
+        unhealthy_threshold,
+    }
+    pb::Target { id, port, weight }
+    pb::TargetGroup {
+        target_group_id, name, vpc_id, protocol, port, health_check,
+        deregistration_delay_seconds, targets, load_balancer_ids, owner_id, tags,
+    }
+    pb::Host { host_id, underlay_ip, connected, applied_revision, last_error, instance_count }
+    pb::GetProgrammingLatencyResponse { samples, p50_ms, p99_ms, max_ms, last_ms }
+}
+
+/// The `Name` tag, or empty.
+pub fn name_tag(tags: &[pb::Tag]) -> String {
+    tags.iter()
+        .find(|t| t.key == "Name")
+        .map(|t| t.value.clone())
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------
+// Argument parsers (clap value parsers: a bad value is a usage error, exit 2).
+
+/// `key=value` (aws: `Key=k,Value=v`; the short form as kubectl labels). The value may be
+/// empty (`key=`); the key may not.
+pub fn parse_tag(s: &str) -> Result<pb::Tag, String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("`{s}`: empty tag key"));
+    }
+    Ok(pb::Tag {
+        key: k.to_owned(),
+        value: v.to_owned(),
+    })
+}
+
+/// A port or port range as typed: `22` (22-22), `1000-2000`, `-1` or `all` (every port,
+/// -1/-1 as the AWS API writes it). For icmp the two numbers are TYPE-CODE, so the order is
+/// checked later, by [`api_ports`].
+pub fn parse_port_range(s: &str) -> Result<(i32, i32), String> {
+    let s = s.trim();
+    if s == "-1" || s.eq_ignore_ascii_case("all") {
+        return Ok((-1, -1));
+    }
+    let port = |p: &str| -> Result<i32, String> {
+        p.trim()
+            .parse::<u16>()
+            .map(i32::from)
+            .map_err(|_| format!("`{p}` is not a port 0-65535 (or -1 for all)"))
+    };
+    match s.split_once('-') {
+        Some((a, b)) => Ok((port(a)?, port(b)?)),
+        None => {
+            let p = port(s)?;
+            Ok((p, p))
+        }
+    }
+}
+
+/// The `from_port`/`to_port` the API takes for `protocol` and `--port` (absent: all): tcp/udp
+/// a range (all: 0-65535, from <= to); icmp TYPE or TYPE-CODE (all: -1, any code: -1);
+/// other protocols -1/-1.
+pub fn api_ports(protocol: &str, port: Option<(i32, i32)>) -> Result<(i32, i32), String> {
+    match (protocol, port) {
+        ("tcp" | "udp", None | Some((-1, -1))) => Ok((0, 65535)),
+        ("tcp" | "udp", Some((f, t))) if f > t => {
+            Err(format!("--port {f}-{t}: the range is reversed ({f} > {t})"))
+        }
+        ("tcp" | "udp", Some(r)) => Ok(r),
+        ("icmp", None | Some((-1, -1))) => Ok((-1, -1)),
+        ("icmp", Some((ty, code))) if ty == code => Ok((ty, -1)),
+        ("icmp", Some(r)) => Ok(r),
+        (_, None | Some((-1, -1))) => Ok((-1, -1)),
+        (p, Some(_)) => Err(format!(
+            "--port: protocol {} takes no ports",
+            protocol_text(p)
+        )),
+    }
+}
+
+/// A target: `i-...` (the group's port) or `i-...:PORT`.
+pub fn parse_target(s: &str) -> Result<pb::Target, String> {
+    let (id, port) = match s.rsplit_once(':') {
+        Some((id, p)) => {
+            let port = p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("`{s}`: `{p}` is not a port 1-65535"))?;
+            (id, u32::from(port))
+        }
+        None => (s, 0),
+    };
+    if id.is_empty() {
+        return Err(format!("`{s}`: empty instance id"));
+    }
+    Ok(pb::Target {
+        id: id.to_owned(),
+        port,
+        weight: 0,
+    })
+}
+
+/// An IP protocol as the API writes it: tcp, udp, icmp, -1 (all) or a number.
+pub fn parse_protocol(s: &str) -> Result<String, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "tcp" | "6" => Ok("tcp".into()),
+        "udp" | "17" => Ok("udp".into()),
+        "icmp" | "1" => Ok("icmp".into()),
+        "-1" | "all" => Ok("-1".into()),
+        n if n.parse::<u8>().is_ok() => Ok(n.into()),
+        _ => Err(format!(
+            "`{s}` is not tcp, udp, icmp, -1 (all) or a number 0-255"
+        )),
+    }
+}
+
+/// Shows a port range: `22`, `1000-2000`, `all`.
+pub fn port_range_text(protocol: &str, from: i32, to: i32) -> String {
+    if protocol == "-1" || (from == -1 && to == -1) || (from == 0 && to == 65535) {
+        "all".into()
+    } else if from == to {
+        from.to_string()
+    } else {
+        format!("{from}-{to}")
+    }
+}
+
+/// Protocol for display (`-1` is `all`).
+pub fn protocol_text(p: &str) -> String {
+    if p == "-1" { "all".into() } else { p.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_types::{ErrorDetails, StatusExt};
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(parse_port_range("22"), Ok((22, 22)));
+        assert_eq!(parse_port_range("1000-2000"), Ok((1000, 2000)));
+        assert_eq!(parse_port_range("-1"), Ok((-1, -1)));
+        assert_eq!(parse_port_range("all"), Ok((-1, -1)));
+        assert_eq!(parse_port_range("0-65535"), Ok((0, 65535)));
+        assert_eq!(parse_port_range(" 443 "), Ok((443, 443)));
+        assert!(parse_port_range("65536").is_err());
+        assert!(parse_port_range("ssh").is_err());
+        assert!(parse_port_range("").is_err());
+        assert!(parse_port_range("1-").is_err());
+        assert!(parse_port_range("-2").is_err());
+    }
+
+    #[test]
+    fn ports_for_the_api() {
+        assert_eq!(api_ports("tcp", Some((22, 22))), Ok((22, 22)));
+        assert_eq!(api_ports("tcp", Some((-1, -1))), Ok((0, 65535)));
+        assert_eq!(api_ports("udp", None), Ok((0, 65535)));
+        assert!(api_ports("tcp", Some((2000, 1000))).is_err());
+        assert_eq!(api_ports("icmp", None), Ok((-1, -1)));
+        assert_eq!(api_ports("icmp", Some((8, 8))), Ok((8, -1)));
+        assert_eq!(api_ports("icmp", Some((3, 4))), Ok((3, 4)));
+        assert_eq!(api_ports("-1", None), Ok((-1, -1)));
+        assert!(api_ports("-1", Some((80, 80))).is_err());
+    }
+
+    #[test]
+    fn tags() {
+        let t = parse_tag("Name=web").unwrap();
+        assert_eq!((t.key.as_str(), t.value.as_str()), ("Name", "web"));
+        let t = parse_tag("env=").unwrap();
+        assert_eq!((t.key.as_str(), t.value.as_str()), ("env", ""));
+        let t = parse_tag("k=a=b").unwrap();
+        assert_eq!((t.key.as_str(), t.value.as_str()), ("k", "a=b"));
+        assert!(parse_tag("novalue").is_err());
+        assert!(parse_tag("=v").is_err());
+    }
+
+    #[test]
+    fn targets() {
+        let t = parse_target("i-0123456789abcdef0:8080").unwrap();
+        assert_eq!((t.id.as_str(), t.port), ("i-0123456789abcdef0", 8080));
+        let t = parse_target("i-0123456789abcdef0").unwrap();
+        assert_eq!((t.id.as_str(), t.port), ("i-0123456789abcdef0", 0));
+        assert!(parse_target("i-0123:0").is_err());
+        assert!(parse_target("i-0123:http").is_err());
+        assert!(parse_target("i-0123:70000").is_err());
+        assert!(parse_target(":80").is_err());
+    }
+
+    #[test]
+    fn protocols() {
+        assert_eq!(parse_protocol("TCP").unwrap(), "tcp");
+        assert_eq!(parse_protocol("all").unwrap(), "-1");
+        assert!(parse_protocol("sctp").is_err());
+        assert_eq!(port_range_text("tcp", 22, 22), "22");
+        assert_eq!(port_range_text("tcp", 1000, 2000), "1000-2000");
+        assert_eq!(port_range_text("-1", -1, -1), "all");
+    }
+
+    #[test]
+    fn invalid_argument_names_the_fields() {
+        let s = Status::with_error_details(
+            Code::InvalidArgument,
+            "cidr_block: `10.0.0.0/33` is not a CIDR",
+            ErrorDetails::with_bad_request_violation("cidr_block", "not an IPv4 CIDR"),
+        );
+        let e = CliError::from(s);
+        assert_eq!(e.exit_code(), 2);
+        assert_eq!(
+            e.render("http://x"),
+            "error: INVALID_ARGUMENT: cidr_block: `10.0.0.0/33` is not a CIDR\n  \
+             field cidr_block: not an IPv4 CIDR\n"
+        );
+    }
+
+    #[test]
+    fn other_errors_and_exit_codes() {
+        let e = CliError::from(Status::not_found("vpc vpc-0 not found"));
+        assert_eq!(e.exit_code(), 2);
+        assert_eq!(e.render("u"), "error: NOT_FOUND: vpc vpc-0 not found\n");
+        let e = CliError::from(Status::failed_precondition("has subnets"));
+        assert_eq!(e.exit_code(), 2);
+        let e = CliError::from(Status::unavailable("connection refused"));
+        assert_eq!(e.exit_code(), 1);
+        assert_eq!(
+            e.render("http://127.0.0.1:7420"),
+            "error: UNAVAILABLE: connection refused\n  \
+             (is the control plane at http://127.0.0.1:7420 running?)\n"
+        );
+        let e = CliError::from(Status::unauthenticated("no token"));
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.render("u").contains("VPC_TOKEN"));
+        let e = CliError::Local(anyhow::anyhow!("cannot connect"));
+        assert_eq!(e.exit_code(), 1);
+        assert_eq!(e.render("u"), "error: cannot connect\n");
+    }
+
+    #[test]
+    fn tables_align() {
+        let mut t = Table::new(&["ID", "CIDR", "STATE"]);
+        t.row(vec![
+            "vpc-1".into(),
+            "10.0.0.0/16".into(),
+            "available".into(),
+        ]);
+        t.row(vec!["vpc-22222".into(), String::new(), "pending".into()]);
+        assert_eq!(
+            t.render(),
+            "ID          CIDR          STATE\n\
+             vpc-1       10.0.0.0/16   available\n\
+             vpc-22222   -             pending\n"
+        );
+    }
+
+    #[test]
+    fn json_of_messages() {
+        let v = pb::Vpc {
+            vpc_id: "vpc-1".into(),
+            cidr_block: "10.0.0.0/16".into(),
+            vni: 7,
+            tags: vec![pb::Tag {
+                key: "Name".into(),
+                value: "a".into(),
+            }],
+            ..Default::default()
+        }
+        .to_json();
+        assert_eq!(v["vpcId"], "vpc-1");
+        assert_eq!(v["vni"], 7);
+        assert_eq!(v["tags"][0]["key"], "Name");
+        assert_eq!(v["defaultSecurityGroupId"], "");
+        let tg = pb::TargetGroup::default().to_json();
+        assert_eq!(tg["healthCheck"], Value::Null);
+        assert_eq!(tg["deregistrationDelaySeconds"], 0);
+        let text = describe_text(&v);
+        assert!(text.contains("Vpc Id:  vpc-1\n"), "{text}");
+        assert!(text.contains("Tags:  Name=a\n"), "{text}");
+    }
+}

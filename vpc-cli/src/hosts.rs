@@ -1,0 +1,82 @@
+//! `vpc hosts`: the hosts' agents and network programming latency (`HostService`).
+
+use clap::Subcommand;
+use serde_json::json;
+use vpc_proto::v1::{self as pb, host_service_client::HostServiceClient};
+
+use crate::api::{Api, CliError, Output, Table, ToJson, print_json};
+
+#[derive(Subcommand, Debug)]
+pub enum HostsCommand {
+    /// Registered hosts: connected, the revision each has applied, instances.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Network programming latency: API write acknowledged -> applied on every host.
+    Latency,
+}
+
+fn host_table(items: &[pb::Host]) -> Table {
+    let mut t = Table::new(&[
+        "HOST ID",
+        "UNDERLAY IP",
+        "CONNECTED",
+        "APPLIED REVISION",
+        "INSTANCES",
+        "LAST ERROR",
+    ]);
+    for h in items {
+        t.row(vec![
+            h.host_id.clone(),
+            h.underlay_ip.clone(),
+            h.connected.to_string(),
+            h.applied_revision.to_string(),
+            h.instance_count.to_string(),
+            h.last_error.clone(),
+        ]);
+    }
+    t
+}
+
+pub async fn hosts(api: &Api, cmd: HostsCommand) -> Result<(), CliError> {
+    let mut c = HostServiceClient::new(api.channel.clone());
+    match cmd {
+        HostsCommand::List => {
+            let r = c
+                .describe_hosts(pb::DescribeHostsRequest {})
+                .await?
+                .into_inner();
+            match api.output {
+                Output::Json => print_json(&json!({
+                    "hosts": r.hosts.to_json(),
+                    "revision": r.revision,
+                })),
+                Output::Table => {
+                    host_table(&r.hosts).print();
+                    println!("\nstore revision {}", r.revision);
+                }
+            }
+        }
+        HostsCommand::Latency => {
+            let r = c
+                .get_programming_latency(pb::GetProgrammingLatencyRequest {})
+                .await?
+                .into_inner();
+            match api.output {
+                Output::Json => print_json(&r.to_json()),
+                Output::Table => {
+                    let mut t =
+                        Table::new(&["SAMPLES", "P50 (ms)", "P99 (ms)", "MAX (ms)", "LAST (ms)"]);
+                    t.row(vec![
+                        r.samples.to_string(),
+                        format!("{:.1}", r.p50_ms),
+                        format!("{:.1}", r.p99_ms),
+                        format!("{:.1}", r.max_ms),
+                        format!("{:.1}", r.last_ms),
+                    ]);
+                    t.print();
+                }
+            }
+        }
+    }
+    Ok(())
+}
