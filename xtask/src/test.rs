@@ -20,6 +20,7 @@ pub const E2E_TESTS: &[&str] = &[
     "compute_net",
     "store_conformance",
     "e2e_api",
+    "e2e_cli",
 ];
 /// The datapath test targets of vpc-tests, run by `--tier datapath`.
 const DATAPATH_TESTS: &[&str] = &[

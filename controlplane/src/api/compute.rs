@@ -60,7 +60,7 @@ impl Instances {
             instance_type: i.instance_type.clone(),
             owner_id: i.meta.account.clone(),
             tags: pb_tags(&i.meta.tags),
-            netns: i.meta.id.clone(),
+            netns: format!("{}{}", crate::compute::DEFAULT_NETNS_PREFIX, i.meta.id),
         }
     }
 

@@ -59,6 +59,9 @@ pub const INSTANCE_IFNAME: &str = "eth0";
 /// unless something else changes the instance's network meanwhile.
 const MAX_ROUNDS: usize = 3;
 
+/// The agent's default instance-namespace prefix (`vpc-i-0123456789abcdef0`).
+pub const DEFAULT_NETNS_PREFIX: &str = "vpc-";
+
 /// What an instance's network needs, derived from desired state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InstanceNet {

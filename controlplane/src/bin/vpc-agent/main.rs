@@ -92,7 +92,9 @@ struct RunArgs {
     #[arg(long)]
     underlay_ip: Option<std::net::Ipv4Addr>,
     /// Prefix of the network namespaces this agent creates for instances (`<prefix><id>`).
-    #[arg(long, default_value = "")]
+    /// The agent owns every namespace with this prefix (it removes those of instances no
+    /// longer desired), so it must not be shared with anything else.
+    #[arg(long, default_value = controlplane::compute::DEFAULT_NETNS_PREFIX)]
     netns_prefix: String,
     /// CA certificate (PEM) of the control plane (https).
     #[arg(long)]
