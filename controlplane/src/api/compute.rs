@@ -257,11 +257,14 @@ impl Instances {
         }
         let mut wanted = Vec::new();
         for (i, id) in req.instance_ids.iter().enumerate() {
-            wanted.push(validate::id(
-                &format!("instance_ids[{i}]"),
-                kind::INSTANCE,
-                id,
-            )?);
+            let field = format!("instance_ids[{i}]");
+            let id = validate::id(&field, kind::INSTANCE, id)?;
+            // Twice in one call would stage two deletes of one key (etcd refuses such a
+            // transaction) and release the address twice.
+            if wanted.contains(&id) {
+                return Err(ApiError::invalid(field, format!("{id} is listed twice")));
+            }
+            wanted.push(id);
         }
         let (list, rev) = self
             .api
@@ -827,6 +830,12 @@ mod tests {
         check(
             "terminate bad id",
             e.terminate(TOKEN, &[&b.instance_id, "i-1"]).await,
+            Code::InvalidArgument,
+            "instance_ids[1]",
+        );
+        check(
+            "terminate the same instance twice in one call",
+            e.terminate(TOKEN, &[&b.instance_id, &b.instance_id]).await,
             Code::InvalidArgument,
             "instance_ids[1]",
         );
