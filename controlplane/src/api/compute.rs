@@ -257,11 +257,14 @@ impl Instances {
         }
         let mut wanted = Vec::new();
         for (i, id) in req.instance_ids.iter().enumerate() {
-            wanted.push(validate::id(
-                &format!("instance_ids[{i}]"),
-                kind::INSTANCE,
-                id,
-            )?);
+            let field = format!("instance_ids[{i}]");
+            let id = validate::id(&field, kind::INSTANCE, id)?;
+            // Twice in one call would stage two deletes of one key (etcd refuses such a
+            // transaction) and release the address twice.
+            if wanted.contains(&id) {
+                return Err(ApiError::invalid(field, format!("{id} is listed twice")));
+            }
+            wanted.push(id);
         }
         let (list, rev) = self
             .api
@@ -486,5 +489,869 @@ impl VolumeService for Volumes {
             })
             .await?;
         Ok(respond(pb::DeleteVolumeResponse {}, rev))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! InstanceService and VolumeService validation tables: placement, IPAM (lowest free
+    //! address, reserved addresses, exhaustion, reuse), security groups, tenancy, volumes,
+    //! revisions, and the desired state the agents get.
+
+    use std::{fmt::Debug, net::Ipv4Addr, sync::Arc, time::Duration};
+
+    use tonic::{Code, Request, Response, metadata::MetadataValue};
+    use tonic_types::StatusExt as _;
+    use vpc_proto::v1::{
+        self as pb, host_service_server::HostService as _,
+        instance_service_server::InstanceService as _,
+        security_service_server::SecurityService as _, volume_service_server::VolumeService as _,
+        vpc_service_server::VpcService as _,
+    };
+
+    use super::{Instances, Volumes};
+    use crate::api::{
+        Api, Quotas,
+        auth::{AccountCredentials, Auth, Credentials},
+        desired::{Desired, instance_ifname},
+        host::Hosts,
+        network::Network,
+        security::Security,
+        server,
+    };
+    use crate::overlay::{compile::compile, statefile::StateFile};
+
+    const ACCT: &str = "111122223333";
+    const TOKEN: &str = "tenant-a-token-0123456789";
+    const OTHER_TOKEN: &str = "tenant-b-token-0123456789";
+    const AGENT: &str = "agent-token-0123456789abcdef";
+    const HOST: &str = "host-0";
+    const ROUTER_MAC: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 1];
+
+    fn req<T>(token: &str, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.metadata_mut().insert(
+            "authorization",
+            MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
+        );
+        r
+    }
+
+    fn revision<T>(r: &Response<T>) -> i64 {
+        r.metadata()
+            .get("x-vpc-revision")
+            .expect("x-vpc-revision on a write")
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// Asserts the code, and that the field is named (BadRequest violation for
+    /// INVALID_ARGUMENT, the message otherwise).
+    #[track_caller]
+    fn check<T: Debug>(case: &str, got: Result<T, tonic::Status>, code: Code, field: &str) {
+        let e = match got {
+            Ok(v) => panic!("{case}: expected {code:?}, got Ok({v:?})"),
+            Err(e) => e,
+        };
+        assert_eq!(e.code(), code, "{case}: {e:?}");
+        if code == Code::InvalidArgument {
+            let bad = e
+                .get_details_bad_request()
+                .unwrap_or_else(|| panic!("{case}: no BadRequest in {e:?}"));
+            let fields: Vec<&str> = bad
+                .field_violations
+                .iter()
+                .map(|v| v.field.as_str())
+                .collect();
+            assert_eq!(fields, vec![field], "{case}: {e:?}");
+        } else {
+            assert!(
+                e.message().contains(field),
+                "{case}: {:?} does not name {field:?}",
+                e.message()
+            );
+        }
+    }
+
+    struct Env {
+        api: Api,
+        net: Network,
+        sec: Security,
+        inst: Instances,
+        vols: Volumes,
+    }
+
+    async fn env_with(quotas: Quotas) -> Env {
+        let auth = Auth::new(&Credentials {
+            accounts: vec![
+                AccountCredentials {
+                    id: ACCT.into(),
+                    tokens: vec![TOKEN.into()],
+                },
+                AccountCredentials {
+                    id: "444455556666".into(),
+                    tokens: vec![OTHER_TOKEN.into()],
+                },
+            ],
+            agent_tokens: vec![AGENT.into()],
+        })
+        .unwrap();
+        let api = server::api(Arc::new(vpc_store::mem::MemStore::new()), auth, quotas)
+            .await
+            .unwrap();
+        Env {
+            net: Network::new(api.clone()),
+            sec: Security::new(api.clone()),
+            inst: Instances::new(api.clone()),
+            vols: Volumes::new(api.clone()),
+            api,
+        }
+    }
+
+    /// An environment with host `host-0` registered (and visible to placement).
+    async fn env() -> Env {
+        let e = env_with(Quotas::default()).await;
+        e.register_host(HOST, "192.168.77.1").await;
+        e
+    }
+
+    impl Env {
+        async fn register_host(&self, id: &str, vtep: &str) {
+            let r = Hosts::new(self.api.clone())
+                .register_host(req(
+                    AGENT,
+                    pb::RegisterHostRequest {
+                        host_id: id.into(),
+                        underlay_ip: vtep.into(),
+                    },
+                ))
+                .await
+                .unwrap();
+            let rev = revision(&r);
+            self.desired_at(rev).await;
+            assert!(
+                self.api.desired.borrow().hosts.iter().any(|h| h.id == id),
+                "host {id} in the desired state"
+            );
+        }
+
+        /// The desired state at or after `rev` (bounded wait).
+        async fn desired_at(&self, rev: i64) -> Arc<Desired> {
+            let mut d = self.api.desired.clone();
+            let wait = d.wait_for(|d| d.revision >= rev);
+            match tokio::time::timeout(Duration::from_secs(10), wait).await {
+                Ok(Ok(got)) => Arc::clone(&got),
+                Ok(Err(e)) => panic!("the desired-state builder stopped: {e}"),
+                Err(_) => panic!("the desired state did not reach revision {rev} in 10 s"),
+            }
+        }
+
+        async fn vpc(&self, token: &str, cidr: &str) -> pb::Vpc {
+            let r = pb::CreateVpcRequest {
+                cidr_block: cidr.into(),
+                ..Default::default()
+            };
+            self.net
+                .create_vpc(req(token, r))
+                .await
+                .unwrap()
+                .into_inner()
+                .vpc
+                .unwrap()
+        }
+
+        async fn subnet(&self, token: &str, vpc: &str, cidr: &str) -> pb::Subnet {
+            let r = pb::CreateSubnetRequest {
+                vpc_id: vpc.into(),
+                cidr_block: cidr.into(),
+                ..Default::default()
+            };
+            self.net
+                .create_subnet(req(token, r))
+                .await
+                .unwrap()
+                .into_inner()
+                .subnet
+                .unwrap()
+        }
+
+        async fn sg(&self, token: &str, vpc: &str, name: &str) -> String {
+            let r = pb::CreateSecurityGroupRequest {
+                vpc_id: vpc.into(),
+                group_name: name.into(),
+                description: name.into(),
+                ..Default::default()
+            };
+            self.sec
+                .create_security_group(req(token, r))
+                .await
+                .unwrap()
+                .into_inner()
+                .security_group
+                .unwrap()
+                .group_id
+        }
+
+        async fn run_req(
+            &self,
+            token: &str,
+            r: pb::RunInstancesRequest,
+        ) -> Result<Response<pb::RunInstancesResponse>, tonic::Status> {
+            self.inst.run_instances(req(token, r)).await
+        }
+
+        async fn run(
+            &self,
+            token: &str,
+            subnet: &str,
+            ip: &str,
+        ) -> Result<pb::Instance, tonic::Status> {
+            let r = pb::RunInstancesRequest {
+                subnet_id: subnet.into(),
+                private_ip_address: ip.into(),
+                ..Default::default()
+            };
+            let mut got = self.run_req(token, r).await?.into_inner().instances;
+            assert_eq!(got.len(), 1);
+            Ok(got.remove(0))
+        }
+
+        async fn terminate(&self, token: &str, ids: &[&str]) -> Result<i64, tonic::Status> {
+            let r = pb::TerminateInstancesRequest {
+                instance_ids: ids.iter().map(|s| (*s).to_owned()).collect(),
+            };
+            Ok(revision(
+                &self.inst.terminate_instances(req(token, r)).await?,
+            ))
+        }
+
+        async fn available(&self, subnet: &str) -> u32 {
+            self.net
+                .describe_subnets(req(
+                    TOKEN,
+                    pb::DescribeSubnetsRequest {
+                        subnet_ids: vec![subnet.into()],
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .subnets[0]
+                .available_ip_address_count
+        }
+    }
+
+    #[tokio::test]
+    async fn addresses_lowest_free_reserved_and_reuse() {
+        let e = env().await;
+        let vpc = e.vpc(TOKEN, "10.0.0.0/16").await;
+        let s = e.subnet(TOKEN, &vpc.vpc_id, "10.0.1.0/24").await;
+        assert_eq!(e.available(&s.subnet_id).await, 251);
+        let a = e.run(TOKEN, &s.subnet_id, "").await.unwrap();
+        assert_eq!(a.private_ip_address, "10.0.1.4");
+        assert_eq!(a.host_id, HOST);
+        assert_eq!(a.vpc_id, vpc.vpc_id);
+        assert_eq!(a.subnet_id, s.subnet_id);
+        assert_eq!(
+            a.security_group_ids,
+            vec![vpc.default_security_group_id.clone()]
+        );
+        assert_eq!(a.instance_type, "t3.micro");
+        assert_eq!(a.owner_id, ACCT);
+        assert!(a.instance_id.starts_with("i-") && a.instance_id.len() == 19);
+        assert!(a.state == "pending" || a.state == "running", "{}", a.state);
+        let b = e.run(TOKEN, &s.subnet_id, "").await.unwrap();
+        assert_eq!(b.private_ip_address, "10.0.1.5");
+        assert_ne!(a.mac_address, b.mac_address);
+        assert_eq!(e.available(&s.subnet_id).await, 249);
+        for (case, ip) in [
+            ("network address", "10.0.1.0"),
+            ("router", "10.0.1.1"),
+            ("DNS", "10.0.1.2"),
+            ("reserved", "10.0.1.3"),
+            ("broadcast", "10.0.1.255"),
+            ("outside the subnet", "10.0.2.10"),
+            ("outside the VPC", "192.168.0.10"),
+            ("in use", "10.0.1.4"),
+            ("garbage", "10.0.1"),
+            ("CIDR", "10.0.1.10/32"),
+        ] {
+            check(
+                case,
+                e.run(TOKEN, &s.subnet_id, ip).await,
+                Code::InvalidArgument,
+                "private_ip_address",
+            );
+        }
+        check(
+            "an address with count 2",
+            e.run_req(
+                TOKEN,
+                pb::RunInstancesRequest {
+                    subnet_id: s.subnet_id.clone(),
+                    private_ip_address: "10.0.1.50".into(),
+                    count: 2,
+                    ..Default::default()
+                },
+            )
+            .await,
+            Code::InvalidArgument,
+            "private_ip_address",
+        );
+        let c = e.run(TOKEN, &s.subnet_id, "10.0.1.254").await.unwrap();
+        assert_eq!(c.private_ip_address, "10.0.1.254");
+        // The lowest free is still .6.
+        let d = e.run(TOKEN, &s.subnet_id, "").await.unwrap();
+        assert_eq!(d.private_ip_address, "10.0.1.6");
+        assert_eq!(e.available(&s.subnet_id).await, 251 - 4);
+        // Terminating releases the address: the next run gets it again.
+        e.terminate(TOKEN, &[&a.instance_id]).await.unwrap();
+        assert_eq!(e.available(&s.subnet_id).await, 251 - 3);
+        let again = e.run(TOKEN, &s.subnet_id, "").await.unwrap();
+        assert_eq!(again.private_ip_address, "10.0.1.4");
+        // And a given address once its holder is gone.
+        e.terminate(TOKEN, &[&c.instance_id]).await.unwrap();
+        e.run(TOKEN, &s.subnet_id, "10.0.1.254").await.unwrap();
+        check(
+            "terminate twice",
+            e.terminate(TOKEN, &[&a.instance_id]).await,
+            Code::NotFound,
+            &a.instance_id,
+        );
+        check(
+            "terminate nothing",
+            e.terminate(TOKEN, &[]).await,
+            Code::InvalidArgument,
+            "instance_ids",
+        );
+        check(
+            "terminate bad id",
+            e.terminate(TOKEN, &[&b.instance_id, "i-1"]).await,
+            Code::InvalidArgument,
+            "instance_ids[1]",
+        );
+        check(
+            "terminate the same instance twice in one call",
+            e.terminate(TOKEN, &[&b.instance_id, &b.instance_id]).await,
+            Code::InvalidArgument,
+            "instance_ids[1]",
+        );
+        // A failed terminate changed nothing.
+        assert_eq!(e.available(&s.subnet_id).await, 251 - 4);
+    }
+
+    #[tokio::test]
+    async fn small_subnet_holds_eleven() {
+        let e = env().await;
+        let vpc = e.vpc(TOKEN, "10.0.0.0/16").await;
+        let s = e.subnet(TOKEN, &vpc.vpc_id, "10.0.1.16/28").await;
+        assert_eq!(e.available(&s.subnet_id).await, 11);
+        let mut ips = Vec::new();
+        let mut ids = Vec::new();
+        for _ in 0..11 {
+            let i = e.run(TOKEN, &s.subnet_id, "").await.unwrap();
+            ips.push(i.private_ip_address.parse::<Ipv4Addr>().unwrap());
+            ids.push(i.instance_id);
+        }
+        let want: Vec<Ipv4Addr> = (20..=30).map(|x| Ipv4Addr::new(10, 0, 1, x)).collect();
+        assert_eq!(ips, want);
+        assert_eq!(e.available(&s.subnet_id).await, 0);
+        check(
+            "twelfth",
+            e.run(TOKEN, &s.subnet_id, "").await,
+            Code::ResourceExhausted,
+            &s.subnet_id,
+        );
+        e.terminate(TOKEN, &[&ids[3]]).await.unwrap();
+        let i = e.run(TOKEN, &s.subnet_id, "").await.unwrap();
+        assert_eq!(i.private_ip_address, "10.0.1.23");
+        // Several in one call: all or nothing.
+        let s2 = e.subnet(TOKEN, &vpc.vpc_id, "10.0.2.0/28").await;
+        check(
+            "twelve in one call",
+            e.run_req(
+                TOKEN,
+                pb::RunInstancesRequest {
+                    subnet_id: s2.subnet_id.clone(),
+                    count: 12,
+                    ..Default::default()
+                },
+            )
+            .await,
+            Code::ResourceExhausted,
+            &s2.subnet_id,
+        );
+        assert_eq!(e.available(&s2.subnet_id).await, 11);
+        let got = e
+            .run_req(
+                TOKEN,
+                pb::RunInstancesRequest {
+                    subnet_id: s2.subnet_id.clone(),
+                    count: 11,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+            .into_inner()
+            .instances;
+        assert_eq!(got.len(), 11);
+        assert_eq!(got[10].private_ip_address, "10.0.2.14");
+        assert_eq!(e.available(&s2.subnet_id).await, 0);
+        for (case, count) in [("count 101", 101), ("count huge", u32::MAX)] {
+            check(
+                case,
+                e.run_req(
+                    TOKEN,
+                    pb::RunInstancesRequest {
+                        subnet_id: s2.subnet_id.clone(),
+                        count,
+                        ..Default::default()
+                    },
+                )
+                .await,
+                Code::InvalidArgument,
+                "count",
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn groups_hosts_and_tenancy() {
+        let e = env().await;
+        let vpc = e.vpc(TOKEN, "10.0.0.0/16").await;
+        let other_vpc = e.vpc(TOKEN, "10.1.0.0/16").await;
+        let s = e.subnet(TOKEN, &vpc.vpc_id, "10.0.1.0/24").await;
+        let foreign_sg = e.sg(TOKEN, &other_vpc.vpc_id, "web").await;
+        let mut groups = Vec::new();
+        for i in 0..6 {
+            groups.push(e.sg(TOKEN, &vpc.vpc_id, &format!("g{i}")).await);
+        }
+        let run = |groups: Vec<String>, host: &str| pb::RunInstancesRequest {
+            subnet_id: s.subnet_id.clone(),
+            security_group_ids: groups,
+            host_id: host.into(),
+            ..Default::default()
+        };
+        let five = e
+            .run_req(TOKEN, run(groups[..5].to_vec(), HOST))
+            .await
+            .unwrap();
+        assert_eq!(
+            five.into_inner().instances[0].security_group_ids,
+            groups[..5]
+        );
+        for (case, r, code, field) in [
+            (
+                "group of another VPC",
+                run(vec![groups[0].clone(), foreign_sg.clone()], ""),
+                Code::InvalidArgument,
+                "security_group_ids[1]",
+            ),
+            (
+                "six groups",
+                run(groups.clone(), ""),
+                Code::InvalidArgument,
+                "security_group_ids",
+            ),
+            (
+                "a group twice",
+                run(vec![groups[0].clone(), groups[0].clone()], ""),
+                Code::InvalidArgument,
+                "security_group_ids[1]",
+            ),
+            (
+                "bad group id",
+                run(vec!["sg-1".into()], ""),
+                Code::InvalidArgument,
+                "security_group_ids[0]",
+            ),
+            (
+                "unknown group",
+                run(vec!["sg-0123456789abcdef0".into()], ""),
+                Code::NotFound,
+                "sg-0123456789abcdef0",
+            ),
+            (
+                "unknown host",
+                run(vec![], "host-9"),
+                Code::InvalidArgument,
+                "host_id",
+            ),
+            (
+                "bad subnet id",
+                pb::RunInstancesRequest {
+                    subnet_id: "subnet-1".into(),
+                    ..Default::default()
+                },
+                Code::InvalidArgument,
+                "subnet_id",
+            ),
+            (
+                "no subnet",
+                pb::RunInstancesRequest::default(),
+                Code::InvalidArgument,
+                "subnet_id",
+            ),
+            (
+                "unknown subnet",
+                pb::RunInstancesRequest {
+                    subnet_id: "subnet-0123456789abcdef0".into(),
+                    ..Default::default()
+                },
+                Code::NotFound,
+                "subnet-0123456789abcdef0",
+            ),
+            (
+                "bad instance type",
+                pb::RunInstancesRequest {
+                    subnet_id: s.subnet_id.clone(),
+                    instance_type: "t3 <micro>".into(),
+                    ..Default::default()
+                },
+                Code::InvalidArgument,
+                "instance_type",
+            ),
+        ] {
+            check(case, e.run_req(TOKEN, r).await, code, field);
+        }
+        // The other account sees nothing of ours.
+        check(
+            "run in another account's subnet",
+            e.run(OTHER_TOKEN, &s.subnet_id, "").await,
+            Code::NotFound,
+            &s.subnet_id,
+        );
+        let mine = e.run(TOKEN, &s.subnet_id, "").await.unwrap();
+        check(
+            "describe another account's instance",
+            e.inst
+                .describe_instances(req(
+                    OTHER_TOKEN,
+                    pb::DescribeInstancesRequest {
+                        instance_ids: vec![mine.instance_id.clone()],
+                        ..Default::default()
+                    },
+                ))
+                .await,
+            Code::NotFound,
+            &mine.instance_id,
+        );
+        assert!(
+            e.inst
+                .describe_instances(req(OTHER_TOKEN, pb::DescribeInstancesRequest::default()))
+                .await
+                .unwrap()
+                .into_inner()
+                .instances
+                .is_empty()
+        );
+        check(
+            "terminate another account's instance",
+            e.terminate(OTHER_TOKEN, &[&mine.instance_id]).await,
+            Code::NotFound,
+            &mine.instance_id,
+        );
+        // Placement: the least loaded registered host, or the one asked for.
+        e.register_host("host-1", "192.168.77.2").await;
+        let placed = e.run(TOKEN, &s.subnet_id, "").await.unwrap();
+        assert_eq!(placed.host_id, "host-1");
+        let asked = e.run_req(TOKEN, run(vec![], HOST)).await.unwrap();
+        assert_eq!(asked.into_inner().instances[0].host_id, HOST);
+        let listed = e
+            .inst
+            .describe_instances(req(
+                TOKEN,
+                pb::DescribeInstancesRequest {
+                    subnet_id: s.subnet_id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .instances;
+        assert_eq!(listed.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn no_host_registered() {
+        let e = env_with(Quotas::default()).await;
+        let vpc = e.vpc(TOKEN, "10.0.0.0/16").await;
+        let s = e.subnet(TOKEN, &vpc.vpc_id, "10.0.1.0/24").await;
+        check(
+            "no host",
+            e.run(TOKEN, &s.subnet_id, "").await,
+            Code::FailedPrecondition,
+            "host",
+        );
+        // Nothing was held.
+        assert_eq!(e.available(&s.subnet_id).await, 251);
+    }
+
+    #[tokio::test]
+    async fn instance_quota_and_client_token() {
+        let e = env_with(Quotas {
+            instances_per_account: 2,
+            ..Quotas::default()
+        })
+        .await;
+        e.register_host(HOST, "192.168.77.1").await;
+        let vpc = e.vpc(TOKEN, "10.0.0.0/16").await;
+        let s = e.subnet(TOKEN, &vpc.vpc_id, "10.0.1.0/24").await;
+        let with_token = |token: &str, instance_type: &str| pb::RunInstancesRequest {
+            subnet_id: s.subnet_id.clone(),
+            client_token: token.into(),
+            instance_type: instance_type.into(),
+            ..Default::default()
+        };
+        let a = e
+            .run_req(TOKEN, with_token("t1", ""))
+            .await
+            .unwrap()
+            .into_inner();
+        let again = e
+            .run_req(TOKEN, with_token("t1", ""))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            a.instances[0].instance_id, again.instances[0].instance_id,
+            "same token: same instance"
+        );
+        check(
+            "token with other parameters",
+            e.run_req(TOKEN, with_token("t1", "m5.large")).await,
+            Code::AlreadyExists,
+            "t1",
+        );
+        e.run(TOKEN, &s.subnet_id, "").await.unwrap();
+        check(
+            "third instance",
+            e.run(TOKEN, &s.subnet_id, "").await,
+            Code::ResourceExhausted,
+            "quota",
+        );
+    }
+
+    #[tokio::test]
+    async fn desired_state_has_the_endpoint() {
+        let e = env().await;
+        let vpc = e.vpc(TOKEN, "10.0.0.0/16").await;
+        let s = e.subnet(TOKEN, &vpc.vpc_id, "10.0.1.0/24").await;
+        let r = e
+            .run_req(
+                TOKEN,
+                pb::RunInstancesRequest {
+                    subnet_id: s.subnet_id.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let rev = revision(&r);
+        let i = r.into_inner().instances.remove(0);
+        let d = e.desired_at(rev).await;
+        assert_eq!(d.instances_per_host.get(HOST), Some(&1));
+        let doc: StateFile = serde_json::from_slice(&d.document).expect("a state file");
+        let ep = doc
+            .endpoints
+            .iter()
+            .find(|x| x.id == i.instance_id)
+            .expect("the instance's endpoint");
+        assert_eq!(ep.host, HOST);
+        assert_eq!(ep.subnet, s.subnet_id);
+        assert_eq!(ep.ip.to_string(), i.private_ip_address);
+        assert_eq!(ep.mac, i.mac_address);
+        assert_eq!(
+            ep.ifname.as_deref(),
+            Some(instance_ifname(&i.instance_id).as_str())
+        );
+        assert_eq!(
+            ep.security_groups,
+            vec![vpc.default_security_group_id.clone()]
+        );
+        assert!(
+            doc.vpcs
+                .iter()
+                .any(|v| v.id == vpc.vpc_id && v.vni == vpc.vni)
+        );
+        assert!(doc.subnets.iter().any(|x| x.id == s.subnet_id));
+        assert!(doc.hosts.iter().any(|h| h.id == HOST));
+        // The agent's compile path accepts it: the host view (the veth exists as ifindex 7)
+        // compiles to maps with the endpoint.
+        let ifname = instance_ifname(&i.instance_id);
+        let view = doc
+            .host_view(HOST, |name| (name == ifname).then_some(7))
+            .unwrap();
+        assert!(view.missing.is_empty());
+        assert_eq!(view.ports.get(&ifname), Some(&7));
+        let maps = compile(&view.state, HOST, ROUTER_MAC).unwrap();
+        assert!(maps.vnis.contains(&vpc.vni));
+        assert!(maps.endpoints.contains_key(&7), "{:?}", maps.endpoints);
+        // Seen from another host, the endpoint is remote.
+        let remote = doc.host_view("host-1", |_| None).unwrap();
+        compile(&remote.state, "host-1", ROUTER_MAC).unwrap();
+        // Terminated: gone from the next rendering.
+        let rev = e.terminate(TOKEN, &[&i.instance_id]).await.unwrap();
+        let d = e.desired_at(rev).await;
+        let doc: StateFile = serde_json::from_slice(&d.document).unwrap();
+        assert!(doc.endpoints.iter().all(|x| x.id != i.instance_id));
+    }
+
+    #[tokio::test]
+    async fn volumes() {
+        let e = env_with(Quotas::default()).await;
+        let create = |size: u32, token: &str| pb::CreateVolumeRequest {
+            size_gib: size,
+            client_token: token.into(),
+            ..Default::default()
+        };
+        for (case, size) in [("0 GiB", 0), ("16385 GiB", 16385), ("huge", u32::MAX)] {
+            check(
+                case,
+                e.vols.create_volume(req(TOKEN, create(size, ""))).await,
+                Code::InvalidArgument,
+                "size_gib",
+            );
+        }
+        let mut revs = Vec::new();
+        let mut ids = Vec::new();
+        for size in [1, 16384] {
+            let r = e
+                .vols
+                .create_volume(req(TOKEN, create(size, "")))
+                .await
+                .unwrap();
+            revs.push(revision(&r));
+            let v = r.into_inner().volume.unwrap();
+            assert_eq!(v.size_gib, size);
+            assert_eq!(v.state, "available");
+            assert_eq!(v.owner_id, ACCT);
+            assert!(v.volume_id.starts_with("vol-") && v.volume_id.len() == 21);
+            assert_eq!(v.attached_instance_id, "");
+            ids.push(v.volume_id);
+        }
+        assert!(revs[0] < revs[1]);
+        // Client tokens.
+        let t1 = e
+            .vols
+            .create_volume(req(TOKEN, create(8, "v1")))
+            .await
+            .unwrap();
+        let t1 = t1.into_inner().volume.unwrap();
+        let t2 = e
+            .vols
+            .create_volume(req(TOKEN, create(8, "v1")))
+            .await
+            .unwrap();
+        assert_eq!(t2.into_inner().volume.unwrap(), t1);
+        check(
+            "token, other size",
+            e.vols.create_volume(req(TOKEN, create(9, "v1"))).await,
+            Code::AlreadyExists,
+            "v1",
+        );
+        let describe = |token: &str, ids: Vec<String>| {
+            e.vols.describe_volumes(req(
+                token,
+                pb::DescribeVolumesRequest {
+                    volume_ids: ids,
+                    ..Default::default()
+                },
+            ))
+        };
+        assert_eq!(
+            describe(TOKEN, vec![])
+                .await
+                .unwrap()
+                .into_inner()
+                .volumes
+                .len(),
+            3
+        );
+        // Isolation.
+        assert!(
+            describe(OTHER_TOKEN, vec![])
+                .await
+                .unwrap()
+                .into_inner()
+                .volumes
+                .is_empty()
+        );
+        check(
+            "describe another account's",
+            describe(OTHER_TOKEN, vec![ids[0].clone()]).await,
+            Code::NotFound,
+            &ids[0],
+        );
+        let delete = |token: &str, id: &str| {
+            e.vols.delete_volume(req(
+                token,
+                pb::DeleteVolumeRequest {
+                    volume_id: id.into(),
+                },
+            ))
+        };
+        check(
+            "delete another account's",
+            delete(OTHER_TOKEN, &ids[0]).await,
+            Code::NotFound,
+            &ids[0],
+        );
+        check(
+            "delete bad id",
+            delete(TOKEN, "vol-1").await,
+            Code::InvalidArgument,
+            "volume_id",
+        );
+        check(
+            "describe bad id",
+            describe(TOKEN, vec!["i-0123456789abcdef0".into()]).await,
+            Code::InvalidArgument,
+            "volume_ids[0]",
+        );
+        let r = delete(TOKEN, &ids[0]).await.unwrap();
+        assert!(revision(&r) > revs[1]);
+        check(
+            "delete twice",
+            delete(TOKEN, &ids[0]).await,
+            Code::NotFound,
+            &ids[0],
+        );
+        check(
+            "describe deleted",
+            describe(TOKEN, vec![ids[0].clone()]).await,
+            Code::NotFound,
+            &ids[0],
+        );
+        assert_eq!(
+            describe(TOKEN, vec![])
+                .await
+                .unwrap()
+                .into_inner()
+                .volumes
+                .len(),
+            2
+        );
+        // Quota.
+        let e2 = env_with(Quotas {
+            volumes_per_account: 1,
+            ..Quotas::default()
+        })
+        .await;
+        e2.vols
+            .create_volume(req(TOKEN, create(1, "")))
+            .await
+            .unwrap();
+        check(
+            "volume quota",
+            e2.vols.create_volume(req(TOKEN, create(1, ""))).await,
+            Code::ResourceExhausted,
+            "quota",
+        );
     }
 }

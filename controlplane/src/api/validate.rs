@@ -279,3 +279,255 @@ pub fn name(field: &str, text: &str, max: usize) -> ApiResult<String> {
     }
     Ok(text.to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    //! Tables for the pure checks (and the pure address picker they feed).
+
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::api::ipam::{From, pick};
+
+    fn net(s: &str) -> Ipv4Network {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[track_caller]
+    fn field_of<T: std::fmt::Debug>(r: ApiResult<T>) -> String {
+        match r {
+            Err(ApiError::Invalid { field, .. }) => field,
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cidr_table() {
+        for (text, want) in [
+            ("10.0.0.0/16", "10.0.0.0/16"),
+            ("10.0.0.0/28", "10.0.0.0/28"),
+            ("192.168.4.0/22", "192.168.4.0/22"),
+            (" 172.31.0.0/16\n", "172.31.0.0/16"),
+        ] {
+            assert_eq!(cidr("cidr_block", text).unwrap(), net(want), "{text:?}");
+        }
+        for bad in [
+            "",
+            " ",
+            "10.0.0.0",
+            "10.0.0.0/",
+            "10.0.0.0/15",
+            "0.0.0.0/0",
+            "10.0.0.0/29",
+            "10.0.0.0/32",
+            "10.0.0.1/16",
+            "10.0.0.8/28",
+            "10.0.0.0/33",
+            "garbage",
+            "10.0.0/16",
+            "fd00::/16",
+            "10.0.0.0/16/1",
+        ] {
+            assert_eq!(field_of(cidr("cidr_block", bad)), "cidr_block", "{bad:?}");
+        }
+        // Host bits: the message suggests the network.
+        let e = cidr("cidr_block", "10.0.0.1/16").unwrap_err();
+        assert!(e.to_string().contains("10.0.0.0/16"), "{e}");
+        // The field name is the caller's.
+        assert_eq!(field_of(cidr("subnets[2].cidr", "x")), "subnets[2].cidr");
+    }
+
+    #[test]
+    fn rule_cidr_and_ipv4() {
+        assert_eq!(rule_cidr("cidr", "0.0.0.0/0").unwrap(), net("0.0.0.0/0"));
+        assert_eq!(
+            rule_cidr("cidr", "10.0.0.5/32").unwrap(),
+            net("10.0.0.5/32")
+        );
+        // A bare address is a /32.
+        assert_eq!(rule_cidr("cidr", "10.0.0.5").unwrap(), net("10.0.0.5/32"));
+        for bad in ["10.0.0.5/24", "", "x", "10.0.0.0/33"] {
+            assert_eq!(field_of(rule_cidr("cidr", bad)), "cidr", "{bad:?}");
+        }
+        assert_eq!(ipv4("ip", " 10.0.0.5 ").unwrap(), ip("10.0.0.5"));
+        for bad in ["", "10.0.0", "10.0.0.256", "10.0.0.5/32", "::1"] {
+            assert_eq!(field_of(ipv4("ip", bad)), "ip", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn overlap_and_sizes() {
+        assert!(overlaps(net("10.0.0.0/16"), net("10.0.1.0/24")));
+        assert!(overlaps(net("10.0.1.0/24"), net("10.0.0.0/16")));
+        assert!(overlaps(net("10.0.1.0/24"), net("10.0.1.0/24")));
+        assert!(!overlaps(net("10.0.0.0/24"), net("10.0.1.0/24")));
+        assert!(!overlaps(net("10.0.0.0/28"), net("10.0.0.16/28")));
+        assert_eq!(usable_count(net("10.0.0.0/16")), 65531);
+        assert_eq!(usable_count(net("10.0.0.0/24")), 251);
+        assert_eq!(usable_count(net("10.0.0.0/28")), 11);
+        assert_eq!(gateway(net("10.0.1.0/24")), ip("10.0.1.1"));
+        let n = net("10.0.1.0/24");
+        for r in ["10.0.1.0", "10.0.1.1", "10.0.1.2", "10.0.1.3", "10.0.1.255"] {
+            assert!(is_reserved(n, ip(r)), "{r}");
+            assert_eq!(
+                field_of(usable_ip("private_ip_address", n, ip(r))),
+                "private_ip_address"
+            );
+        }
+        for ok in ["10.0.1.4", "10.0.1.128", "10.0.1.254"] {
+            assert!(!is_reserved(n, ip(ok)), "{ok}");
+            usable_ip("private_ip_address", n, ip(ok)).unwrap();
+        }
+        for outside in ["10.0.0.255", "10.0.2.4", "192.168.1.4"] {
+            assert_eq!(
+                field_of(usable_ip("private_ip_address", n, ip(outside))),
+                "private_ip_address",
+                "{outside}"
+            );
+        }
+    }
+
+    #[test]
+    fn address_picking() {
+        let n = net("10.0.1.0/24");
+        let mut held = BTreeSet::new();
+        assert_eq!(pick(n, &held, From::Bottom), Some(ip("10.0.1.4")));
+        assert_eq!(pick(n, &held, From::Top), Some(ip("10.0.1.254")));
+        held.extend([ip("10.0.1.4"), ip("10.0.1.6"), ip("10.0.1.254")]);
+        // The lowest free, holes first.
+        assert_eq!(pick(n, &held, From::Bottom), Some(ip("10.0.1.5")));
+        assert_eq!(pick(n, &held, From::Top), Some(ip("10.0.1.253")));
+        // Every usable address of a /24 once, then none.
+        let mut all = BTreeSet::new();
+        while let Some(a) = pick(n, &all, From::Bottom) {
+            assert!(!is_reserved(n, a));
+            all.insert(a);
+        }
+        assert_eq!(all.len(), 251);
+        // Holds outside the subnet do not matter.
+        let foreign: BTreeSet<Ipv4Addr> = [ip("10.0.2.4")].into();
+        assert_eq!(pick(n, &foreign, From::Bottom), Some(ip("10.0.1.4")));
+    }
+
+    #[test]
+    fn protocols_and_ports() {
+        for (text, want) in [
+            ("tcp", Protocol::TCP),
+            ("udp", Protocol::UDP),
+            ("icmp", Protocol::ICMP),
+            ("-1", Protocol::All),
+        ] {
+            assert_eq!(protocol("protocol", text).unwrap(), want, "{text}");
+        }
+        for bad in ["", " ", "tcpx", "256"] {
+            assert_eq!(field_of(protocol("protocol", bad)), "protocol", "{bad:?}");
+        }
+        assert_eq!(
+            ports(Protocol::TCP, 0, 65535).unwrap(),
+            (Some(0), Some(65535))
+        );
+        assert_eq!(ports(Protocol::UDP, 53, 53).unwrap(), (Some(53), Some(53)));
+        assert_eq!(ports(Protocol::ICMP, -1, -1).unwrap(), (None, None));
+        assert_eq!(ports(Protocol::ICMP, 8, -1).unwrap(), (Some(8), Some(8)));
+        assert_eq!(ports(Protocol::All, -1, -1).unwrap(), (None, None));
+        assert_eq!(ports(Protocol::All, 0, 0).unwrap(), (None, None));
+        for (p, from, to, field) in [
+            (Protocol::TCP, -1, 80, "from_port"),
+            (Protocol::TCP, 80, 65536, "to_port"),
+            (Protocol::TCP, 81, 80, "to_port"),
+            (Protocol::ICMP, 256, -1, "from_port"),
+            (Protocol::ICMP, 8, 256, "to_port"),
+            (Protocol::All, 80, 80, "from_port"),
+        ] {
+            assert_eq!(field_of(ports(p, from, to)), field, "{p} {from}-{to}");
+        }
+    }
+
+    #[test]
+    fn tags_ids_tokens_pages_names() {
+        let tag = |k: &str, v: &str| vpc_proto::v1::Tag {
+            key: k.into(),
+            value: v.into(),
+        };
+        assert_eq!(
+            tags(&[tag("Name", "web"), tag("env", "")]).unwrap(),
+            vec![("Name".into(), "web".into()), ("env".into(), String::new())]
+        );
+        let many: Vec<_> = (0..51).map(|i| tag(&format!("k{i}"), "")).collect();
+        assert_eq!(field_of(tags(&many)), "tags");
+        tags(&many[..50]).unwrap();
+        for (t, field) in [
+            (vec![tag("", "x")], "tags[0].key"),
+            (vec![tag(&"k".repeat(129), "x")], "tags[0].key"),
+            (vec![tag("a", ""), tag("aws:x", "")], "tags[1].key"),
+            (vec![tag("a", &"v".repeat(257))], "tags[0].value"),
+            (vec![tag("a", ""), tag("a", "")], "tags[1].key"),
+        ] {
+            assert_eq!(field_of(tags(&t)), field);
+        }
+        assert_eq!(
+            id("vpc_id", "vpc", "vpc-0123456789abcdef0").unwrap(),
+            "vpc-0123456789abcdef0"
+        );
+        for bad in [
+            "",
+            "vpc-",
+            "vpc-0123456789abcdef",
+            "vpc-0123456789abcdef00",
+            "vpc-0123456789ABCDEF0",
+            "vpc-0123456789abcdefg",
+            "subnet-0123456789abcdef0",
+            "vpc0123456789abcdef0",
+        ] {
+            assert_eq!(field_of(id("vpc_id", "vpc", bad)), "vpc_id", "{bad:?}");
+        }
+        assert_eq!(client_token("").unwrap(), None);
+        assert_eq!(client_token("abc-1").unwrap(), Some("abc-1".into()));
+        assert!(client_token(&"x".repeat(64)).unwrap().is_some());
+        for bad in ["x".repeat(65), "a/b".into(), "é".into()] {
+            assert_eq!(field_of(client_token(&bad)), "client_token", "{bad:?}");
+        }
+        assert_eq!(page_size(0).unwrap(), 100);
+        assert_eq!(page_size(1).unwrap(), 1);
+        assert_eq!(page_size(1000).unwrap(), 1000);
+        assert_eq!(field_of(page_size(1001)), "page.max_results");
+        assert_eq!(field_of(page_size(u32::MAX)), "page.max_results");
+        assert_eq!(name("n", "web (prod) #1", 255).unwrap(), "web (prod) #1");
+        for bad in [String::new(), "x".repeat(256), "a<b".into(), "naïve".into()] {
+            assert_eq!(field_of(name("n", &bad, 255)), "n", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn errors_map_to_codes() {
+        use tonic::Code;
+        for (e, code) in [
+            (ApiError::invalid("f", "m"), Code::InvalidArgument),
+            (ApiError::not_found("VPC", "vpc-1"), Code::NotFound),
+            (ApiError::AlreadyExists(String::new()), Code::AlreadyExists),
+            (
+                ApiError::Precondition(String::new()),
+                Code::FailedPrecondition,
+            ),
+            (ApiError::Exhausted(String::new()), Code::ResourceExhausted),
+            (
+                ApiError::Unauthenticated(String::new()),
+                Code::Unauthenticated,
+            ),
+            (ApiError::Unavailable(String::new()), Code::Unavailable),
+            (ApiError::Aborted, Code::Aborted),
+            (ApiError::Internal(String::new()), Code::Internal),
+        ] {
+            assert_eq!(e.code(), code);
+            assert_eq!(tonic::Status::from(e).code(), code);
+        }
+        assert_eq!(
+            field_of::<()>(Err(ApiError::invalid("from_port", "x").within("rules", 2))),
+            "rules[2].from_port"
+        );
+    }
+}

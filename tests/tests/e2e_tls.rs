@@ -1,0 +1,282 @@
+//! Mutual TLS on the real control plane: `vpc-controlplane --tls-cert --tls-key
+//! --tls-client-ca` in a fresh namespace on 127.0.0.1, with a CA, a server certificate (SAN
+//! IP 127.0.0.1) and client certificates made by rcgen for this run.
+//!
+//! Checks: a client that trusts the CA and presents a certificate of that CA creates and
+//! reads a VPC; a client without a certificate, a client with a certificate of another CA,
+//! a client that does not trust the server's CA and a plain-HTTP client are all refused (at
+//! the handshake or on the first call).
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use anyhow::{Context, Result, bail, ensure};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+use vpc_proto::v1::{self as pb, vpc_service_client::VpcServiceClient};
+use vpc_tests::cluster::{ControlPlane, TOKEN_A, TempDir, channel, write_credentials};
+use vpc_tests::netns::NetNs;
+
+/// Longest wait for one attempt (connect and a call) that is expected to fail.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A CA: its certificate (PEM) and what signs with it.
+struct Ca {
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Result<Ca> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key)?;
+        Ok(Ca {
+            pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// A leaf certificate and key (PEM) for `sans` with `usage`.
+    fn leaf(
+        &self,
+        name: &str,
+        sans: &[&str],
+        usage: ExtendedKeyUsagePurpose,
+    ) -> Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone, Debug)]
+struct Bearer(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut().insert("authorization", self.0.clone());
+        Ok(r)
+    }
+}
+
+/// A TLS channel to `addr` (as `https://addr`, server name 127.0.0.1) with `tls`, whose
+/// connections are made from the network namespace at `netns`.
+async fn tls_channel(
+    netns: &Path,
+    addr: SocketAddr,
+    tls: ClientTlsConfig,
+    token: &str,
+) -> Result<InterceptedService<Channel, Bearer>> {
+    let netns = netns.to_owned();
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let netns = netns.clone();
+        async move {
+            // The socket is created by a thread inside the namespace; it stays there.
+            let stream = std::thread::spawn(move || -> std::io::Result<std::net::TcpStream> {
+                let f = std::fs::File::open(&netns)?;
+                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+                s.set_nonblocking(true)?;
+                s.set_nodelay(true)?;
+                Ok(s)
+            })
+            .join()
+            .map_err(|_| std::io::Error::other("connector thread panicked"))??;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                tokio::net::TcpStream::from_std(stream)?,
+            ))
+        }
+    });
+    let ch = Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls.domain_name("127.0.0.1"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect_with_connector(connector)
+        .await
+        .with_context(|| format!("connecting to https://{addr}"))?;
+    let value: MetadataValue<Ascii> = format!("Bearer {token}").parse()?;
+    Ok(InterceptedService::new(ch, Bearer(value)))
+}
+
+/// Connects with `tls` and creates a VPC: the VPC, or the error (connect or call).
+async fn create_vpc(
+    netns: &Path,
+    addr: SocketAddr,
+    tls: ClientTlsConfig,
+    cidr: &str,
+) -> Result<pb::Vpc> {
+    let attempt = async {
+        let mut vpcs = VpcServiceClient::new(tls_channel(netns, addr, tls, TOKEN_A).await?);
+        let r = vpcs
+            .create_vpc(pb::CreateVpcRequest {
+                cidr_block: cidr.into(),
+                ..Default::default()
+            })
+            .await?;
+        r.into_inner().vpc.context("no VPC in the response")
+    };
+    tokio::time::timeout(ATTEMPT_TIMEOUT, attempt)
+        .await
+        .context("the attempt hung")?
+}
+
+/// Asserts that the attempt failed, and returns its error for the log.
+fn refused(case: &str, got: Result<pb::Vpc>) -> Result<String> {
+    match got {
+        Ok(v) => bail!("{case}: expected to be refused, created {}", v.vpc_id),
+        Err(e) => {
+            let text = format!("{e:#}");
+            ensure!(
+                !text.contains("the attempt hung"),
+                "{case}: hung instead of failing"
+            );
+            eprintln!("{case}: refused as expected: {text}");
+            Ok(text)
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_admits_only_clients_of_the_ca() -> Result<()> {
+    let ns = NetNs::new("tls")?;
+    ns.link_up("lo")?;
+    let dir = TempDir::new("tls")?;
+    let ca = Ca::new("vpc test CA")?;
+    let other_ca = Ca::new("some other CA")?;
+    let (server_cert, server_key) = ca.leaf(
+        "vpc-controlplane",
+        &["127.0.0.1"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
+    let (client_cert, client_key) =
+        ca.leaf("tenant-a", &[], ExtendedKeyUsagePurpose::ClientAuth)?;
+    let (stranger_cert, stranger_key) =
+        other_ca.leaf("stranger", &[], ExtendedKeyUsagePurpose::ClientAuth)?;
+    let write = |name: &str, text: &str| -> Result<String> {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+        Ok(p.display().to_string())
+    };
+    let creds = dir.path().join("credentials.json");
+    write_credentials(&creds)?;
+    let args = vec![
+        "--store".to_owned(),
+        "mem".into(),
+        "--credentials".into(),
+        creds.display().to_string(),
+        "--tls-cert".into(),
+        write("server.pem", &server_cert)?,
+        "--tls-key".into(),
+        write("server.key", &server_key)?,
+        "--tls-client-ca".into(),
+        write("ca.pem", &ca.pem)?,
+    ];
+    let cp = ControlPlane::start(&ns, "127.0.0.1:0", &args)?;
+    let addr: SocketAddr = cp
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .context("control-plane address")?;
+    let netns = ns.path();
+    let trusts_ca = || ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca.pem));
+
+    // A client of the CA that trusts the CA: served.
+    let good = trusts_ca().identity(Identity::from_pem(&client_cert, &client_key));
+    let vpc = create_vpc(&netns, addr, good.clone(), "10.0.0.0/16")
+        .await
+        .context("a client with the CA's certificate")?;
+    ensure!(vpc.vpc_id.starts_with("vpc-") && vpc.cidr_block == "10.0.0.0/16");
+    let mut vpcs = VpcServiceClient::new(tls_channel(&netns, addr, good, TOKEN_A).await?);
+    let listed = vpcs
+        .describe_vpcs(pb::DescribeVpcsRequest {
+            vpc_ids: vec![vpc.vpc_id.clone()],
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .vpcs;
+    ensure!(listed.len() == 1 && listed[0].vpc_id == vpc.vpc_id);
+
+    // No client certificate: refused.
+    refused(
+        "no client certificate",
+        create_vpc(&netns, addr, trusts_ca(), "10.1.0.0/16").await,
+    )?;
+    // A certificate of another CA: refused.
+    refused(
+        "client certificate of another CA",
+        create_vpc(
+            &netns,
+            addr,
+            trusts_ca().identity(Identity::from_pem(&stranger_cert, &stranger_key)),
+            "10.2.0.0/16",
+        )
+        .await,
+    )?;
+    // A client that does not trust the server's CA (it trusts another one): it refuses the
+    // server.
+    let text = refused(
+        "client does not trust the CA",
+        create_vpc(
+            &netns,
+            addr,
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&other_ca.pem))
+                .identity(Identity::from_pem(&client_cert, &client_key)),
+            "10.3.0.0/16",
+        )
+        .await,
+    )?;
+    ensure!(
+        text.to_lowercase().contains("certificate") || text.contains("connect"),
+        "the client's refusal should be about the certificate: {text}"
+    );
+    // Plain HTTP/2 to the TLS port: refused.
+    let plain = tokio::time::timeout(ATTEMPT_TIMEOUT, async {
+        let mut c = VpcServiceClient::new(channel(&netns, &cp.url, TOKEN_A).await?);
+        c.describe_vpcs(pb::DescribeVpcsRequest::default()).await?;
+        anyhow::Ok(())
+    })
+    .await;
+    ensure!(
+        !matches!(plain, Ok(Ok(()))),
+        "a plain-HTTP client was served by the TLS server"
+    );
+
+    // The refusals created nothing; the server still serves good clients.
+    let good = trusts_ca().identity(Identity::from_pem(&client_cert, &client_key));
+    let mut vpcs = VpcServiceClient::new(tls_channel(&netns, addr, good, TOKEN_A).await?);
+    let all = vpcs
+        .describe_vpcs(pb::DescribeVpcsRequest::default())
+        .await?
+        .into_inner()
+        .vpcs;
+    ensure!(
+        all.len() == 1,
+        "expected only the first VPC, found {}",
+        all.len()
+    );
+    drop(cp);
+    Ok(())
+}
