@@ -21,6 +21,8 @@ pub const E2E_TESTS: &[&str] = &[
     "store_conformance",
     "e2e_api",
     "e2e_cli",
+    "e2e_tls",
+    "e2e_etcd",
 ];
 /// The datapath test targets of vpc-tests, run by `--tier datapath`.
 const DATAPATH_TESTS: &[&str] = &[
