@@ -52,7 +52,15 @@ async fn applied(c: &Cluster, n: usize, rev: i64) -> Result<()> {
 }
 
 async fn run_on(c: &Cluster, subnet: &str, host: usize) -> Result<(pb::Instance, i64)> {
-    let mut inst = InstanceServiceClient::new(c.tenant_a().await?);
+    run_as(c.tenant_a().await?, subnet, host).await
+}
+
+async fn run_as(
+    ch: vpc_tests::cluster::Authed,
+    subnet: &str,
+    host: usize,
+) -> Result<(pb::Instance, i64)> {
+    let mut inst = InstanceServiceClient::new(ch);
     let r = inst
         .run_instances(pb::RunInstancesRequest {
             subnet_id: subnet.into(),
@@ -161,12 +169,93 @@ async fn api_drives_two_hosts() -> Result<()> {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
-    vpcs_b
+    let vpc_b = vpcs_b
         .create_vpc(pb::CreateVpcRequest {
             cidr_block: "10.0.0.0/16".into(),
             ..Default::default()
         })
-        .await?;
+        .await?
+        .into_inner()
+        .vpc
+        .context("vpc")?;
+    assert_ne!(vpc_b.vni, vpc.vni);
+    let subnet_b = vpcs_b
+        .create_subnet(pb::CreateSubnetRequest {
+            vpc_id: vpc_b.vpc_id.clone(),
+            cidr_block: "10.0.1.0/24".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .subnet
+        .context("subnet")?;
+    // B's instances get the same addresses as A's, on the other hosts.
+    let (b1, _) = run_as(c.tenant_b().await?, &subnet_b.subnet_id, 1).await?;
+    let (b2, rev) = run_as(c.tenant_b().await?, &subnet_b.subnet_id, 0).await?;
+    assert_eq!(b1.private_ip_address, a.private_ip_address);
+    assert_eq!(b2.private_ip_address, b.private_ip_address);
+    applied(&c, 2, rev).await?;
+    let out = c.in_instance(
+        &b1.instance_id,
+        "ping",
+        &[
+            "-n",
+            "-q",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            &b2.private_ip_address,
+        ],
+    )?;
+    ensure!(
+        out.status.success(),
+        "B's instances cannot reach each other across hosts"
+    );
+    // An address only B's VPC has, on A's instance's own host: A cannot reach it.
+    let (b3, rev) = run_as(c.tenant_b().await?, &subnet_b.subnet_id, 0).await?;
+    assert_eq!(b3.private_ip_address, "10.0.1.6");
+    applied(&c, 2, rev).await?;
+    let out = c.in_instance(
+        &a.instance_id,
+        "ping",
+        &[
+            "-n",
+            "-q",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            &b3.private_ip_address,
+        ],
+    )?;
+    ensure!(
+        !out.status.success(),
+        "A's instance reached an address of B's VPC"
+    );
+    let out = c.in_instance(
+        &b1.instance_id,
+        "ping",
+        &[
+            "-n",
+            "-q",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            &b3.private_ip_address,
+        ],
+    )?;
+    ensure!(
+        out.status.success(),
+        "B's instances cannot reach B's third instance"
+    );
 
     // Network programming latency was measured.
     let mut hosts = HostServiceClient::new(c.agent_channel().await?);
@@ -265,6 +354,8 @@ async fn api_drives_two_hosts() -> Result<()> {
         !c.instance_exists(&a.instance_id),
         "host 0 kept a terminated instance"
     );
+    // B's instance with A's old address on host 0 is untouched and still reachable in B's VPC.
+    ensure!(c.instance_exists(&b2.instance_id));
     ensure!(
         c.instance_exists(&b.instance_id),
         "host 1's agent is down: its instance stays until it returns"
