@@ -3,7 +3,7 @@
 use std::{future::Future, path::PathBuf, sync::Arc};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use vpc_proto::v1::{
     host_service_server::HostServiceServer, instance_service_server::InstanceServiceServer,
@@ -88,6 +88,15 @@ pub async fn serve(
             path: "reflection descriptors".into(),
             source: std::io::Error::other(e.to_string()),
         })?;
+    // Answers go out at once: with Nagle's algorithm a response written in two pieces waits
+    // for the client's delayed ACK (~40 ms).
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        s.inspect(|s| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::warn!(error = %e, "setting TCP_NODELAY");
+            }
+        })
+    });
     let mut builder = Server::builder();
     if let Some(t) = &tls {
         let mut cfg =
@@ -116,7 +125,7 @@ pub async fn serve(
             api.clone(),
         )))
         .add_service(HostServiceServer::new(super::host::Hosts::new(api)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }

@@ -24,6 +24,9 @@ use crate::lb::{CheckResult, LbAgent};
 use dataplane_common::overlay::OverlayConfig;
 use tracing::{info, warn};
 
+/// Instance networks set up concurrently.
+const COMPUTE_PARALLEL: usize = 8;
+
 /// Where the desired state comes from.
 #[derive(Debug)]
 pub enum Source {
@@ -189,18 +192,34 @@ impl Reconciler {
             );
         }
         let mut changes = 0;
-        for (id, spec) in &wanted {
-            if !self.first && done.get(id) == Some(spec) {
-                continue;
+        // Several at a time: each is a handful of `ip` invocations, mostly waiting.
+        let todo: Vec<InstanceNet> = wanted
+            .iter()
+            .filter(|(id, spec)| self.first || done.get(*id) != Some(*spec))
+            .map(|(_, spec)| spec.clone())
+            .collect();
+        for chunk in todo.chunks(COMPUTE_PARALLEL) {
+            let mut set = tokio::task::JoinSet::new();
+            for spec in chunk {
+                let (net, spec) = (net.clone(), spec.clone());
+                set.spawn(async move {
+                    let r = net.ensure(&spec).await;
+                    (spec, r)
+                });
             }
-            match net.ensure(spec).await {
-                Ok(e) => {
-                    done.insert(id.clone(), spec.clone());
-                    if e.changed() {
-                        changes += 1;
+            while let Some(joined) = set.join_next().await {
+                let (spec, r) = joined.context("instance network task")?;
+                match r {
+                    Ok(e) => {
+                        if e.changed() {
+                            changes += 1;
+                        }
+                        done.insert(spec.instance_id.clone(), spec);
+                    }
+                    Err(e) => {
+                        warn!(instance = %spec.instance_id, error = %e, "creating the instance's network")
                     }
                 }
-                Err(e) => warn!(instance = %id, error = %e, "creating the instance's network"),
             }
         }
         let existing = if self.first {
