@@ -376,6 +376,11 @@ impl Cluster {
         channel(&self.fabric.path(), &self.url(), AGENT_TOKEN).await
     }
 
+    /// The prefix of every instance namespace of this cluster (`<prefix>h<i>-<instance id>`).
+    pub fn netns_prefix(&self) -> &str {
+        &self.netns_prefix
+    }
+
     /// The temporary directory (store, credentials).
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -4,6 +4,7 @@
 //! Tests using this need root, a kernel with BPF, and bpffs (mounted on demand). `cargo
 //! xtask test` runs them; names are unique per test, so they run in parallel.
 
+pub mod api_bench;
 pub mod cluster;
 pub mod etcd;
 pub mod lb_baseline;

@@ -22,7 +22,8 @@ pub fn main(args: &Args) -> Result<()> {
         "benchmarks load eBPF programs and create network namespaces",
     )?;
     setup::ensure(true)?;
-    // The throughput benchmarks run the real agent: build it with the same profile.
+    // The throughput benchmarks run the real agent, `api` the control plane too: build them
+    // with the same profile.
     util::run(&mut util::cargo([
         "build",
         "--release",
@@ -30,8 +31,12 @@ pub fn main(args: &Args) -> Result<()> {
         "controlplane",
         "--bin",
         "vpc-agent",
+        "--bin",
+        "vpc-controlplane",
     ]))?;
-    let agent = util::target_dir()?.join("release").join("vpc-agent");
+    let target = util::target_dir()?;
+    let agent = target.join("release").join("vpc-agent");
+    let controlplane = target.join("release").join("vpc-controlplane");
     let mut cmd = util::cargo([
         "run",
         "--release",
@@ -43,6 +48,8 @@ pub fn main(args: &Args) -> Result<()> {
     ]);
     cmd.arg(&args.name)
         .args(&args.bench_args)
-        .env("VPC_AGENT_BIN", agent);
+        .env("VPC_AGENT_BIN", agent)
+        .env("VPC_CONTROLPLANE_BIN", controlplane)
+        .env("VPC_BENCH_OUT_DIR", target.join("bench"));
     util::run(&mut cmd)
 }

@@ -29,6 +29,11 @@
 //! 4. the baseline in the same run: the kernel's nftables + conntrack cost per established
 //!    packet, end to end (UDP ping-pong between two namespaces without and with a table),
 //!    compared with the program-level figure of part 1.
+//!
+//! `api` (parts alone: `api-latency`, `api-programming`; flags `--objects`, `--samples`, `--clients`, `--creates-per-client`,
+//! `--single-rounds`, `--instances`, `--hosts`), in [`vpc_tests::api_bench`]: the control
+//! plane's API latency with 10 000 objects stored (embedded store) and the network
+//! programming latency of 1 and 1 000 instances on 3 hosts; JSON in `target/bench/api.json`.
 
 use std::{
     io::Read,
@@ -44,7 +49,7 @@ use dataplane_common::{
     testpkt::{arp_request, icmp4_echo, tcp_syn, udp, v4, v6},
 };
 use vpc_tests::{
-    lb_bench,
+    api_bench, lb_bench,
     netns::{BpffsDir, NetNs, ping, veth_pair},
     procs::Agent,
     security_bench,
@@ -92,10 +97,26 @@ fn main() -> Result<()> {
         }
         "lb-per-packet" => lb_bench::per_packet(security.samples),
         "lb-conn" => lb_bench::conn_rate(seconds, rounds, 4),
+        "api" | "api-latency" | "api-programming" => {
+            let d = api_bench::Options::default();
+            api_bench::run(&api_bench::Options {
+                api_latency: name != "api-programming",
+                programming: name != "api-latency",
+                objects: flag(&args, "--objects").unwrap_or(d.objects),
+                samples: flag(&args, "--samples").unwrap_or(d.samples),
+                clients: flag(&args, "--clients").unwrap_or(d.clients),
+                creates_per_client: flag(&args, "--creates-per-client")
+                    .unwrap_or(d.creates_per_client),
+                single_rounds: flag(&args, "--single-rounds").unwrap_or(d.single_rounds),
+                instances: flag(&args, "--instances").unwrap_or(d.instances),
+                hosts: flag(&args, "--hosts").unwrap_or(d.hosts),
+            })
+        }
         other => bail!(
             "unknown benchmark `{other}` (datapath, per-packet, throughput, overlay, \
              overlay-per-packet, security, security-rules, security-apply, security-conntrack, \
-             security-nft, lb, lb-per-packet, lb-conn)"
+             security-nft, lb, lb-per-packet, lb-conn, api, api-latency, \
+             api-programming)"
         ),
     }
 }
