@@ -103,13 +103,18 @@ impl Api {
         F: FnMut(Tx) -> Fut,
         Fut: Future<Output = ApiResult<(Tx, T)>>,
     {
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
             let tx = Tx::begin(&self.store, account).await?;
             let (tx, out) = f(tx).await?;
             if let Some(rev) = tx.commit().await? {
                 self.programming.acked(rev);
                 return Ok((out, rev));
             }
+            // Lost to a concurrent write of the same account: back off a random, growing
+            // while so the writers do not collide again in lockstep.
+            let cap_us = 500u64 << attempt.min(5);
+            let pause = u64::from(ids::random_vni()) % cap_us;
+            tokio::time::sleep(std::time::Duration::from_micros(pause)).await;
         }
         Err(ApiError::Aborted)
     }
