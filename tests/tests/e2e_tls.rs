@@ -19,9 +19,12 @@ use tonic::{
     service::interceptor::InterceptedService,
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
-use vpc_proto::v1::{self as pb, vpc_service_client::VpcServiceClient};
-use vpc_tests::cluster::{ControlPlane, TOKEN_A, TempDir, channel, write_credentials};
-use vpc_tests::netns::NetNs;
+use vpc_proto::v1::{
+    self as pb, host_service_client::HostServiceClient, vpc_service_client::VpcServiceClient,
+};
+use vpc_tests::cluster::{AGENT_TOKEN, ControlPlane, TOKEN_A, TempDir, channel, write_credentials};
+use vpc_tests::netns::{BpffsDir, NetNs};
+use vpc_tests::procs::Agent;
 
 /// Longest wait for one attempt (connect and a call) that is expected to fail.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -277,6 +280,84 @@ async fn mutual_tls_admits_only_clients_of_the_ca() -> Result<()> {
         "expected only the first VPC, found {}",
         all.len()
     );
+
+    // A host agent over mutual TLS registers, watches and applies; one without a client
+    // certificate never gets in.
+    ns.ip(&["link", "add", "ul0", "type", "veth", "peer", "name", "ul0p"])?;
+    ns.link_up("ul0p")?;
+    ns.link_up("ul0")?;
+    ns.add_addr("ul0", "10.250.0.1/24")?;
+    ns.ip(&["link", "add", "ul1", "type", "veth", "peer", "name", "ul1p"])?;
+    ns.link_up("ul1p")?;
+    ns.link_up("ul1")?;
+    ns.add_addr("ul1", "10.250.1.1/24")?;
+    let (agent_cert, agent_key) = ca.leaf("agent", &[], ExtendedKeyUsagePurpose::ClientAuth)?;
+    let (agent_cert, agent_key) = (
+        write("agent.pem", &agent_cert)?,
+        write("agent.key", &agent_key)?,
+    );
+    let ca_file = dir.path().join("ca.pem").display().to_string();
+    let url = format!("https://{addr}");
+    let pins = BpffsDir::new("tlsag")?;
+    let agent_args = |host: &str, with_cert: bool| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--host",
+            host,
+            "--control-plane",
+            &url,
+            "--agent-token",
+            AGENT_TOKEN,
+            "--tls-ca",
+            &ca_file,
+            "--xdp-mode",
+            "off",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        if with_cert {
+            a.extend([
+                "--tls-cert".to_owned(),
+                agent_cert.clone(),
+                "--tls-key".into(),
+                agent_key.clone(),
+            ]);
+        }
+        a
+    };
+    let args = agent_args("tls-host", true);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _agent = Agent::start_with(&ns, pins.path(), &["ul0"], &args)?;
+    let pins2 = BpffsDir::new("tlsag2")?;
+    let args2 = agent_args("tls-nocert", false);
+    let args2: Vec<&str> = args2.iter().map(String::as_str).collect();
+    let _agent2 = Agent::start_with(&ns, pins2.path(), &["ul1"], &args2)?;
+    let agent_tls = trusts_ca().identity(Identity::from_pem(&client_cert, &client_key));
+    let mut hosts =
+        HostServiceClient::new(tls_channel(&netns, addr, agent_tls, AGENT_TOKEN).await?);
+    let start = std::time::Instant::now();
+    loop {
+        let r = hosts
+            .describe_hosts(pb::DescribeHostsRequest {})
+            .await?
+            .into_inner();
+        let me = r.hosts.iter().find(|h| h.host_id == "tls-host");
+        if me.is_some_and(|h| {
+            h.connected && h.applied_revision >= r.revision && h.last_error.is_empty()
+        }) {
+            ensure!(
+                r.hosts.iter().all(|h| h.host_id != "tls-nocert"),
+                "an agent without a client certificate registered: {r:?}"
+            );
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "the agent over mutual TLS did not apply: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     drop(cp);
     Ok(())
 }
