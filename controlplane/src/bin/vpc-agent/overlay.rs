@@ -154,8 +154,10 @@ impl Reconciler {
     }
 
     /// Gives local instances their namespace and veth, removes those no longer desired.
-    /// Only what changed is touched, except on the first pass, which verifies everything.
-    async fn compute_pass(&mut self, doc: &StateFile) -> Result<usize> {
+    /// Only what changed is touched, except on the first pass and on `full` passes (every
+    /// 60 s), which verify (and repair) every instance's network.
+    async fn compute_pass(&mut self, doc: &StateFile, full: bool) -> Result<usize> {
+        let verify_all = self.first || full;
         let Some((net, done)) = self.compute.as_mut() else {
             return Ok(0);
         };
@@ -195,7 +197,7 @@ impl Reconciler {
         // Several at a time: each is a handful of `ip` invocations, mostly waiting.
         let todo: Vec<InstanceNet> = wanted
             .iter()
-            .filter(|(id, spec)| self.first || done.get(*id) != Some(*spec))
+            .filter(|(id, spec)| verify_all || done.get(*id) != Some(*spec))
             .map(|(_, spec)| spec.clone())
             .collect();
         for chunk in todo.chunks(COMPUTE_PARALLEL) {
@@ -222,7 +224,7 @@ impl Reconciler {
                 }
             }
         }
-        let existing = if self.first {
+        let existing = if verify_all {
             net.existing().await?
         } else {
             done.keys().cloned().collect()
@@ -243,7 +245,7 @@ impl Reconciler {
         let stamp = self.stamp();
         let mut doc = self.document()?;
         let plan = controlplane::lb::plan(&doc)?;
-        let compute_changes = self.compute_pass(&doc).await?;
+        let compute_changes = self.compute_pass(&doc, full).await?;
         // Health-check nodes are endpoints like instances: their ports must exist before
         // the view resolves them.
         self.lb.ensure_nodes(&plan).await?;
