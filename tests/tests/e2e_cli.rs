@@ -203,6 +203,20 @@ fn cli_drives_the_api() -> Result<()> {
     ensure!(t.contains(&rule_id) && t.contains("10.0.0.0/8"), "{t}");
     let t = vpc.ok(&["route-tables", "list", "--vpc", &vpc_id])?;
     ensure!(t.contains("10.0.0.0/16->local"), "{t}");
+    // Tags are updated in place.
+    vpc.ok(&[
+        "tags",
+        "create",
+        &vpc_id,
+        "--tag",
+        "Name=renamed",
+        "--tag",
+        "env=test",
+    ])?;
+    let t = vpc.ok(&["vpcs", "list"])?;
+    ensure!(row(&t, &vpc_id)?.contains("renamed"), "{t}");
+    vpc.ok(&["tags", "delete", &vpc_id, "--tag", "Name=renamed"])?;
+    vpc.ok(&["tags", "create", &vpc_id, "--tag", "Name=cli"])?;
 
     // ... and as JSON.
     let v = vpc.json(&["vpcs", "list"])?;

@@ -128,6 +128,9 @@ pub enum ApiCommand {
     /// Hosts (agents) and network programming latency (API).
     #[command(subcommand)]
     Hosts(hosts::HostsCommand),
+    /// Tags of any object (API).
+    #[command(subcommand)]
+    Tags(hosts::TagsCommand),
 }
 
 /// Runs an API command and exits with its status (see [`EXIT_HELP`]).
@@ -165,6 +168,7 @@ async fn run(args: &ApiArgs, cmd: ApiCommand) -> Result<(), CliError> {
         ApiCommand::LoadBalancers(c) => lb::load_balancers(&api, c).await,
         ApiCommand::TargetGroups(c) => lb::target_groups(&api, c).await,
         ApiCommand::Hosts(c) => hosts::hosts(&api, c).await,
+        ApiCommand::Tags(c) => hosts::tags(&api, c).await,
     }
 }
 

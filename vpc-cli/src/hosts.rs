@@ -80,3 +80,58 @@ pub async fn hosts(api: &Api, cmd: HostsCommand) -> Result<(), CliError> {
     }
     Ok(())
 }
+
+/// `vpc tags`: tags of any object (`TagService`).
+#[derive(Subcommand, Debug)]
+pub enum TagsCommand {
+    /// Adds or overwrites tags: `vpc tags create vpc-... i-... --tag Name=web`.
+    Create {
+        /// Object ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// KEY=VALUE (repeatable).
+        #[arg(long = "tag", value_parser = crate::api::parse_tag, required = true)]
+        tags: Vec<pb::Tag>,
+    },
+    /// Removes tags by key (`KEY=` any value, `KEY=VALUE` only that value).
+    Delete {
+        /// Object ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// KEY= or KEY=VALUE (repeatable).
+        #[arg(long = "tag", value_parser = crate::api::parse_tag, required = true)]
+        tags: Vec<pb::Tag>,
+    },
+}
+
+pub async fn tags(api: &Api, cmd: TagsCommand) -> Result<(), CliError> {
+    use vpc_proto::v1::tag_service_client::TagServiceClient;
+    let mut c = TagServiceClient::new(api.channel.clone());
+    let (r, what) = match cmd {
+        TagsCommand::Create { ids, tags } => (
+            crate::api::revision(
+                &c.create_tags(pb::CreateTagsRequest {
+                    resource_ids: ids,
+                    tags,
+                })
+                .await?,
+            ),
+            "tagged",
+        ),
+        TagsCommand::Delete { ids, tags } => (
+            crate::api::revision(
+                &c.delete_tags(pb::DeleteTagsRequest {
+                    resource_ids: ids,
+                    tags,
+                })
+                .await?,
+            ),
+            "untagged",
+        ),
+    };
+    match api.output {
+        Output::Json => print_json(&json!({ "revision": r })),
+        Output::Table => println!("{what} (revision {})", r.unwrap_or_default()),
+    }
+    Ok(())
+}

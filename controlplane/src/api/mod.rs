@@ -22,6 +22,7 @@ pub mod programming;
 pub mod records;
 pub mod security;
 pub mod server;
+pub mod tags;
 pub mod tx;
 pub mod validate;
 

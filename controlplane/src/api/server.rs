@@ -8,8 +8,8 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use vpc_proto::v1::{
     host_service_server::HostServiceServer, instance_service_server::InstanceServiceServer,
     load_balancer_service_server::LoadBalancerServiceServer,
-    security_service_server::SecurityServiceServer, volume_service_server::VolumeServiceServer,
-    vpc_service_server::VpcServiceServer,
+    security_service_server::SecurityServiceServer, tag_service_server::TagServiceServer,
+    volume_service_server::VolumeServiceServer, vpc_service_server::VpcServiceServer,
 };
 use vpc_store::Store;
 
@@ -124,6 +124,7 @@ pub async fn serve(
         .add_service(VolumeServiceServer::new(super::compute::Volumes::new(
             api.clone(),
         )))
+        .add_service(TagServiceServer::new(super::tags::Tags::new(api.clone())))
         .add_service(HostServiceServer::new(super::host::Hosts::new(api)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
