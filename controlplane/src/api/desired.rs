@@ -65,11 +65,6 @@ fn parse(key: &str, value: &[u8]) -> Result<Rec, serde_json::Error> {
     })
 }
 
-/// The host-side interface name of an instance's veth.
-pub fn instance_ifname(instance_id: &str) -> String {
-    crate::compute::host_ifname(instance_id)
-}
-
 /// Renders the cache.
 fn render(cache: &BTreeMap<String, Rec>, quotas: &Quotas, revision: i64) -> Desired {
     let mut doc = StateFile {
@@ -138,7 +133,7 @@ fn render(cache: &BTreeMap<String, Rec>, quotas: &Quotas, revision: i64) -> Desi
                     host: i.host.clone(),
                     ip: i.ip,
                     mac: i.mac.clone(),
-                    ifname: Some(instance_ifname(&i.meta.id)),
+                    ifname: Some(crate::compute::host_ifname(&i.meta.id)),
                     security_groups: i.security_groups.clone(),
                 });
             }

@@ -25,7 +25,7 @@ pub fn secret() -> String {
 /// A locally administered unicast MAC derived from the instance id (`02:` + 5 bytes of
 /// its hash), stable so a re-created endpoint keeps its MAC.
 pub fn instance_mac(instance_id: &str) -> String {
-    let h = fnv1a(instance_id.as_bytes()).to_be_bytes();
+    let h = crate::fnv::fnv1a64(instance_id.as_bytes()).to_be_bytes();
     format!(
         "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         h[0], h[1], h[2], h[3], h[4]
@@ -37,16 +37,6 @@ pub fn is_id(prefix: &str, id: &str) -> bool {
     id.strip_prefix(prefix)
         .and_then(|r| r.strip_prefix('-'))
         .is_some_and(|h| h.len() == 17 && h.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')))
-}
-
-/// 64-bit FNV-1a (stable across versions and hosts: stored in client-token records).
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 fn fill(buf: &mut [u8]) {

@@ -209,7 +209,7 @@ pub async fn claim_token(
 ) -> ApiResult<Option<Vec<String>>> {
     let Some(token) = token else { return Ok(None) };
     let key = records::token_key(tx.account(), kind, token);
-    let hash = format!("{:016x}", ids::fnv1a(&request.encode_to_vec()));
+    let hash = format!("{:016x}", crate::fnv::fnv1a64(&request.encode_to_vec()));
     if let Some(kv) = tx.store().get(&key).await? {
         let rec: records::TokenRec = serde_json::from_slice(&kv.value)?;
         if rec.request_hash != hash {

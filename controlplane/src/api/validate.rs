@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 
 use super::error::{ApiError, ApiResult};
+pub use crate::overlay::model::{gateway, is_reserved};
 use crate::policy::model::Protocol;
 
 /// Smallest and largest VPC/subnet prefix (AWS: /16 to /28).
@@ -85,18 +86,6 @@ pub fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
 /// Addresses of a subnet usable by instances (size minus the five reserved).
 pub fn usable_count(net: Ipv4Network) -> u32 {
     net.size().saturating_sub(RESERVED_PER_SUBNET)
-}
-
-/// Whether `ip` is one of the subnet's reserved addresses (network, +1, +2, +3, last).
-pub fn is_reserved(net: Ipv4Network, ip: Ipv4Addr) -> bool {
-    let n = u32::from(net.network());
-    let off = u32::from(ip).wrapping_sub(n);
-    off <= 3 || ip == net.broadcast()
-}
-
-/// The subnet's gateway (network + 1).
-pub fn gateway(net: Ipv4Network) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(net.network()) + 1)
 }
 
 /// An address a caller asks for: inside the subnet and not reserved.

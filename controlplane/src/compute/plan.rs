@@ -1,6 +1,7 @@
 //! Desired versus observed: validation, names, the diff into [`Action`]s and the commands that
 //! carry them out (pure, unit-tested).
 
+use crate::fnv::fnv1a64;
 use std::{fmt, net::Ipv4Addr};
 
 use super::{
@@ -24,17 +25,6 @@ const HOST_IFNAME_PREFIX: &str = "vi";
 const HOST_IFNAME_HEX: usize = MAX_IFNAME - HOST_IFNAME_PREFIX.len();
 /// Prefix of the alias that marks a host-side interface as an instance's (`ip link ... alias`).
 const OWNER_ALIAS_PREFIX: &str = "vpc-instance:";
-
-/// FNV-1a, 64 bits: fixed forever (names derived from it must not change across versions,
-/// unlike std's hasher).
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
 
 /// The host-side interface name of an instance: `vi` + 13 hex digits, the top 52 bits of the
 /// FNV-1a hash of the instance id (15 characters, Linux's limit).

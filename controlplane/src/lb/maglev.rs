@@ -44,6 +44,8 @@
 //! input: backends are sorted by name internally (names must be unique) and the indices
 //! mapped back to the caller's order.
 
+use crate::fnv::fnv1a64;
+
 /// Default number of slots of a table: a prime, at least [`MIN_SLOTS_PER_BACKEND`] slots per
 /// backend up to 655 backends.
 pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
@@ -134,16 +136,6 @@ pub fn next_prime(n: u32) -> u32 {
     (n..=u32::MAX)
         .find(|&c| is_prime(c))
         .unwrap_or_else(|| panic!("no u32 prime >= {n}"))
-}
-
-/// FNV-1a, 64 bits.
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 /// The 64-bit finalizer of MurmurHash3: every input bit affects every output bit.

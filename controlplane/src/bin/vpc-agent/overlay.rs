@@ -188,7 +188,7 @@ impl Reconciler {
                     mac,
                     ip: e.ip,
                     prefix_len: cidr.prefix(),
-                    gateway: std::net::Ipv4Addr::from(u32::from(cidr.network()) + 1),
+                    gateway: controlplane::overlay::model::gateway(*cidr),
                     mtu,
                 },
             );
