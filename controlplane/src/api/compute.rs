@@ -513,7 +513,7 @@ mod tests {
     use crate::api::{
         Api, Quotas,
         auth::{AccountCredentials, Auth, Credentials},
-        desired::{Desired, instance_ifname},
+        desired::Desired,
         host::Hosts,
         network::Network,
         security::Security,
@@ -1168,7 +1168,7 @@ mod tests {
         assert_eq!(ep.mac, i.mac_address);
         assert_eq!(
             ep.ifname.as_deref(),
-            Some(instance_ifname(&i.instance_id).as_str())
+            Some(crate::compute::host_ifname(&i.instance_id).as_str())
         );
         assert_eq!(
             ep.security_groups,
@@ -1183,7 +1183,7 @@ mod tests {
         assert!(doc.hosts.iter().any(|h| h.id == HOST));
         // The agent's compile path accepts it: the host view (the veth exists as ifindex 7)
         // compiles to maps with the endpoint.
-        let ifname = instance_ifname(&i.instance_id);
+        let ifname = crate::compute::host_ifname(&i.instance_id);
         let view = doc
             .host_view(HOST, |name| (name == ifname).then_some(7))
             .unwrap();
