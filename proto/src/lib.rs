@@ -11,6 +11,31 @@ pub mod v1 {
     tonic::include_proto!("vpc.v1");
 }
 
+/// Adds `authorization: Bearer <token>` to every call of a client: how tenants (the CLI),
+/// agents and tests authenticate. Without a token nothing is added (the control plane then
+/// answers UNAUTHENTICATED).
+#[derive(Clone, Debug, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    /// For `token` (empty: none); fails if the token is not valid header text.
+    pub fn new(token: &str) -> Result<Bearer, tonic::metadata::errors::InvalidMetadataValue> {
+        if token.is_empty() {
+            return Ok(Bearer(None));
+        }
+        format!("Bearer {token}").parse().map(|v| Bearer(Some(v)))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
 /// The encoded `FileDescriptorSet` of `vpc.v1`, for the gRPC reflection service.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("vpc_descriptor");
 

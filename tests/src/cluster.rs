@@ -16,7 +16,6 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use tonic::{
-    metadata::MetadataValue,
     service::interceptor::InterceptedService,
     transport::{Channel, Endpoint},
 };
@@ -92,19 +91,31 @@ impl ControlPlane {
     }
 }
 
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Clone, Debug)]
-pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        r.metadata_mut().insert("authorization", self.0.clone());
-        Ok(r)
-    }
-}
+pub use vpc_proto::Bearer;
 
 /// A gRPC channel carrying a bearer token.
 pub type Authed = InterceptedService<Channel, Bearer>;
+
+/// A TCP connection to `addr` made from the network namespace at `netns`: the socket is
+/// created by a thread inside the namespace, and stays there.
+pub async fn connect_in(
+    netns: std::path::PathBuf,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>> {
+    let stream = std::thread::spawn(move || -> std::io::Result<std::net::TcpStream> {
+        let f = std::fs::File::open(&netns)?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_nonblocking(true)?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("connector thread panicked"))??;
+    Ok(hyper_util::rt::TokioIo::new(
+        tokio::net::TcpStream::from_std(stream)?,
+    ))
+}
 
 /// A channel to `url` with `token` on every call, whose connections are made from the
 /// network namespace at `netns` (test traffic stays inside the test's namespaces).
@@ -114,33 +125,14 @@ pub async fn channel(netns: &Path, url: &str, token: &str) -> Result<Authed> {
         .parse()
         .with_context(|| format!("{url} is not http://IP:PORT"))?;
     let netns = netns.to_owned();
-    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-        let netns = netns.clone();
-        async move {
-            // The socket is created by a thread inside the namespace; it stays there.
-            let stream = std::thread::spawn(move || -> std::io::Result<std::net::TcpStream> {
-                let f = std::fs::File::open(&netns)?;
-                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(std::io::Error::from)?;
-                let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-                s.set_nonblocking(true)?;
-                s.set_nodelay(true)?;
-                Ok(s)
-            })
-            .join()
-            .map_err(|_| std::io::Error::other("connector thread panicked"))??;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                tokio::net::TcpStream::from_std(stream)?,
-            ))
-        }
-    });
+    let connector =
+        tower::service_fn(move |_: tonic::transport::Uri| connect_in(netns.clone(), addr));
     let ch = Endpoint::from_shared(url.to_owned())?
         .connect_timeout(Duration::from_secs(5))
         .connect_with_connector(connector)
         .await
         .with_context(|| format!("connecting to {url}"))?;
-    let value: MetadataValue<_> = format!("Bearer {token}").parse()?;
-    Ok(InterceptedService::new(ch, Bearer(value)))
+    Ok(InterceptedService::new(ch, Bearer::new(token)?))
 }
 
 /// Writes the credentials file the cluster's control plane uses.

@@ -15,14 +15,15 @@ use rcgen::{
     KeyUsagePurpose,
 };
 use tonic::{
-    metadata::{Ascii, MetadataValue},
     service::interceptor::InterceptedService,
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 use vpc_proto::v1::{
     self as pb, host_service_client::HostServiceClient, vpc_service_client::VpcServiceClient,
 };
-use vpc_tests::cluster::{AGENT_TOKEN, ControlPlane, TOKEN_A, TempDir, channel, write_credentials};
+use vpc_tests::cluster::{
+    AGENT_TOKEN, Bearer, ControlPlane, TOKEN_A, TempDir, channel, connect_in, write_credentials,
+};
 use vpc_tests::netns::{BpffsDir, NetNs};
 use vpc_tests::procs::Agent;
 
@@ -71,17 +72,6 @@ impl Ca {
     }
 }
 
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Clone, Debug)]
-struct Bearer(MetadataValue<Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        r.metadata_mut().insert("authorization", self.0.clone());
-        Ok(r)
-    }
-}
-
 /// A TLS channel to `addr` (as `https://addr`, server name 127.0.0.1) with `tls`, whose
 /// connections are made from the network namespace at `netns`.
 async fn tls_channel(
@@ -91,26 +81,8 @@ async fn tls_channel(
     token: &str,
 ) -> Result<InterceptedService<Channel, Bearer>> {
     let netns = netns.to_owned();
-    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-        let netns = netns.clone();
-        async move {
-            // The socket is created by a thread inside the namespace; it stays there.
-            let stream = std::thread::spawn(move || -> std::io::Result<std::net::TcpStream> {
-                let f = std::fs::File::open(&netns)?;
-                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(std::io::Error::from)?;
-                let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-                s.set_nonblocking(true)?;
-                s.set_nodelay(true)?;
-                Ok(s)
-            })
-            .join()
-            .map_err(|_| std::io::Error::other("connector thread panicked"))??;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                tokio::net::TcpStream::from_std(stream)?,
-            ))
-        }
-    });
+    let connector =
+        tower::service_fn(move |_: tonic::transport::Uri| connect_in(netns.clone(), addr));
     let ch = Endpoint::from_shared(format!("https://{addr}"))?
         .tls_config(tls.domain_name("127.0.0.1"))?
         .connect_timeout(Duration::from_secs(5))
@@ -118,8 +90,7 @@ async fn tls_channel(
         .connect_with_connector(connector)
         .await
         .with_context(|| format!("connecting to https://{addr}"))?;
-    let value: MetadataValue<Ascii> = format!("Bearer {token}").parse()?;
-    Ok(InterceptedService::new(ch, Bearer(value)))
+    Ok(InterceptedService::new(ch, Bearer::new(token)?))
 }
 
 /// Connects with `tls` and creates a VPC: the VPC, or the error (connect or call).

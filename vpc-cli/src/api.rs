@@ -12,8 +12,7 @@ use clap::{Subcommand, ValueEnum};
 use serde_json::{Map, Value, json};
 use tonic::{
     Code, Status,
-    metadata::{Ascii, MetadataValue},
-    service::{Interceptor, interceptor::InterceptedService},
+    service::interceptor::InterceptedService,
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 use tonic_types::StatusExt;
@@ -272,19 +271,7 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// Adds `authorization: Bearer <token>` to every call (nothing without a token: the control
-/// plane answers UNAUTHENTICATED).
-#[derive(Clone, Debug)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(v) = &self.0 {
-            r.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(r)
-    }
-}
+pub use vpc_proto::Bearer;
 
 /// A channel carrying the token.
 pub type Authed = InterceptedService<Channel, Bearer>;
@@ -302,11 +289,7 @@ impl Api {
     /// Connects to `--endpoint` (TLS for https:// or when TLS files are given).
     pub async fn connect(args: &ApiArgs) -> Result<Api> {
         let token = match &args.token {
-            Some(t) => Some(
-                format!("Bearer {t}")
-                    .parse::<MetadataValue<Ascii>>()
-                    .context("--token: not a valid header value")?,
-            ),
+            Some(t) => Some(Bearer::new(t).context("--token: not a valid header value")?),
             None => None,
         };
         let mut ep = Endpoint::from_shared(args.endpoint.clone())
@@ -343,7 +326,7 @@ impl Api {
             ))
         })?;
         Ok(Api {
-            channel: InterceptedService::new(channel, Bearer(token)),
+            channel: InterceptedService::new(channel, token.unwrap_or_default()),
             output: args.output,
         })
     }

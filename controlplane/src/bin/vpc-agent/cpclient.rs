@@ -8,7 +8,6 @@ use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 use tonic::{
-    metadata::MetadataValue,
     service::interceptor::InterceptedService,
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
@@ -32,16 +31,7 @@ pub struct CpConfig {
     pub tls_identity: Option<(PathBuf, PathBuf)>,
 }
 
-/// Adds the agent's `authorization: Bearer <token>` to every call.
-#[derive(Clone, Debug)]
-pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        r.metadata_mut().insert("authorization", self.0.clone());
-        Ok(r)
-    }
-}
+use vpc_proto::Bearer;
 
 type Client = HostServiceClient<InterceptedService<Channel, Bearer>>;
 
@@ -72,10 +62,8 @@ pub async fn connect(cfg: &CpConfig) -> Result<Client> {
         .connect()
         .await
         .with_context(|| format!("connecting to {}", cfg.url))?;
-    let value: MetadataValue<_> = format!("Bearer {}", cfg.token)
-        .parse()
-        .context("the agent token is not valid header text")?;
-    Ok(HostServiceClient::with_interceptor(channel, Bearer(value)))
+    let bearer = Bearer::new(&cfg.token).context("the agent token is not valid header text")?;
+    Ok(HostServiceClient::with_interceptor(channel, bearer))
 }
 
 /// A desired state received.
