@@ -498,10 +498,12 @@ mod tests {
     //! address, reserved addresses, exhaustion, reuse), security groups, tenancy, volumes,
     //! revisions, and the desired state the agents get.
 
-    use std::{fmt::Debug, net::Ipv4Addr, sync::Arc, time::Duration};
+    use crate::api::test_support::*;
 
-    use tonic::{Code, Request, Response, metadata::MetadataValue};
-    use tonic_types::StatusExt as _;
+    use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+
+    use tonic::{Code, Response};
+
     use vpc_proto::v1::{
         self as pb, host_service_server::HostService as _,
         instance_service_server::InstanceService as _,
@@ -511,69 +513,12 @@ mod tests {
 
     use super::{Instances, Volumes};
     use crate::api::{
-        Api, Quotas,
-        auth::{AccountCredentials, Auth, Credentials},
-        desired::Desired,
-        host::Hosts,
-        network::Network,
-        security::Security,
-        server,
+        Api, Quotas, desired::Desired, host::Hosts, network::Network, security::Security,
     };
     use crate::overlay::{compile::compile, statefile::StateFile};
 
-    const ACCT: &str = "111122223333";
-    const TOKEN: &str = "tenant-a-token-0123456789";
-    const OTHER_TOKEN: &str = "tenant-b-token-0123456789";
-    const AGENT: &str = "agent-token-0123456789abcdef";
     const HOST: &str = "host-0";
     const ROUTER_MAC: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 1];
-
-    fn req<T>(token: &str, msg: T) -> Request<T> {
-        let mut r = Request::new(msg);
-        r.metadata_mut().insert(
-            "authorization",
-            MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
-        );
-        r
-    }
-
-    fn revision<T>(r: &Response<T>) -> i64 {
-        r.metadata()
-            .get("x-vpc-revision")
-            .expect("x-vpc-revision on a write")
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
-
-    /// Asserts the code, and that the field is named (BadRequest violation for
-    /// INVALID_ARGUMENT, the message otherwise).
-    #[track_caller]
-    fn check<T: Debug>(case: &str, got: Result<T, tonic::Status>, code: Code, field: &str) {
-        let e = match got {
-            Ok(v) => panic!("{case}: expected {code:?}, got Ok({v:?})"),
-            Err(e) => e,
-        };
-        assert_eq!(e.code(), code, "{case}: {e:?}");
-        if code == Code::InvalidArgument {
-            let bad = e
-                .get_details_bad_request()
-                .unwrap_or_else(|| panic!("{case}: no BadRequest in {e:?}"));
-            let fields: Vec<&str> = bad
-                .field_violations
-                .iter()
-                .map(|v| v.field.as_str())
-                .collect();
-            assert_eq!(fields, vec![field], "{case}: {e:?}");
-        } else {
-            assert!(
-                e.message().contains(field),
-                "{case}: {:?} does not name {field:?}",
-                e.message()
-            );
-        }
-    }
 
     struct Env {
         api: Api,
@@ -584,23 +529,7 @@ mod tests {
     }
 
     async fn env_with(quotas: Quotas) -> Env {
-        let auth = Auth::new(&Credentials {
-            accounts: vec![
-                AccountCredentials {
-                    id: ACCT.into(),
-                    tokens: vec![TOKEN.into()],
-                },
-                AccountCredentials {
-                    id: "444455556666".into(),
-                    tokens: vec![OTHER_TOKEN.into()],
-                },
-            ],
-            agent_tokens: vec![AGENT.into()],
-        })
-        .unwrap();
-        let api = server::api(Arc::new(vpc_store::mem::MemStore::new()), auth, quotas)
-            .await
-            .unwrap();
+        let api = test_api(quotas).await;
         Env {
             net: Network::new(api.clone()),
             sec: Security::new(api.clone()),

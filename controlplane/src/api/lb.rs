@@ -1025,23 +1025,24 @@ impl LoadBalancerService for LoadBalancers {
 
 #[cfg(test)]
 mod tests {
-    use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+    use crate::api::test_support::*;
+    use std::{net::Ipv4Addr, time::Duration};
 
     use tonic::{Code, Request, Response, Status};
     use tonic_types::StatusExt as _;
     use vpc_proto::v1::{self as pb, vpc_service_server::VpcService as _};
 
     use super::*;
-    use crate::api::auth::{AccountCredentials, Auth, Credentials};
+
+    use crate::api::Quotas;
     use crate::api::network::Network;
     use crate::api::records::{HostRec, host_key};
-    use crate::api::{Quotas, server};
     use crate::overlay::statefile::StateFile;
 
-    const A1: &str = "111122223333";
-    const T1: &str = "tenant-one-token-0123456789";
-    const A2: &str = "444455556666";
-    const T2: &str = "tenant-two-token-0123456789";
+    const A1: &str = ACCT;
+    const T1: &str = TOKEN;
+    const A2: &str = OTHER;
+    const T2: &str = OTHER_TOKEN;
 
     struct Env {
         api: Api,
@@ -1051,23 +1052,7 @@ mod tests {
     }
 
     async fn env_with(quotas: Quotas) -> Env {
-        let auth = Auth::new(&Credentials {
-            accounts: vec![
-                AccountCredentials {
-                    id: A1.into(),
-                    tokens: vec![T1.into()],
-                },
-                AccountCredentials {
-                    id: A2.into(),
-                    tokens: vec![T2.into()],
-                },
-            ],
-            agent_tokens: vec![],
-        })
-        .unwrap();
-        let api = server::api(Arc::new(vpc_store::mem::MemStore::new()), auth, quotas)
-            .await
-            .unwrap();
+        let api = test_api(quotas).await;
         Env {
             net: Network::new(api.clone()),
             lbs: Box::new(LoadBalancers::new(api.clone())),
@@ -1077,23 +1062,6 @@ mod tests {
 
     async fn env() -> Env {
         env_with(Quotas::default()).await
-    }
-
-    fn req<T>(token: &str, msg: T) -> Request<T> {
-        let mut r = Request::new(msg);
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        r
-    }
-
-    fn revision<T>(r: &Response<T>) -> i64 {
-        r.metadata()
-            .get("x-vpc-revision")
-            .expect("x-vpc-revision")
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap()
     }
 
     /// The code and the field a status names (empty: none).

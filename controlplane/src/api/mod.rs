@@ -23,6 +23,8 @@ pub mod records;
 pub mod security;
 pub mod server;
 pub mod tags;
+#[cfg(test)]
+mod test_support;
 pub mod tx;
 pub mod validate;
 

@@ -531,76 +531,19 @@ mod tests {
     //! VpcService validation tables: CIDRs, quotas, containment and overlap, ids, tenancy,
     //! dependencies, route tables, client tokens, paging and the revision header.
 
-    use std::{fmt::Debug, sync::Arc, time::Duration};
+    use crate::api::test_support::*;
 
-    use tonic::{Code, Request, Response, metadata::MetadataValue};
-    use tonic_types::StatusExt as _;
+    use std::time::Duration;
+
+    use tonic::{Code, Request, Response};
+
     use vpc_proto::v1::{
         self as pb, host_service_server::HostService as _,
         instance_service_server::InstanceService as _, vpc_service_server::VpcService,
     };
 
     use super::Network;
-    use crate::api::{
-        Api, Quotas,
-        auth::{AccountCredentials, Auth, Credentials},
-        compute::Instances,
-        host::Hosts,
-        server,
-    };
-
-    const ACCT: &str = "111122223333";
-    const TOKEN: &str = "tenant-a-token-0123456789";
-    const OTHER: &str = "444455556666";
-    const OTHER_TOKEN: &str = "tenant-b-token-0123456789";
-    const AGENT: &str = "agent-token-0123456789abcdef";
-
-    fn req<T>(token: &str, msg: T) -> Request<T> {
-        let mut r = Request::new(msg);
-        r.metadata_mut().insert(
-            "authorization",
-            MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
-        );
-        r
-    }
-
-    fn revision<T>(r: &Response<T>) -> i64 {
-        r.metadata()
-            .get("x-vpc-revision")
-            .expect("x-vpc-revision on a write")
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
-
-    /// Asserts the code, and that the field is named (BadRequest violation for
-    /// INVALID_ARGUMENT, the message otherwise).
-    #[track_caller]
-    fn check<T: Debug>(case: &str, got: Result<T, tonic::Status>, code: Code, field: &str) {
-        let e = match got {
-            Ok(v) => panic!("{case}: expected {code:?}, got Ok({v:?})"),
-            Err(e) => e,
-        };
-        assert_eq!(e.code(), code, "{case}: {e:?}");
-        if code == Code::InvalidArgument {
-            let bad = e
-                .get_details_bad_request()
-                .unwrap_or_else(|| panic!("{case}: no BadRequest in {e:?}"));
-            let fields: Vec<&str> = bad
-                .field_violations
-                .iter()
-                .map(|v| v.field.as_str())
-                .collect();
-            assert_eq!(fields, vec![field], "{case}: {e:?}");
-        } else {
-            assert!(
-                e.message().contains(field),
-                "{case}: {:?} does not name {field:?}",
-                e.message()
-            );
-        }
-    }
+    use crate::api::{Api, Quotas, compute::Instances, host::Hosts};
 
     struct Env {
         api: Api,
@@ -608,23 +551,7 @@ mod tests {
     }
 
     async fn env_with(quotas: Quotas) -> Env {
-        let auth = Auth::new(&Credentials {
-            accounts: vec![
-                AccountCredentials {
-                    id: ACCT.into(),
-                    tokens: vec![TOKEN.into()],
-                },
-                AccountCredentials {
-                    id: OTHER.into(),
-                    tokens: vec![OTHER_TOKEN.into()],
-                },
-            ],
-            agent_tokens: vec![AGENT.into()],
-        })
-        .unwrap();
-        let api = server::api(Arc::new(vpc_store::mem::MemStore::new()), auth, quotas)
-            .await
-            .unwrap();
+        let api = test_api(quotas).await;
         Env {
             net: Network::new(api.clone()),
             api,

@@ -986,10 +986,11 @@ impl SecurityService for Security {
 
 #[cfg(test)]
 mod tests {
-    use std::{fmt::Debug, sync::Arc, time::Duration};
+    use crate::api::test_support::*;
+    use std::{sync::Arc, time::Duration};
 
-    use tonic::{Code, Request, metadata::MetadataValue};
-    use tonic_types::StatusExt as _;
+    use tonic::{Code, Request};
+
     use vpc_proto::v1::{
         self as pb, security_service_server::SecurityService as _,
         vpc_service_server::VpcService as _,
@@ -998,26 +999,11 @@ mod tests {
     use super::Security;
     use crate::api::{
         Api, Quotas,
-        auth::{AccountCredentials, Auth, Credentials},
         network::Network,
         records::{InstanceRec, Meta, kind},
-        server,
     };
 
-    const ACCT: &str = "111122223333";
-    const TOKEN: &str = "tenant-a-token-0123456789";
-    const OTHER: &str = "444455556666";
-    const OTHER_TOKEN: &str = "tenant-b-token-0123456789";
     const UNKNOWN_SG: &str = "sg-0123456789abcdef0";
-
-    fn req<T>(token: &str, msg: T) -> Request<T> {
-        let mut r = Request::new(msg);
-        r.metadata_mut().insert(
-            "authorization",
-            MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
-        );
-        r
-    }
 
     struct Env {
         api: Api,
@@ -1026,23 +1012,7 @@ mod tests {
     }
 
     async fn env_with(quotas: Quotas) -> Env {
-        let auth = Auth::new(&Credentials {
-            accounts: vec![
-                AccountCredentials {
-                    id: ACCT.into(),
-                    tokens: vec![TOKEN.into()],
-                },
-                AccountCredentials {
-                    id: OTHER.into(),
-                    tokens: vec![OTHER_TOKEN.into()],
-                },
-            ],
-            agent_tokens: vec![],
-        })
-        .unwrap();
-        let api = server::api(Arc::new(vpc_store::mem::MemStore::new()), auth, quotas)
-            .await
-            .unwrap();
+        let api = test_api(quotas).await;
         Env {
             sec: Security::new(api.clone()),
             net: Network::new(api.clone()),
@@ -1237,34 +1207,6 @@ mod tests {
         }
     }
 
-    /// Asserts the code, and that the field is named (BadRequest violation for
-    /// INVALID_ARGUMENT, the message otherwise).
-    #[track_caller]
-    fn check<T: Debug>(case: &str, got: Result<T, tonic::Status>, code: Code, field: &str) {
-        let e = match got {
-            Ok(v) => panic!("{case}: expected {code:?}, got Ok({v:?})"),
-            Err(e) => e,
-        };
-        assert_eq!(e.code(), code, "{case}: {e:?}");
-        if code == Code::InvalidArgument {
-            let bad = e
-                .get_details_bad_request()
-                .unwrap_or_else(|| panic!("{case}: no BadRequest in {e:?}"));
-            let fields: Vec<&str> = bad
-                .field_violations
-                .iter()
-                .map(|v| v.field.as_str())
-                .collect();
-            assert_eq!(fields, vec![field], "{case}: {e:?}");
-        } else {
-            assert!(
-                e.message().contains(field),
-                "{case}: {:?} does not name {field:?}",
-                e.message()
-            );
-        }
-    }
-
     fn rule(proto: &str, from: i32, to: i32, cidr: &str, group: &str) -> pb::SecurityGroupRule {
         pb::SecurityGroupRule {
             ip_protocol: proto.into(),
@@ -1294,16 +1236,6 @@ mod tests {
             from_port: from,
             to_port: to,
         }
-    }
-
-    fn revision<T>(r: &tonic::Response<T>) -> i64 {
-        r.metadata()
-            .get("x-vpc-revision")
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap()
     }
 
     #[tokio::test]

@@ -150,25 +150,14 @@ impl TagService for Tags {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
-    use tonic::{Code, metadata::MetadataValue};
+    use tonic::Code;
     use vpc_proto::v1::vpc_service_server::VpcService as _;
 
     use super::*;
-    use crate::api::{Quotas, auth, network::Network, server};
+    use crate::api::{Quotas, network::Network};
 
-    const TOKEN: &str = "tenant-a-token-0123456789";
-    const OTHER: &str = "tenant-b-token-0123456789";
-
-    fn req<T>(token: &str, msg: T) -> Request<T> {
-        let mut r = Request::new(msg);
-        r.metadata_mut().insert(
-            "authorization",
-            MetadataValue::try_from(format!("Bearer {token}")).expect("header"),
-        );
-        r
-    }
+    use crate::api::test_support::{OTHER_TOKEN as OTHER, TOKEN, req, test_api};
 
     fn tag(k: &str, v: &str) -> pb::Tag {
         pb::Tag {
@@ -179,26 +168,7 @@ mod tests {
 
     #[tokio::test]
     async fn tags_are_added_replaced_removed_and_isolated() {
-        let creds = auth::Credentials {
-            accounts: vec![
-                auth::AccountCredentials {
-                    id: "111122223333".into(),
-                    tokens: vec![TOKEN.into()],
-                },
-                auth::AccountCredentials {
-                    id: "444455556666".into(),
-                    tokens: vec![OTHER.into()],
-                },
-            ],
-            agent_tokens: vec![],
-        };
-        let api = server::api(
-            Arc::new(vpc_store::mem::MemStore::new()),
-            auth::Auth::new(&creds).expect("auth"),
-            Quotas::default(),
-        )
-        .await
-        .expect("api");
+        let api = test_api(Quotas::default()).await;
         let net = Network::new(api.clone());
         let tags = Tags::new(api);
         let vpc = net
