@@ -15,3 +15,4 @@ pub mod host;
 pub mod lb;
 pub mod overlay;
 pub mod policy;
+pub mod storage;

@@ -39,8 +39,11 @@
 //! different instances may.
 
 mod exec;
+pub mod imds;
 mod plan;
+pub mod runtime;
 mod state;
+pub mod types;
 
 use std::{io, net::Ipv4Addr};
 

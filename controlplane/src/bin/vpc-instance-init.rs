@@ -1,0 +1,3 @@
+//! An instance's first process (to be written).
+
+fn main() {}

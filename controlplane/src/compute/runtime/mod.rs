@@ -1,0 +1,1 @@
+//! The instance runtime (to be written).

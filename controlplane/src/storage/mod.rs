@@ -1,0 +1,1 @@
+//! The storage agent (to be written).
