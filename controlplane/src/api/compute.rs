@@ -1,32 +1,110 @@
-//! `InstanceService` and `VolumeService`.
+//! `InstanceService`: the instance lifecycle as EC2 has it.
 //!
-//! An instance is placed on a registered host, gets a private IPv4 from its subnet (IPAM)
-//! and a MAC; the host's agent creates its network namespace and wires it into the VPC. It
-//! is `pending` until its host reports a revision at or after the instance's creation, then
-//! `running`.
+//! ```text
+//!  RunInstances ─> pending ──(host: running)──> running
+//!                     │  └─(host: failed)──> terminated (state_reason says why)
+//!  StopInstances:  pending/running ─> stopping ──(host: stopped)──> stopped
+//!  StartInstances: stopped ─> pending
+//!  TerminateInstances: any ─> shutting-down ──(host: terminated)──> terminated
+//! ```
+//!
+//! The API moves an instance into pending, stopping and shutting-down; its host's reports
+//! (`lifecycle`) move it on. An instance is placed on a registered host (spread: fewest
+//! instances), gets a private IPv4 from its subnet (IPAM, kept while stopped, released at
+//! terminate) and a MAC derived from its id.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
+use base64::Engine as _;
 use tonic::{Request, Response, Status};
-use vpc_proto::v1::{
-    self as pb, instance_service_server::InstanceService, volume_service_server::VolumeService,
-};
+use vpc_proto::v1::{self as pb, instance_service_server::InstanceService};
 
 use super::error::{ApiError, ApiResult};
 use super::network::pb_tags;
 use super::records::{
-    InstanceRec, Meta, SgRec, SubnetRec, TgRec, VolumeRec, child_key, kind, now_ms, rec_key,
-    rec_prefix,
+    InstanceRec, Meta, SgRec, SubnetRec, VolumeRec, child_key, kind, now_ms, state,
 };
 use super::{Api, by_ids, claim_token, ids, ipam, list_page, respond, validate};
+use crate::compute::types;
 
 /// Instances per RunInstances call.
 pub const MAX_COUNT: u32 = 100;
+/// User data, bytes (EC2's limit).
+pub const MAX_USER_DATA: usize = 16 * 1024;
+/// Command, bytes.
+pub const MAX_COMMAND: usize = 4096;
 
 /// The instance service.
 #[derive(Clone, Debug)]
 pub struct Instances {
     api: Api,
+}
+
+/// The API view of an instance (`volumes`: the account's volumes, for its block devices).
+pub fn pb_instance(i: &InstanceRec, volumes: &[VolumeRec]) -> pb::Instance {
+    let t = types::lookup(&i.instance_type);
+    pb::Instance {
+        instance_id: i.meta.id.clone(),
+        subnet_id: i.subnet.clone(),
+        vpc_id: i.vpc.clone(),
+        private_ip_address: i.ip.to_string(),
+        mac_address: i.mac.clone(),
+        security_group_ids: i.security_groups.clone(),
+        state: i.state.clone(),
+        host_id: i.host.clone(),
+        instance_type: i.instance_type.clone(),
+        owner_id: i.meta.account.clone(),
+        tags: pb_tags(&i.meta.tags),
+        netns: format!("{}{}", crate::compute::DEFAULT_NETNS_PREFIX, i.meta.id),
+        state_reason: i.state_reason.clone(),
+        launch_time_ms: i64::try_from(i.launch_ms).unwrap_or(i64::MAX),
+        private_dns_name: crate::compute::doc::hostname(i.ip),
+        command: i.command.clone().unwrap_or_default(),
+        vcpus: t.map_or(0, |t| t.vcpus),
+        memory_mib: t.map_or(0, |t| u32::try_from(t.memory_mib).unwrap_or(u32::MAX)),
+        block_device_mappings: volumes
+            .iter()
+            .filter_map(|v| {
+                let a = v.attachment.as_ref()?;
+                (a.instance == i.meta.id).then(|| pb::BlockDeviceMapping {
+                    device_name: format!("/dev/{}", a.device),
+                    volume_id: v.meta.id.clone(),
+                    mount_path: a.mount_path.clone().unwrap_or_default(),
+                    status: a.state.clone(),
+                })
+            })
+            .collect(),
+    }
+}
+
+/// The ids of a Stop/Start/Terminate request: 1-1000, each once.
+fn instance_ids(list: &[String]) -> ApiResult<Vec<String>> {
+    if list.is_empty() {
+        return Err(ApiError::invalid("instance_ids", "at least one instance id"));
+    }
+    if list.len() > 1000 {
+        return Err(ApiError::invalid("instance_ids", "at most 1000 ids"));
+    }
+    let mut wanted = Vec::new();
+    for (i, id) in list.iter().enumerate() {
+        let field = format!("instance_ids[{i}]");
+        let id = validate::id(&field, kind::INSTANCE, id)?;
+        // Twice in one call would stage two writes of one key (etcd refuses such a
+        // transaction) and release an address twice.
+        if wanted.contains(&id) {
+            return Err(ApiError::invalid(field, format!("{id} is listed twice")));
+        }
+        wanted.push(id);
+    }
+    Ok(wanted)
+}
+
+/// A state change the caller asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    Stop,
+    Start,
+    Terminate,
 }
 
 impl Instances {
@@ -35,56 +113,18 @@ impl Instances {
         Instances { api }
     }
 
-    /// The namespace prefix agents use (`vpc-agent --netns-prefix`); shown in describe.
-    fn view(&self, i: &InstanceRec, create_revision: i64) -> pb::Instance {
-        let applied = self
-            .api
-            .programming
-            .hosts()
-            .get(&i.host)
-            .map_or(0, |h| h.applied);
-        let state = if i.state == "pending" && applied >= create_revision && create_revision > 0 {
-            "running".to_owned()
+    async fn views(&self, tx: &super::tx::Tx, list: &[InstanceRec]) -> ApiResult<Vec<pb::Instance>> {
+        let volumes: Vec<VolumeRec> = if list.is_empty() {
+            Vec::new()
         } else {
-            i.state.clone()
+            tx.all(kind::VOLUME).await?
         };
-        pb::Instance {
-            instance_id: i.meta.id.clone(),
-            subnet_id: i.subnet.clone(),
-            vpc_id: i.vpc.clone(),
-            private_ip_address: i.ip.to_string(),
-            mac_address: i.mac.clone(),
-            security_group_ids: i.security_groups.clone(),
-            state,
-            host_id: i.host.clone(),
-            instance_type: i.instance_type.clone(),
-            owner_id: i.meta.account.clone(),
-            tags: pb_tags(&i.meta.tags),
-            netns: format!("{}{}", crate::compute::DEFAULT_NETNS_PREFIX, i.meta.id),
-        }
-    }
-
-    async fn views(&self, account: &str, list: &[InstanceRec]) -> ApiResult<Vec<pb::Instance>> {
-        let mut out = Vec::with_capacity(list.len());
-        for i in list {
-            let rev = self
-                .api
-                .store
-                .get(&rec_key(account, kind::INSTANCE, &i.meta.id))
-                .await?
-                .map_or(0, |kv| kv.create_revision);
-            out.push(self.view(i, rev));
-        }
-        Ok(out)
+        Ok(list.iter().map(|i| pb_instance(i, &volumes)).collect())
     }
 
     /// Chooses a host: the one asked for (must be registered) or the registered host with
     /// the fewest instances (ties: lowest id).
-    fn place(
-        &self,
-        wanted: &str,
-        planned: &std::collections::BTreeMap<String, usize>,
-    ) -> ApiResult<String> {
+    fn place(&self, wanted: &str, planned: &BTreeMap<String, usize>) -> ApiResult<String> {
         let d = self.api.desired.borrow().clone();
         if !wanted.is_empty() {
             return d
@@ -157,9 +197,38 @@ impl Instances {
             ));
         }
         let instance_type = if req.instance_type.is_empty() {
-            "t3.micro".to_owned()
+            types::DEFAULT.to_owned()
+        } else if types::lookup(&req.instance_type).is_some() {
+            req.instance_type.clone()
         } else {
-            validate::name("instance_type", &req.instance_type, 32)?
+            return Err(ApiError::invalid(
+                "instance_type",
+                format!(
+                    "{:?} is not an instance type; one of {} (InvalidInstanceType)",
+                    req.instance_type,
+                    types::names()
+                ),
+            ));
+        };
+        if req.user_data.len() > MAX_USER_DATA {
+            return Err(ApiError::invalid(
+                "user_data",
+                format!("{} bytes; at most {MAX_USER_DATA}", req.user_data.len()),
+            ));
+        }
+        let user_data = (!req.user_data.is_empty())
+            .then(|| base64::engine::general_purpose::STANDARD.encode(&req.user_data));
+        let command = if req.command.is_empty() {
+            None
+        } else if req.command.len() > MAX_COMMAND {
+            return Err(ApiError::invalid(
+                "command",
+                format!("{} bytes; at most {MAX_COMMAND}", req.command.len()),
+            ));
+        } else if req.command.contains('\0') {
+            return Err(ApiError::invalid("command", "must not contain NUL"));
+        } else {
+            Some(req.command.clone())
         };
         let tags = validate::tags(&req.tags)?;
         let token = validate::client_token(&req.client_token)?;
@@ -167,15 +236,21 @@ impl Instances {
         let ((list, _), rev) = self
             .api
             .write(&account, |mut tx| {
-                let (req, tags, token, groups, subnet_id, instance_type) =
-                    (&req, tags.clone(), token.clone(), groups.clone(), subnet_id.clone(), instance_type.clone());
+                let (req, tags, token, groups, subnet_id, instance_type, user_data, command) = (
+                    &req,
+                    tags.clone(),
+                    token.clone(),
+                    groups.clone(),
+                    subnet_id.clone(),
+                    instance_type.clone(),
+                    user_data.clone(),
+                    command.clone(),
+                );
                 async move {
                     let new_ids: Vec<String> = (0..count).map(|_| ids::new_id(kind::INSTANCE)).collect();
                     if let Some(existing) = claim_token(&mut tx, kind::INSTANCE, token.as_deref(), req, &new_ids).await? {
                         let mut out = Vec::new();
                         for id in &existing {
-                            // Terminated since: AWS still returns the original answer; we
-                            // return what is left.
                             if let Some(i) = tx.get::<InstanceRec>(kind::INSTANCE, id).await? {
                                 out.push(i);
                             }
@@ -199,14 +274,19 @@ impl Instances {
                         groups
                     };
                     let acct = tx.account().to_owned();
-                    let have = tx.keys(&rec_prefix(&acct, kind::INSTANCE), 0).await?.len();
+                    let have = tx
+                        .all::<InstanceRec>(kind::INSTANCE)
+                        .await?
+                        .iter()
+                        .filter(|i| i.state != state::TERMINATED)
+                        .count();
                     if have + count as usize > quota {
                         return Err(ApiError::Exhausted(format!(
                             "the account has {have} instances; {count} more exceed the quota of {quota} (InstanceLimitExceeded)"
                         )));
                     }
                     let mut taken = BTreeSet::new();
-                    let mut planned = std::collections::BTreeMap::new();
+                    let mut planned = BTreeMap::new();
                     let mut out = Vec::new();
                     for id in new_ids {
                         let host = self.place(&req.host_id, &planned)?;
@@ -221,16 +301,22 @@ impl Instances {
                             &mut taken,
                         )
                         .await?;
+                        let now = now_ms();
                         let i = InstanceRec {
-                            meta: Meta { id: id.clone(), account: acct.clone(), tags: tags.clone(), created_ms: now_ms() },
+                            meta: Meta { id: id.clone(), account: acct.clone(), tags: tags.clone(), created_ms: now },
                             subnet: subnet_id.clone(),
                             vpc: subnet.vpc.clone(),
                             host,
                             ip,
                             mac: ids::instance_mac(&id),
                             security_groups: groups.clone(),
-                            state: "pending".into(),
+                            state: state::PENDING.into(),
                             instance_type: instance_type.clone(),
+                            state_reason: String::new(),
+                            user_data: user_data.clone(),
+                            command: command.clone(),
+                            launch_ms: now,
+                            terminated_ms: None,
                         };
                         tx.put(kind::INSTANCE, &id, &i)?;
                         tx.put_raw(child_key(&acct, &subnet_id, kind::INSTANCE, &id), Vec::new());
@@ -240,61 +326,70 @@ impl Instances {
                 }
             })
             .await?;
-        let instances = self.views(&account, &list).await?;
+        let instances = list.iter().map(|i| pb_instance(i, &[])).collect();
         Ok(respond(pb::RunInstancesResponse { instances }, rev))
     }
 
-    async fn terminate(
+    /// Stop, start or terminate `ids`, in one transaction: every instance must allow the
+    /// change (else nothing changes). Instances already where the change leads are left
+    /// as they are (the calls are idempotent, as EC2's).
+    async fn change(
         &self,
         account: String,
-        req: pb::TerminateInstancesRequest,
-    ) -> ApiResult<Response<pb::TerminateInstancesResponse>> {
-        if req.instance_ids.is_empty() {
-            return Err(ApiError::invalid(
-                "instance_ids",
-                "at least one instance id",
-            ));
-        }
-        let mut wanted = Vec::new();
-        for (i, id) in req.instance_ids.iter().enumerate() {
-            let field = format!("instance_ids[{i}]");
-            let id = validate::id(&field, kind::INSTANCE, id)?;
-            // Twice in one call would stage two deletes of one key (etcd refuses such a
-            // transaction) and release the address twice.
-            if wanted.contains(&id) {
-                return Err(ApiError::invalid(field, format!("{id} is listed twice")));
-            }
-            wanted.push(id);
-        }
-        let (list, rev) = self
+        ids: &[String],
+        change: Change,
+    ) -> ApiResult<(Vec<pb::Instance>, i64)> {
+        let wanted = instance_ids(ids)?;
+        let ((list, volumes), rev) = self
             .api
             .write(&account, |mut tx| {
                 let wanted = wanted.clone();
                 async move {
-                    let acct = tx.account().to_owned();
-                    let mut gone = Vec::new();
+                    let mut out = Vec::new();
+                    let volumes: Vec<VolumeRec> = tx.all(kind::VOLUME).await?;
                     for id in &wanted {
                         let mut i: InstanceRec = tx.must(kind::INSTANCE, "instance", id).await?;
-                        tx.delete(kind::INSTANCE, id);
-                        tx.delete_raw(child_key(&acct, &i.subnet, kind::INSTANCE, id));
-                        ipam::release(&mut tx, &i.subnet, i.ip);
-                        i.state = "terminated".into();
-                        gone.push(i);
-                    }
-                    // Deregister from target groups (their flows drain on the hosts).
-                    for mut tg in tx.all::<TgRec>(kind::TG).await? {
-                        let before = tg.targets.len();
-                        tg.targets.retain(|t| !wanted.contains(&t.id));
-                        if tg.targets.len() != before {
-                            tx.put(kind::TG, &tg.meta.id.clone(), &tg)?;
+                        let refuse = |why: &str| {
+                            Err(ApiError::Precondition(format!(
+                                "instance {id} is {}: {why} (IncorrectInstanceState)",
+                                i.state
+                            )))
+                        };
+                        let before = i.state.clone();
+                        match (change, i.state.as_str()) {
+                            (Change::Stop, state::PENDING | state::RUNNING) => {
+                                i.state = state::STOPPING.into();
+                                i.state_reason = "Client.UserInitiatedShutdown: User initiated shutdown".into();
+                            }
+                            (Change::Stop, state::STOPPING | state::STOPPED) => {}
+                            (Change::Stop, _) => return refuse("it cannot be stopped"),
+                            (Change::Start, state::STOPPED) => {
+                                i.state = state::PENDING.into();
+                                i.state_reason.clear();
+                                i.launch_ms = now_ms();
+                            }
+                            (Change::Start, state::PENDING | state::RUNNING) => {}
+                            (Change::Start, state::STOPPING) => {
+                                return refuse("start it once it is stopped");
+                            }
+                            (Change::Start, _) => return refuse("it cannot be started"),
+                            (Change::Terminate, state::SHUTTING_DOWN | state::TERMINATED) => {}
+                            (Change::Terminate, _) => {
+                                i.state = state::SHUTTING_DOWN.into();
+                                i.state_reason = "Client.UserInitiatedShutdown: User initiated shutdown".into();
+                                super::lifecycle::retire_instance(&mut tx, &i).await?;
+                            }
                         }
+                        if i.state != before {
+                            tx.put(kind::INSTANCE, id, &i)?;
+                        }
+                        out.push(i);
                     }
-                    Ok((tx, gone))
+                    Ok((tx, (out, volumes)))
                 }
             })
             .await?;
-        let instances = list.iter().map(|i| self.view(i, 0)).collect();
-        Ok(respond(pb::TerminateInstancesResponse { instances }, rev))
+        Ok((list.iter().map(|i| pb_instance(i, &volumes)).collect(), rev))
     }
 }
 
@@ -334,11 +429,33 @@ impl InstanceService for Instances {
         } else {
             list_page(&tx, kind::INSTANCE, None, req.page.as_ref()).await?
         };
-        let instances = self.views(&account, &list).await?;
+        let instances = self.views(&tx, &list).await?;
         Ok(Response::new(pb::DescribeInstancesResponse {
             instances,
             next_token,
         }))
+    }
+
+    async fn stop_instances(
+        &self,
+        r: Request<pb::StopInstancesRequest>,
+    ) -> Result<Response<pb::StopInstancesResponse>, Status> {
+        let account = self.api.auth.account(r.metadata())?;
+        let (instances, rev) = self
+            .change(account, &r.get_ref().instance_ids, Change::Stop)
+            .await?;
+        Ok(respond(pb::StopInstancesResponse { instances }, rev))
+    }
+
+    async fn start_instances(
+        &self,
+        r: Request<pb::StartInstancesRequest>,
+    ) -> Result<Response<pb::StartInstancesResponse>, Status> {
+        let account = self.api.auth.account(r.metadata())?;
+        let (instances, rev) = self
+            .change(account, &r.get_ref().instance_ids, Change::Start)
+            .await?;
+        Ok(respond(pb::StartInstancesResponse { instances }, rev))
     }
 
     async fn terminate_instances(
@@ -346,149 +463,26 @@ impl InstanceService for Instances {
         r: Request<pb::TerminateInstancesRequest>,
     ) -> Result<Response<pb::TerminateInstancesResponse>, Status> {
         let account = self.api.auth.account(r.metadata())?;
-        Ok(self.terminate(account, r.into_inner()).await?)
-    }
-}
-
-/// The volume service (records only: the storage agent that backs volumes is the next
-/// step).
-#[derive(Clone, Debug)]
-pub struct Volumes {
-    api: Api,
-}
-
-impl Volumes {
-    /// Over the shared API state.
-    pub fn new(api: Api) -> Self {
-        Volumes { api }
-    }
-}
-
-fn pb_volume(v: &VolumeRec) -> pb::Volume {
-    pb::Volume {
-        volume_id: v.meta.id.clone(),
-        size_gib: v.size_gib,
-        state: v.state.clone(),
-        attached_instance_id: v.attached.clone().unwrap_or_default(),
-        owner_id: v.meta.account.clone(),
-        tags: pb_tags(&v.meta.tags),
-    }
-}
-
-#[tonic::async_trait]
-impl VolumeService for Volumes {
-    async fn create_volume(
-        &self,
-        r: Request<pb::CreateVolumeRequest>,
-    ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
-        let account = self.api.auth.account(r.metadata())?;
-        let req = r.into_inner();
-        if !(1..=16384).contains(&req.size_gib) {
-            return Err(ApiError::invalid(
-                "size_gib",
-                format!("{}: expected 1 to 16384 GiB", req.size_gib),
-            )
-            .into());
-        }
-        let tags = validate::tags(&req.tags)?;
-        let token = validate::client_token(&req.client_token)?;
-        let quota = self.api.quotas.volumes_per_account;
-        let (v, rev) = self
-            .api
-            .write(&account, |mut tx| {
-                let (req, tags, token) = (&req, tags.clone(), token.clone());
-                async move {
-                    let id = ids::new_id(kind::VOLUME);
-                    if let Some(existing) = claim_token(
-                        &mut tx,
-                        kind::VOLUME,
-                        token.as_deref(),
-                        req,
-                        std::slice::from_ref(&id),
-                    )
-                    .await?
-                    {
-                        let v: VolumeRec = tx.must(kind::VOLUME, "volume", &existing[0]).await?;
-                        return Ok((tx, v));
-                    }
-                    let acct = tx.account().to_owned();
-                    let have = tx
-                        .keys(&rec_prefix(&acct, kind::VOLUME), quota + 1)
-                        .await?
-                        .len();
-                    if have >= quota {
-                        return Err(ApiError::Exhausted(format!(
-                            "the account has {have} volumes; the quota is {quota}"
-                        )));
-                    }
-                    let v = VolumeRec {
-                        meta: Meta {
-                            id: id.clone(),
-                            account: acct,
-                            tags,
-                            created_ms: now_ms(),
-                        },
-                        size_gib: req.size_gib,
-                        state: "available".into(),
-                        attached: None,
-                    };
-                    tx.put(kind::VOLUME, &id, &v)?;
-                    Ok((tx, v))
-                }
-            })
+        let (instances, rev) = self
+            .change(account, &r.get_ref().instance_ids, Change::Terminate)
             .await?;
-        Ok(respond(
-            pb::CreateVolumeResponse {
-                volume: Some(pb_volume(&v)),
-            },
-            rev,
-        ))
+        Ok(respond(pb::TerminateInstancesResponse { instances }, rev))
     }
 
-    async fn describe_volumes(
+    async fn get_console_output(
         &self,
-        r: Request<pb::DescribeVolumesRequest>,
-    ) -> Result<Response<pb::DescribeVolumesResponse>, Status> {
+        r: Request<pb::GetConsoleOutputRequest>,
+    ) -> Result<Response<pb::GetConsoleOutputResponse>, Status> {
         let account = self.api.auth.account(r.metadata())?;
-        let req = r.into_inner();
+        let id = validate::id("instance_id", kind::INSTANCE, &r.get_ref().instance_id)?;
         let tx = self.api.read(&account).await?;
-        let (list, next_token) = if req.volume_ids.is_empty() {
-            list_page::<VolumeRec>(&tx, kind::VOLUME, None, req.page.as_ref()).await?
-        } else {
-            (
-                by_ids(&tx, kind::VOLUME, "volume", "volume_ids", &req.volume_ids).await?,
-                String::new(),
-            )
-        };
-        Ok(Response::new(pb::DescribeVolumesResponse {
-            volumes: list.iter().map(pb_volume).collect(),
-            next_token,
+        tx.must::<InstanceRec>(kind::INSTANCE, "instance", &id).await?;
+        let (output, at) = self.api.consoles.get(&id).unwrap_or_default();
+        Ok(Response::new(pb::GetConsoleOutputResponse {
+            instance_id: id,
+            output,
+            timestamp_ms: i64::try_from(at).unwrap_or(i64::MAX),
         }))
-    }
-
-    async fn delete_volume(
-        &self,
-        r: Request<pb::DeleteVolumeRequest>,
-    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
-        let account = self.api.auth.account(r.metadata())?;
-        let id = validate::id("volume_id", kind::VOLUME, &r.get_ref().volume_id)?;
-        let ((), rev) = self
-            .api
-            .write(&account, |mut tx| {
-                let id = id.clone();
-                async move {
-                    let v: VolumeRec = tx.must(kind::VOLUME, "volume", &id).await?;
-                    if let Some(i) = &v.attached {
-                        return Err(ApiError::Precondition(format!(
-                            "volume {id} is attached to {i} (VolumeInUse)"
-                        )));
-                    }
-                    tx.delete(kind::VOLUME, &id);
-                    Ok((tx, ()))
-                }
-            })
-            .await?;
-        Ok(respond(pb::DeleteVolumeResponse {}, rev))
     }
 }
 
@@ -511,7 +505,8 @@ mod tests {
         vpc_service_server::VpcService as _,
     };
 
-    use super::{Instances, Volumes};
+    use super::Instances;
+    use crate::api::volumes::Volumes;
     use crate::api::{
         Api, Quotas, desired::Desired, host::Hosts, network::Network, security::Security,
     };
@@ -744,12 +739,8 @@ mod tests {
         // And a given address once its holder is gone.
         e.terminate(TOKEN, &[&c.instance_id]).await.unwrap();
         e.run(TOKEN, &s.subnet_id, "10.0.1.254").await.unwrap();
-        check(
-            "terminate twice",
-            e.terminate(TOKEN, &[&a.instance_id]).await,
-            Code::NotFound,
-            &a.instance_id,
-        );
+        // Terminating again is a no-op (as in EC2): the instance stays shutting-down.
+        e.terminate(TOKEN, &[&a.instance_id]).await.unwrap();
         check(
             "terminate nothing",
             e.terminate(TOKEN, &[]).await,
@@ -1133,7 +1124,7 @@ mod tests {
 
     #[tokio::test]
     async fn volumes() {
-        let e = env_with(Quotas::default()).await;
+        let e = env().await;
         let create = |size: u32, token: &str| pb::CreateVolumeRequest {
             size_gib: size,
             client_token: token.into(),
@@ -1158,7 +1149,8 @@ mod tests {
             revs.push(revision(&r));
             let v = r.into_inner().volume.unwrap();
             assert_eq!(v.size_gib, size);
-            assert_eq!(v.state, "available");
+            assert_eq!(v.state, "creating", "until its host made it");
+            assert_eq!(v.host_id, HOST);
             assert_eq!(v.owner_id, ACCT);
             assert!(v.volume_id.starts_with("vol-") && v.volume_id.len() == 21);
             assert_eq!(v.attached_instance_id, "");
@@ -1245,33 +1237,18 @@ mod tests {
         );
         let r = delete(TOKEN, &ids[0]).await.unwrap();
         assert!(revision(&r) > revs[1]);
-        check(
-            "delete twice",
-            delete(TOKEN, &ids[0]).await,
-            Code::NotFound,
-            &ids[0],
-        );
-        check(
-            "describe deleted",
-            describe(TOKEN, vec![ids[0].clone()]).await,
-            Code::NotFound,
-            &ids[0],
-        );
-        assert_eq!(
-            describe(TOKEN, vec![])
-                .await
-                .unwrap()
-                .into_inner()
-                .volumes
-                .len(),
-            2
-        );
+        // Deleting is the host's: the volume shows `deleting` until it reports it gone;
+        // deleting again changes nothing.
+        delete(TOKEN, &ids[0]).await.unwrap();
+        let got = describe(TOKEN, vec![ids[0].clone()]).await.unwrap();
+        assert_eq!(got.into_inner().volumes[0].state, "deleting");
         // Quota.
         let e2 = env_with(Quotas {
             volumes_per_account: 1,
             ..Quotas::default()
         })
         .await;
+        e2.register_host(HOST, "192.168.77.1").await;
         e2.vols
             .create_volume(req(TOKEN, create(1, "")))
             .await
@@ -1282,5 +1259,266 @@ mod tests {
             Code::ResourceExhausted,
             "quota",
         );
+    }
+
+    impl Env {
+        async fn report(
+            &self,
+            instances: &[(&str, &str, &str)],
+            volumes: &[(&str, &str, &str)],
+            snapshots: &[(&str, &str)],
+        ) {
+            let rev = self.api.store.revision().await.unwrap();
+            Hosts::new(self.api.clone())
+                .report_applied(req(
+                    AGENT,
+                    pb::ReportAppliedRequest {
+                        host_id: HOST.into(),
+                        revision: rev,
+                        error: String::new(),
+                        instances: instances
+                            .iter()
+                            .map(|(id, state, reason)| pb::InstanceStatus {
+                                instance_id: (*id).into(),
+                                state: (*state).into(),
+                                reason: (*reason).into(),
+                                console: if *state == "running" { b"hello\n".to_vec() } else { vec![] },
+                            })
+                            .collect(),
+                        volumes: volumes
+                            .iter()
+                            .map(|(id, state, inst)| pb::VolumeStatus {
+                                volume_id: (*id).into(),
+                                state: (*state).into(),
+                                attached_instance_id: (*inst).into(),
+                                reason: String::new(),
+                            })
+                            .collect(),
+                        snapshots: snapshots
+                            .iter()
+                            .map(|(id, state)| pb::SnapshotStatus {
+                                snapshot_id: (*id).into(),
+                                state: (*state).into(),
+                                reason: String::new(),
+                            })
+                            .collect(),
+                    },
+                ))
+                .await
+                .unwrap();
+            // The writes it made reach the desired state (and its object cache).
+            let rev = self.api.store.revision().await.unwrap();
+            self.desired_at(rev).await;
+        }
+
+        async fn instance(&self, id: &str) -> pb::Instance {
+            self.inst
+                .describe_instances(req(
+                    TOKEN,
+                    pb::DescribeInstancesRequest {
+                        instance_ids: vec![id.into()],
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .instances
+                .remove(0)
+        }
+
+        async fn volume(&self, id: &str) -> Result<pb::Volume, tonic::Status> {
+            Ok(self
+                .vols
+                .describe_volumes(req(
+                    TOKEN,
+                    pb::DescribeVolumesRequest {
+                        volume_ids: vec![id.into()],
+                        ..Default::default()
+                    },
+                ))
+                .await?
+                .into_inner()
+                .volumes
+                .remove(0))
+        }
+
+        async fn doc(&self) -> StateFile {
+            let rev = self.api.store.revision().await.unwrap();
+            let d = self.desired_at(rev).await;
+            serde_json::from_slice(&d.document).unwrap()
+        }
+    }
+
+    /// The instance lifecycle: the API moves instances to pending, stopping and
+    /// shutting-down; host reports to running, stopped and terminated; stale reports move
+    /// nothing; a failed launch terminates with its reason and frees the address.
+    #[tokio::test]
+    async fn instance_lifecycle_follows_host_reports() {
+        use crate::compute::doc::Intent;
+        let e = env().await;
+        let vpc = e.vpc(TOKEN, "10.0.0.0/16").await;
+        let s = e.subnet(TOKEN, &vpc.vpc_id, "10.0.1.0/28").await;
+        let r = pb::RunInstancesRequest {
+            subnet_id: s.subnet_id.clone(),
+            user_data: b"#!/bin/sh\necho hi\n".to_vec(),
+            command: "sleep 1000".into(),
+            instance_type: "t3.small".into(),
+            ..Default::default()
+        };
+        let a = e.run_req(TOKEN, r).await.unwrap().into_inner().instances.remove(0);
+        let id = a.instance_id.as_str();
+        assert_eq!(a.state, "pending");
+        assert_eq!((a.vcpus, a.memory_mib), (2, 2048));
+        assert_eq!(a.private_dns_name, "ip-10-0-1-4");
+        assert_eq!(a.command, "sleep 1000");
+        let d = e.doc().await;
+        let i = d.instances.iter().find(|i| i.id == id).unwrap();
+        assert_eq!(i.intent, Intent::Run);
+        assert_eq!(i.hostname, "ip-10-0-1-4");
+        assert_eq!(i.security_group_names, vec!["default".to_owned()]);
+        assert!(i.user_data.is_some());
+        assert!(d.endpoints.iter().any(|x| x.id == id));
+        // Stale or unrelated observations move nothing.
+        e.report(&[(id, "stopped", "")], &[], &[]).await;
+        assert_eq!(e.instance(id).await.state, "pending");
+        e.report(&[(id, "running", "")], &[], &[]).await;
+        assert_eq!(e.instance(id).await.state, "running");
+        let (out, _) = e.api.consoles.get(id).unwrap();
+        assert_eq!(out, b"hello\n");
+        // Stop: stopping until the host says stopped; the address stays.
+        let free = e.available(&s.subnet_id).await;
+        let stop = e.inst.stop_instances(req(TOKEN, pb::StopInstancesRequest { instance_ids: vec![id.into()] })).await.unwrap();
+        assert_eq!(stop.into_inner().instances[0].state, "stopping");
+        let d = e.doc().await;
+        assert_eq!(d.instances.iter().find(|i| i.id == id).unwrap().intent, Intent::Stop);
+        assert!(!d.endpoints.iter().any(|x| x.id == id), "no network while stopped");
+        e.report(&[(id, "running", "")], &[], &[]).await;
+        assert_eq!(e.instance(id).await.state, "stopping", "a stale report");
+        e.report(&[(id, "stopped", "")], &[], &[]).await;
+        let got = e.instance(id).await;
+        assert_eq!(got.state, "stopped");
+        assert_eq!(got.private_ip_address, "10.0.1.4");
+        assert_eq!(e.available(&s.subnet_id).await, free);
+        // Start: stopping refuses, stopped -> pending -> running.
+        let start = |ids: Vec<String>| e.inst.start_instances(req(TOKEN, pb::StartInstancesRequest { instance_ids: ids }));
+        assert_eq!(start(vec![id.into()]).await.unwrap().into_inner().instances[0].state, "pending");
+        e.report(&[(id, "running", "")], &[], &[]).await;
+        assert_eq!(e.instance(id).await.state, "running");
+        check("start twice listed", start(vec![id.into(), id.into()]).await, Code::InvalidArgument, "instance_ids[1]");
+        // Terminate: shutting-down, the address is free at once; terminated once reported.
+        e.terminate(TOKEN, &[id]).await.unwrap();
+        assert_eq!(e.instance(id).await.state, "shutting-down");
+        assert_eq!(e.available(&s.subnet_id).await, free + 1);
+        let d = e.doc().await;
+        assert_eq!(d.instances.iter().find(|i| i.id == id).unwrap().intent, Intent::Terminate);
+        e.report(&[(id, "terminated", "")], &[], &[]).await;
+        let got = e.instance(id).await;
+        assert_eq!(got.state, "terminated", "terminated instances stay visible");
+        assert!(!e.doc().await.instances.iter().any(|i| i.id == id));
+        check("start terminated", start(vec![id.into()]).await, Code::FailedPrecondition, "IncorrectInstanceState");
+        // A failed launch: terminated with the reason, address released.
+        let b = e.run(TOKEN, &s.subnet_id, "").await.unwrap();
+        let before = e.available(&s.subnet_id).await;
+        e.report(&[(&b.instance_id, "failed", "sh: 1: /bin/nope: not found")], &[], &[]).await;
+        let got = e.instance(&b.instance_id).await;
+        assert_eq!(got.state, "terminated");
+        assert!(got.state_reason.contains("Server.LaunchFailed") && got.state_reason.contains("/bin/nope"), "{}", got.state_reason);
+        assert_eq!(e.available(&s.subnet_id).await, before + 1);
+        // Another host's report cannot move this host's instance.
+        let c = e.run(TOKEN, &s.subnet_id, "").await.unwrap();
+        Hosts::new(e.api.clone())
+            .report_applied(req(AGENT, pb::ReportAppliedRequest {
+                host_id: "host-9".into(),
+                revision: 1,
+                instances: vec![pb::InstanceStatus { instance_id: c.instance_id.clone(), state: "running".into(), ..Default::default() }],
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+        assert_eq!(e.instance(&c.instance_id).await.state, "pending");
+        // Bad requests.
+        let bad = pb::RunInstancesRequest { subnet_id: s.subnet_id.clone(), instance_type: "t3.huge".into(), ..Default::default() };
+        check("type", e.run_req(TOKEN, bad).await, Code::InvalidArgument, "instance_type");
+        let bad = pb::RunInstancesRequest { subnet_id: s.subnet_id.clone(), user_data: vec![0; 16 * 1024 + 1], ..Default::default() };
+        check("user data", e.run_req(TOKEN, bad).await, Code::InvalidArgument, "user_data");
+        let bad = pb::RunInstancesRequest { subnet_id: s.subnet_id.clone(), command: "x".repeat(4097), ..Default::default() };
+        check("command", e.run_req(TOKEN, bad).await, Code::InvalidArgument, "command");
+    }
+
+    /// Volumes and snapshots through their lifecycles with host reports; attachment rules.
+    #[tokio::test]
+    async fn volume_lifecycle_follows_host_reports() {
+        let e = env().await;
+        e.register_host("host-1", "192.168.77.2").await;
+        let vpc = e.vpc(TOKEN, "10.0.0.0/16").await;
+        let s = e.subnet(TOKEN, &vpc.vpc_id, "10.0.1.0/24").await;
+        let run_on = |host: &str| pb::RunInstancesRequest { subnet_id: s.subnet_id.clone(), host_id: host.into(), ..Default::default() };
+        let i0 = e.run_req(TOKEN, run_on(HOST)).await.unwrap().into_inner().instances.remove(0).instance_id;
+        let i1 = e.run_req(TOKEN, run_on("host-1")).await.unwrap().into_inner().instances.remove(0).instance_id;
+        let create = |snap: &str, size: u32| pb::CreateVolumeRequest { size_gib: size, host_id: HOST.into(), snapshot_id: snap.into(), ..Default::default() };
+        let v = e.vols.create_volume(req(TOKEN, create("", 2))).await.unwrap().into_inner().volume.unwrap();
+        let vid = v.volume_id.as_str();
+        let attach = |vol: &str, inst: &str, dev: &str, path: &str| {
+            e.vols.attach_volume(req(TOKEN, pb::AttachVolumeRequest { volume_id: vol.into(), instance_id: inst.into(), device: dev.into(), mount_path: path.into() }))
+        };
+        check("attach while creating", attach(vid, &i0, "xvdf", "/data").await, Code::FailedPrecondition, "creating");
+        e.report(&[], &[(vid, "available", "")], &[]).await;
+        assert_eq!(e.volume(vid).await.unwrap().state, "available");
+        check("other host", attach(vid, &i1, "xvdf", "/data").await, Code::InvalidArgument, "instance_id");
+        check("bad device", attach(vid, &i0, "/dev/../sda", "").await, Code::InvalidArgument, "device");
+        check("bad path", attach(vid, &i0, "xvdf", "data").await, Code::InvalidArgument, "mount_path");
+        let got = attach(vid, &i0, "/dev/xvdf", "/data").await.unwrap().into_inner().volume.unwrap();
+        assert_eq!((got.state.as_str(), got.attachment_state.as_str(), got.device.as_str()), ("in-use", "attaching", "/dev/xvdf"));
+        attach(vid, &i0, "xvdf", "/data").await.expect("the same attachment again is a no-op");
+        let d = e.doc().await;
+        let a = d.volumes.iter().find(|x| x.id == vid).unwrap().attachment.clone().unwrap();
+        assert_eq!((a.instance.as_str(), a.device.as_str(), a.mount_path.as_deref(), a.detach), (i0.as_str(), "xvdf", Some("/data"), false));
+        let v2 = e.vols.create_volume(req(TOKEN, create("", 1))).await.unwrap().into_inner().volume.unwrap();
+        e.report(&[], &[(&v2.volume_id, "available", "")], &[]).await;
+        check("device taken", attach(&v2.volume_id, &i0, "xvdf", "").await, Code::InvalidArgument, "device");
+        check("path taken", attach(&v2.volume_id, &i0, "xvdg", "/data").await, Code::InvalidArgument, "mount_path");
+        e.report(&[], &[(vid, "attached", &i0)], &[]).await;
+        assert_eq!(e.volume(vid).await.unwrap().attachment_state, "attached");
+        let m = e.instance(&i0).await.block_device_mappings;
+        assert_eq!((m[0].device_name.as_str(), m[0].volume_id.as_str(), m[0].status.as_str()), ("/dev/xvdf", vid, "attached"));
+        let del = |id: &str| e.vols.delete_volume(req(TOKEN, pb::DeleteVolumeRequest { volume_id: id.into() }));
+        check("delete attached", del(vid).await, Code::FailedPrecondition, "VolumeInUse");
+        // Snapshot while attached; a volume from it.
+        let snap = e.vols.create_snapshot(req(TOKEN, pb::CreateSnapshotRequest { volume_id: vid.into(), description: "d".into(), ..Default::default() })).await.unwrap().into_inner().snapshot.unwrap();
+        assert_eq!((snap.state.as_str(), snap.volume_size_gib), ("pending", 2));
+        check("from a pending snapshot", e.vols.create_volume(req(TOKEN, create(&snap.snapshot_id, 0))).await, Code::FailedPrecondition, "pending");
+        e.report(&[], &[], &[(&snap.snapshot_id, "completed")]).await;
+        check("smaller than the snapshot", e.vols.create_volume(req(TOKEN, create(&snap.snapshot_id, 1))).await, Code::InvalidArgument, "size_gib");
+        let v3 = e.vols.create_volume(req(TOKEN, create(&snap.snapshot_id, 0))).await.unwrap().into_inner().volume.unwrap();
+        assert_eq!((v3.size_gib, v3.snapshot_id.as_str()), (2, snap.snapshot_id.as_str()));
+        let delsnap = |id: &str| e.vols.delete_snapshot(req(TOKEN, pb::DeleteSnapshotRequest { snapshot_id: id.into() }));
+        check("snapshot in use", delsnap(&snap.snapshot_id).await, Code::FailedPrecondition, &v3.volume_id);
+        e.report(&[], &[(&v3.volume_id, "available", "")], &[]).await;
+        delsnap(&snap.snapshot_id).await.unwrap();
+        assert!(e.doc().await.snapshots.iter().any(|x| x.id == snap.snapshot_id && x.delete));
+        e.report(&[], &[], &[(&snap.snapshot_id, "deleted")]).await;
+        let gone = e.vols.describe_snapshots(req(TOKEN, pb::DescribeSnapshotsRequest { snapshot_ids: vec![snap.snapshot_id.clone()], ..Default::default() })).await;
+        check("snapshot gone", gone, Code::NotFound, &snap.snapshot_id);
+        // Detach: detaching until the host reports it released.
+        let got = e.vols.detach_volume(req(TOKEN, pb::DetachVolumeRequest { volume_id: vid.into() })).await.unwrap().into_inner().volume.unwrap();
+        assert_eq!(got.attachment_state, "detaching");
+        assert!(e.doc().await.volumes.iter().find(|x| x.id == vid).unwrap().attachment.as_ref().unwrap().detach);
+        e.report(&[], &[(vid, "attached", &i0)], &[]).await;
+        assert_eq!(e.volume(vid).await.unwrap().attachment_state, "detaching");
+        e.report(&[], &[(vid, "available", "")], &[]).await;
+        let got = e.volume(vid).await.unwrap();
+        assert_eq!((got.state.as_str(), got.attached_instance_id.as_str()), ("available", ""));
+        // Terminating an instance detaches its volumes.
+        attach(vid, &i0, "xvdf", "").await.unwrap();
+        e.terminate(TOKEN, &[&i0]).await.unwrap();
+        assert_eq!(e.volume(vid).await.unwrap().attachment_state, "detaching");
+        e.report(&[(&i0, "terminated", "")], &[(vid, "available", "")], &[]).await;
+        assert_eq!(e.volume(vid).await.unwrap().state, "available");
+        // Delete: deleting, then gone once the host deleted the file.
+        del(vid).await.unwrap();
+        assert!(e.doc().await.volumes.iter().any(|x| x.id == vid && x.delete));
+        e.report(&[], &[(vid, "deleted", "")], &[]).await;
+        check("deleted", e.volume(vid).await, Code::NotFound, vid);
     }
 }

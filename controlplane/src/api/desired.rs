@@ -13,9 +13,10 @@ use vpc_store::{Event, Store};
 
 use super::Quotas;
 use super::records::{
-    AclRec, HOSTS_PREFIX, HostRec, InstanceRec, LbRec, RECORDS_PREFIX, SgRec, SubnetRec, TgRec,
-    VpcRec, kind,
+    AclRec, HOSTS_PREFIX, HostRec, InstanceRec, LbRec, RECORDS_PREFIX, SgRec, SnapshotRec,
+    SubnetRec, TgRec, VolumeRec, VpcRec, kind, state,
 };
+use crate::compute::doc::{AttachmentDoc, InstanceDoc, Intent, SnapshotDoc, VolumeDoc};
 use crate::lb::model::{Listener, LoadBalancer, TargetGroup};
 use crate::overlay::statefile::{EndpointDoc, HostDoc, StateFile, SubnetDoc, VpcDoc};
 use crate::policy::model::{NetworkAcl, SecurityGroup};
@@ -29,8 +30,28 @@ pub struct Desired {
     pub document: Arc<Vec<u8>>,
     /// Registered hosts.
     pub hosts: Vec<HostRec>,
-    /// Instances per host id.
+    /// Instances per host id (not terminated).
     pub instances_per_host: BTreeMap<String, usize>,
+    /// Volumes per host id.
+    pub volumes_per_host: BTreeMap<String, usize>,
+    /// Instances, volumes and snapshots by id: what host reports are checked against.
+    pub objects: Arc<BTreeMap<String, ObjectState>>,
+}
+
+/// The lifecycle state of an instance, volume or snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectState {
+    /// Owning account.
+    pub account: String,
+    /// Its host.
+    pub host: String,
+    /// Its state.
+    pub state: String,
+    /// A volume or snapshot waiting for its host (creating, deleting, attaching,
+    /// detaching, pending).
+    pub movable: bool,
+    /// When an instance was terminated.
+    pub since_ms: Option<u64>,
 }
 
 /// A stored object, parsed.
@@ -43,6 +64,8 @@ enum Rec {
     Lb(LbRec),
     Tg(TgRec),
     Instance(InstanceRec),
+    Volume(VolumeRec),
+    Snapshot(SnapshotRec),
     Host(HostRec),
     Other,
 }
@@ -61,6 +84,8 @@ fn parse(key: &str, value: &[u8]) -> Result<Rec, serde_json::Error> {
         kind::LB => Rec::Lb(serde_json::from_slice(value)?),
         kind::TG => Rec::Tg(serde_json::from_slice(value)?),
         kind::INSTANCE => Rec::Instance(serde_json::from_slice(value)?),
+        kind::VOLUME => Rec::Volume(serde_json::from_slice(value)?),
+        kind::SNAPSHOT => Rec::Snapshot(serde_json::from_slice(value)?),
         _ => Rec::Other,
     })
 }
@@ -74,6 +99,15 @@ fn render(cache: &BTreeMap<String, Rec>, quotas: &Quotas, revision: i64) -> Desi
     };
     let mut hosts = Vec::new();
     let mut per_host: BTreeMap<String, usize> = BTreeMap::new();
+    let mut volumes_per_host: BTreeMap<String, usize> = BTreeMap::new();
+    let mut objects = BTreeMap::new();
+    let sg_names: BTreeMap<&str, &str> = cache
+        .values()
+        .filter_map(|r| match r {
+            Rec::Sg(g) => Some((g.meta.id.as_str(), g.name.as_str())),
+            _ => None,
+        })
+        .collect();
     for rec in cache.values() {
         match rec {
             Rec::Vpc(v) => doc.vpcs.push(VpcDoc {
@@ -126,15 +160,109 @@ fn render(cache: &BTreeMap<String, Rec>, quotas: &Quotas, revision: i64) -> Desi
                 targets: t.targets.clone(),
             }),
             Rec::Instance(i) => {
-                *per_host.entry(i.host.clone()).or_default() += 1;
-                doc.endpoints.push(EndpointDoc {
+                objects.insert(
+                    i.meta.id.clone(),
+                    ObjectState {
+                        account: i.meta.account.clone(),
+                        host: i.host.clone(),
+                        state: i.state.clone(),
+                        movable: false,
+                        since_ms: i.terminated_ms,
+                    },
+                );
+                let intent = match i.state.as_str() {
+                    state::PENDING | state::RUNNING => Intent::Run,
+                    state::STOPPING | state::STOPPED => Intent::Stop,
+                    state::SHUTTING_DOWN => Intent::Terminate,
+                    // Terminated: its host already removed it.
+                    _ => continue,
+                };
+                if intent != Intent::Terminate {
+                    *per_host.entry(i.host.clone()).or_default() += 1;
+                }
+                if intent == Intent::Run {
+                    doc.endpoints.push(EndpointDoc {
+                        id: i.meta.id.clone(),
+                        subnet: i.subnet.clone(),
+                        host: i.host.clone(),
+                        ip: i.ip,
+                        mac: i.mac.clone(),
+                        ifname: Some(crate::compute::host_ifname(&i.meta.id)),
+                        security_groups: i.security_groups.clone(),
+                    });
+                }
+                doc.instances.push(InstanceDoc {
                     id: i.meta.id.clone(),
-                    subnet: i.subnet.clone(),
                     host: i.host.clone(),
+                    account: i.meta.account.clone(),
+                    intent,
+                    subnet: i.subnet.clone(),
+                    vpc: i.vpc.clone(),
                     ip: i.ip,
                     mac: i.mac.clone(),
-                    ifname: Some(crate::compute::host_ifname(&i.meta.id)),
+                    instance_type: i.instance_type.clone(),
+                    hostname: crate::compute::doc::hostname(i.ip),
                     security_groups: i.security_groups.clone(),
+                    security_group_names: i
+                        .security_groups
+                        .iter()
+                        .map(|g| sg_names.get(g.as_str()).copied().unwrap_or(g).to_owned())
+                        .collect(),
+                    command: i.command.clone(),
+                    user_data: i.user_data.clone(),
+                    launch_ms: i.launch_ms,
+                });
+            }
+            Rec::Volume(v) if v.state == state::ERROR => {}
+            Rec::Volume(v) => {
+                objects.insert(
+                    v.meta.id.clone(),
+                    ObjectState {
+                        account: v.meta.account.clone(),
+                        host: v.host.clone(),
+                        state: v.state.clone(),
+                        movable: matches!(v.state.as_str(), state::CREATING | state::DELETING)
+                            || v.attachment.as_ref().is_some_and(|a| {
+                                a.state != state::ATTACHED || !v.reason.is_empty()
+                            }),
+                        since_ms: None,
+                    },
+                );
+                *volumes_per_host.entry(v.host.clone()).or_default() += 1;
+                doc.volumes.push(VolumeDoc {
+                id: v.meta.id.clone(),
+                host: v.host.clone(),
+                size_gib: v.size_gib,
+                snapshot: v.snapshot.clone(),
+                delete: v.state == state::DELETING,
+                attachment: v
+                    .attachment
+                    .as_ref()
+                    .map(|a| AttachmentDoc {
+                        instance: a.instance.clone(),
+                        device: a.device.clone(),
+                        mount_path: a.mount_path.clone(),
+                        detach: a.state == state::DETACHING,
+                    }),
+                })
+            }
+            Rec::Snapshot(sn) if sn.state == state::ERROR => {}
+            Rec::Snapshot(sn) => {
+                objects.insert(
+                    sn.meta.id.clone(),
+                    ObjectState {
+                        account: sn.meta.account.clone(),
+                        host: sn.host.clone(),
+                        state: sn.state.clone(),
+                        movable: matches!(sn.state.as_str(), state::SNAP_PENDING | state::DELETING),
+                        since_ms: None,
+                    },
+                );
+                doc.snapshots.push(SnapshotDoc {
+                id: sn.meta.id.clone(),
+                volume: sn.volume.clone(),
+                host: sn.host.clone(),
+                    delete: sn.state == state::DELETING,
                 });
             }
             Rec::Host(h) => {
@@ -160,6 +288,8 @@ fn render(cache: &BTreeMap<String, Rec>, quotas: &Quotas, revision: i64) -> Desi
         document: Arc::new(document),
         hosts,
         instances_per_host: per_host,
+        volumes_per_host,
+        objects: Arc::new(objects),
     }
 }
 
@@ -278,6 +408,8 @@ async fn run(
                     document: Arc::clone(&cur.document),
                     hosts: cur.hosts.clone(),
                     instances_per_host: cur.instances_per_host.clone(),
+                    volumes_per_host: cur.volumes_per_host.clone(),
+                    objects: Arc::clone(&cur.objects),
                 }
             };
             tx.send_replace(Arc::new(next));

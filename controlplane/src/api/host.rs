@@ -170,6 +170,7 @@ impl HostService for Hosts {
         let req = r.into_inner();
         let id = host_id(&req.host_id)?;
         self.api.programming.report(&id, req.revision, &req.error);
+        super::lifecycle::observe(&self.api, &id, &req).await?;
         Ok(Response::new(pb::ReportAppliedResponse {}))
     }
 

@@ -1159,6 +1159,11 @@ mod tests {
                         security_groups: vec![v.default_sg.clone()],
                         state,
                         instance_type: "t3.micro".into(),
+                        state_reason: String::new(),
+                        user_data: None,
+                        command: None,
+                        launch_ms: 0,
+                        terminated_ms: None,
                     };
                     tx.put(kind::INSTANCE, &id, &rec)?;
                     tx.put_raw(child_key(&acct, &subnet, kind::INSTANCE, &id), Vec::new());

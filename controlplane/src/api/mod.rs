@@ -16,6 +16,7 @@ pub mod error;
 pub mod host;
 pub mod ids;
 pub mod ipam;
+pub mod lifecycle;
 pub mod lb;
 pub mod network;
 pub mod programming;
@@ -27,6 +28,7 @@ pub mod tags;
 mod test_support;
 pub mod tx;
 pub mod validate;
+pub mod volumes;
 
 use std::{future::Future, sync::Arc};
 
@@ -94,6 +96,8 @@ pub struct Api {
     pub programming: Arc<programming::Programming>,
     /// The latest desired state (for placement and the host watch).
     pub desired: tokio::sync::watch::Receiver<Arc<desired::Desired>>,
+    /// Instances' console output, as their hosts report it.
+    pub consoles: Arc<lifecycle::Consoles>,
 }
 
 impl Api {

@@ -46,6 +46,8 @@ pub mod kind {
     pub const INSTANCE: &str = "i";
     /// Volume.
     pub const VOLUME: &str = "vol";
+    /// Snapshot.
+    pub const SNAPSHOT: &str = "snap";
 }
 
 /// Object key.
@@ -270,16 +272,82 @@ pub struct InstanceRec {
     pub vpc: String,
     /// Host it is placed on.
     pub host: String,
-    /// Private IPv4 (held in IPAM).
+    /// Private IPv4 (held in IPAM until terminated).
     pub ip: Ipv4Addr,
     /// MAC `aa:bb:cc:dd:ee:ff`.
     pub mac: String,
     /// Security groups.
     pub security_groups: Vec<String>,
-    /// pending, running, ...
+    /// The lifecycle state (`state::*`): the API moves it to pending, stopping and
+    /// shutting-down; the host's reports to running, stopped and terminated.
     pub state: String,
     /// Instance type.
     pub instance_type: String,
+    /// Why it is in its state (failed launches, user stops).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub state_reason: String,
+    /// User data, base64 (as EC2's API carries it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+    /// Command run with `/bin/sh -c` at every start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Last start requested, ms since the epoch.
+    #[serde(default)]
+    pub launch_ms: u64,
+    /// When it became terminated (kept an hour, then deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminated_ms: Option<u64>,
+}
+
+/// Instance and volume lifecycle states, as EC2 and EBS name them.
+pub mod state {
+    /// Instance: asked to run, not yet reported running by its host.
+    pub const PENDING: &str = "pending";
+    /// Instance: its host reports it running.
+    pub const RUNNING: &str = "running";
+    /// Instance: asked to stop.
+    pub const STOPPING: &str = "stopping";
+    /// Instance: its host reports it stopped.
+    pub const STOPPED: &str = "stopped";
+    /// Instance: asked to terminate.
+    pub const SHUTTING_DOWN: &str = "shutting-down";
+    /// Instance: its host removed it (or its launch failed).
+    pub const TERMINATED: &str = "terminated";
+    /// Volume: its host has not made the file yet.
+    pub const CREATING: &str = "creating";
+    /// Volume: not attached.
+    pub const AVAILABLE: &str = "available";
+    /// Volume: attached (or being attached or detached).
+    pub const IN_USE: &str = "in-use";
+    /// Volume or snapshot: being deleted by its host.
+    pub const DELETING: &str = "deleting";
+    /// Volume or snapshot: its host could not make it.
+    pub const ERROR: &str = "error";
+    /// Attachment: asked for.
+    pub const ATTACHING: &str = "attaching";
+    /// Attachment: its host reports it in place.
+    pub const ATTACHED: &str = "attached";
+    /// Attachment: asked to go.
+    pub const DETACHING: &str = "detaching";
+    /// Snapshot: being copied.
+    pub const SNAP_PENDING: &str = "pending";
+    /// Snapshot: in the snapshot store.
+    pub const COMPLETED: &str = "completed";
+}
+
+/// A volume's attachment to an instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentRec {
+    /// The instance.
+    pub instance: String,
+    /// `/dev/<device>` inside the instance.
+    pub device: String,
+    /// Where its filesystem is mounted inside the instance, if anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_path: Option<String>,
+    /// attaching, attached, detaching.
+    pub state: String,
 }
 
 /// A volume.
@@ -289,11 +357,41 @@ pub struct VolumeRec {
     pub meta: Meta,
     /// GiB.
     pub size_gib: u32,
-    /// creating, available, in-use, deleting.
+    /// creating, available, in-use, deleting, error.
     pub state: String,
-    /// Attached instance.
+    /// The host whose storage agent holds it (EBS's availability zone).
     #[serde(default)]
-    pub attached: Option<String>,
+    pub host: String,
+    /// The snapshot it was made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// Its attachment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<AttachmentRec>,
+    /// Why it is in error, or why its attachment is stuck.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+/// A snapshot of a volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRec {
+    /// Common fields.
+    pub meta: Meta,
+    /// The volume it copies.
+    pub volume: String,
+    /// The volume's size, GiB.
+    pub size_gib: u32,
+    /// The host that makes (and deletes) it: the volume's.
+    pub host: String,
+    /// pending, completed, error, deleting.
+    pub state: String,
+    /// Why it is in error.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// Free text.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
 }
 
 /// A registered host.

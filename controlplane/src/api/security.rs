@@ -2137,6 +2137,11 @@ mod tests {
             security_groups: vec![db.group_id.clone(), web.group_id.clone()],
             state: "running".into(),
             instance_type: "t3.micro".into(),
+            state_reason: String::new(),
+            user_data: None,
+            command: None,
+            launch_ms: 0,
+            terminated_ms: None,
         };
         let api = &e.api;
         let put = |i: InstanceRec| async move {

@@ -63,6 +63,7 @@ pub async fn api(store: Arc<dyn Store>, auth: Auth, quotas: Quotas) -> Result<Ap
         quotas,
         programming: Arc::new(Programming::default()),
         desired,
+        consoles: Arc::default(),
     })
 }
 
@@ -121,7 +122,7 @@ pub async fn serve(
         .add_service(InstanceServiceServer::new(super::compute::Instances::new(
             api.clone(),
         )))
-        .add_service(VolumeServiceServer::new(super::compute::Volumes::new(
+        .add_service(VolumeServiceServer::new(super::volumes::Volumes::new(
             api.clone(),
         )))
         .add_service(TagServiceServer::new(super::tags::Tags::new(api.clone())))

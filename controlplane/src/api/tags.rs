@@ -18,6 +18,7 @@ const TAGGABLE: &[(&str, &str)] = &[
     (kind::TG, "target group"),
     (kind::INSTANCE, "instance"),
     (kind::VOLUME, "volume"),
+    (kind::SNAPSHOT, "snapshot"),
 ];
 
 /// The service.

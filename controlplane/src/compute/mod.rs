@@ -38,6 +38,7 @@
 //! Calls for one instance must not overlap (the reconcile loop runs one at a time); calls for
 //! different instances may.
 
+pub mod doc;
 mod exec;
 pub mod imds;
 mod plan;

@@ -55,6 +55,15 @@ pub struct StateFile {
     /// Load-balancer limits (AWS's quotas when absent).
     #[serde(default)]
     pub lb_limits: LbLimits,
+    /// Instances to run, stop or remove (compute agents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instances: Vec<crate::compute::doc::InstanceDoc>,
+    /// Volumes (storage agents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::compute::doc::VolumeDoc>,
+    /// Snapshots (storage agents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<crate::compute::doc::SnapshotDoc>,
 }
 
 /// Connection-tracking idle timeouts, in seconds.

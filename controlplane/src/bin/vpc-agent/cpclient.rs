@@ -138,35 +138,74 @@ async fn watch_once(
     Ok(())
 }
 
-/// Reports an applied revision (best effort: a lost report is repeated by the next one).
-pub async fn report(client: &mut Client, host: &str, revision: i64, error: String) {
-    if let Err(e) = client
+/// A report: the revision applied (or why not) and what the compute and storage agents
+/// observe.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// The revision.
+    pub revision: i64,
+    /// Empty when applied.
+    pub error: String,
+    /// Instances, volumes, snapshots.
+    pub observed: crate::workloads::Observed,
+}
+
+/// Sends a report (best effort: a lost report is repeated by the next one). Returns whether
+/// it was delivered.
+pub async fn report(client: &mut Client, host: &str, r: Report) -> bool {
+    match client
         .report_applied(pb::ReportAppliedRequest {
             host_id: host.to_owned(),
-            revision,
-            error,
+            revision: r.revision,
+            error: r.error,
+            instances: r.observed.instances,
+            volumes: r.observed.volumes,
+            snapshots: r.observed.snapshots,
         })
         .await
     {
-        warn!(error = %e, "reporting the applied revision");
+        Ok(_) => true,
+        Err(e) => {
+            warn!(error = %e, "reporting the applied revision");
+            false
+        }
     }
 }
 
 /// Reports over a lazily (re)connected client.
-pub async fn report_loop(cfg: CpConfig, mut rx: mpsc::UnboundedReceiver<(i64, String)>) {
+pub async fn report_loop(cfg: CpConfig, mut rx: mpsc::UnboundedReceiver<Report>) {
     let mut client: Option<Client> = None;
-    while let Some((mut revision, mut error)) = rx.recv().await {
-        // Only the newest report matters.
-        while let Ok((r, e)) = rx.try_recv() {
-            revision = r;
-            error = e;
+    while let Some(mut r) = rx.recv().await {
+        // Only the newest report matters (each carries everything observed), except for
+        // console output, which is only sent when it grew: keep the newest of each.
+        while let Ok(next) = rx.try_recv() {
+            let mut consoles: std::collections::HashMap<String, Vec<u8>> = r
+                .observed
+                .instances
+                .drain(..)
+                .filter(|i| !i.console.is_empty())
+                .map(|i| (i.instance_id, i.console))
+                .collect();
+            r = next;
+            for i in &mut r.observed.instances {
+                if i.console.is_empty()
+                    && let Some(c) = consoles.remove(&i.instance_id)
+                {
+                    i.console = c;
+                }
+            }
         }
         if client.is_none() {
             client = connect(&cfg).await.ok();
         }
-        match client.as_mut() {
-            Some(c) => report(c, &cfg.host_id, revision, error).await,
-            None => warn!("control plane unreachable; report of revision {revision} dropped"),
+        let revision = r.revision;
+        let delivered = match client.as_mut() {
+            Some(c) => report(c, &cfg.host_id, r).await,
+            None => false,
+        };
+        if !delivered {
+            warn!("control plane unreachable; report of revision {revision} dropped");
+            client = None;
         }
     }
 }

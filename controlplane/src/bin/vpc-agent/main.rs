@@ -8,6 +8,7 @@
 mod cpclient;
 mod lb;
 mod overlay;
+mod workloads;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -96,6 +97,20 @@ struct RunArgs {
     /// longer desired), so it must not be shared with anything else.
     #[arg(long, default_value = controlplane::compute::DEFAULT_NETNS_PREFIX)]
     netns_prefix: String,
+    /// Where this host's compute and storage agents keep instance state, root filesystem
+    /// changes and volumes. Default: /var/lib/vpc/agent/<host>.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The snapshot store. Hosts that share it (e.g. over NFS) can make volumes from each
+    /// other's snapshots.
+    #[arg(long, default_value = "/var/lib/vpc/snapshots")]
+    snapshot_dir: PathBuf,
+    /// The instance init binary. Default: `vpc-instance-init` beside this binary.
+    #[arg(long)]
+    instance_init: Option<PathBuf>,
+    /// Seconds a stopping instance's processes get to exit before they are killed.
+    #[arg(long, default_value_t = 10)]
+    stop_grace: u64,
     /// CA certificate (PEM) of the control plane (https).
     #[arg(long)]
     tls_ca: Option<PathBuf>,
@@ -273,10 +288,27 @@ async fn run(args: RunArgs) -> Result<()> {
             cp_rx = Some(rx);
             cp_report = Some(rtx);
             cp_applied = Some(applied_tx);
+            let init_bin = match &args.instance_init {
+                Some(p) => p.clone(),
+                None => std::env::current_exe()
+                    .context("locating this binary")?
+                    .with_file_name("vpc-instance-init"),
+            };
+            let wcfg = workloads::WorkloadConfig {
+                data_dir: args
+                    .data_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/vpc/agent").join(host)),
+                snapshot_dir: args.snapshot_dir.clone(),
+                init_bin,
+                stop_grace: Duration::from_secs(args.stop_grace),
+            };
+            let w = workloads::Workloads::new(host, &args.netns_prefix, &wcfg)
+                .context("starting the compute and storage agents")?;
             Some(overlay::Reconciler::new(
                 &datapath,
                 overlay::Source::Pushed(None),
-                Some(controlplane::compute::ComputeNet::new(&args.netns_prefix)),
+                Some((controlplane::compute::ComputeNet::new(&args.netns_prefix), w)),
                 host,
                 args.router_mac,
                 &ifaces[0],
@@ -340,7 +372,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     }
                 };
                 if let Some(tx) = &cp_report {
-                    let _ = tx.send((revision, error));
+                    let _ = tx.send(cpclient::Report { revision, error, observed: r.observed.clone() });
                 }
             }
             _ = poll.tick(), if overlay.as_ref().is_some_and(|r| r.has_state()) => {
@@ -351,6 +383,10 @@ async fn run(args: RunArgs) -> Result<()> {
                     // A failed pass changes nothing; the last good state keeps forwarding.
                     if let Err(e) = r.reconcile(&mut datapath, read_policy_back).await {
                         warn!(error = format!("{e:#}"), "overlay reconcile failed");
+                    } else if let (Some(tx), Some(a)) = (&cp_report, &cp_applied) {
+                        // Instances and volumes may have moved on without a new revision.
+                        let revision = *a.borrow();
+                        let _ = tx.send(cpclient::Report { revision, error: String::new(), observed: r.observed.clone() });
                     }
                 }
             }

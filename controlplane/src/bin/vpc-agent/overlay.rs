@@ -62,6 +62,10 @@ pub struct Reconciler {
     lb_results: Option<mpsc::UnboundedReceiver<CheckResult>>,
     /// The load balancers of the last good pass.
     plan: LbPlan,
+    /// The compute and storage agents (control-plane mode).
+    workloads: Option<crate::workloads::Workloads>,
+    /// What they observed in the last pass.
+    pub observed: crate::workloads::Observed,
 }
 
 impl Reconciler {
@@ -69,11 +73,15 @@ impl Reconciler {
     pub fn new(
         datapath: &Datapath,
         source: Source,
-        compute: Option<controlplane::compute::ComputeNet>,
+        compute: Option<(
+            controlplane::compute::ComputeNet,
+            crate::workloads::Workloads,
+        )>,
         host: &str,
         router_mac: [u8; 6],
         underlay: &str,
     ) -> Result<Self> {
+        let (compute, workloads) = compute.unzip();
         let mtu = read_mtu(underlay)?.saturating_sub(dataplane_common::overlay::VXLAN_OVERHEAD);
         let (lb, lb_results) =
             LbAgent::new(host, mtu, controlplane::lb::status_path(datapath.layout()));
@@ -83,6 +91,8 @@ impl Reconciler {
             plan: LbPlan::default(),
             source,
             compute: compute.map(|c| (c, BTreeMap::new())),
+            workloads,
+            observed: crate::workloads::Observed::default(),
             last_map_changes: 0,
             host: host.to_owned(),
             router_mac,
@@ -245,7 +255,11 @@ impl Reconciler {
         let stamp = self.stamp();
         let mut doc = self.document()?;
         let plan = controlplane::lb::plan(&doc)?;
-        let compute_changes = self.compute_pass(&doc, full).await?;
+        let mut compute_changes = match self.workloads.as_mut() {
+            Some(w) => w.wind_down(&doc).await,
+            None => 0,
+        };
+        compute_changes += self.compute_pass(&doc, full).await?;
         // Health-check nodes are endpoints like instances: their ports must exist before
         // the view resolves them.
         self.lb.ensure_nodes(&plan).await?;
@@ -347,6 +361,11 @@ impl Reconciler {
                 report.lb_installed.1,
                 report.lb.tables,
             ));
+        }
+        if let Some(w) = self.workloads.as_mut() {
+            let (n, observed) = w.wind_up(&doc).await;
+            changes += n;
+            self.observed = observed;
         }
         self.lb.publish(&targets);
         self.plan = plan;
