@@ -372,7 +372,7 @@ fn boot(config: &LaunchConfig) -> Result<Booted, String> {
     ];
     let command = match &config.command {
         None => None,
-        Some(cmd) => Some(launch(config, cmd, &env, &mut console)?),
+        Some(cmd) => launch(config, cmd, &env, &mut console)?,
     };
     Ok(Booted {
         command,
@@ -382,19 +382,21 @@ fn boot(config: &LaunchConfig) -> Result<Booted, String> {
     })
 }
 
-/// Spawns `/bin/sh -c <cmd>` and checks it could run (see the module docs).
+/// Spawns `/bin/sh -c <cmd>` and checks it could run (see the module docs); its pid, `None`
+/// if it has already ended (and been reaped).
 fn launch(
     config: &LaunchConfig,
     cmd: &str,
     env: &[(&'static str, String)],
     console: &mut File,
-) -> Result<Pid, String> {
+) -> Result<Option<Pid>, String> {
+    log!(config, "starting the command");
+    // What the shell says from here on is its own (until the launch check is over).
     let offset = console.metadata().map(|m| m.len()).unwrap_or(0);
     let (out, err) = console_stdio().map_err(|e| format!("console: {e}"))?;
     let mut sh = Command::new("/bin/sh");
     sh.arg("-c").arg(cmd);
     let pid = spawn(sh, env, out, err).map_err(|e| format!("starting /bin/sh: {e}"))?;
-    log!(config, "command started (pid {pid})");
     let deadline = Instant::now() + Duration::from_millis(config.launch_check_ms);
     while Instant::now() < deadline {
         match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
@@ -410,12 +412,13 @@ fn launch(
             Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => thread::sleep(POLL),
             Ok(status) => {
                 log!(config, "command {}", describe(status));
-                return Ok(pid);
+                return Ok(None);
             }
             Err(e) => return Err(format!("waiting for the command: {e}")),
         }
     }
-    Ok(pid)
+    log!(config, "command started (pid {pid})");
+    Ok(Some(pid))
 }
 
 /// Starts `cmd` with a clean environment, stdin /dev/null, stdout/stderr given, cwd /; its
