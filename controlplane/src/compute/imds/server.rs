@@ -340,7 +340,7 @@ pub(super) async fn run(
 ) -> io::Result<()> {
     // SAFETY: `fd` is an open descriptor that the `AsyncFd` owns: it stays open, and
     // `OwnedFd::as_raw_fd` keeps returning it, until the `AsyncFd` is dropped.
-    let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+    let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::ERROR) }
         .map_err(|e| e.into_parts().1)?;
     let mut stack = Stack::new(Instant::now());
     let mut buf = vec![0u8; 65536];
@@ -358,7 +358,9 @@ pub(super) async fn run(
         }
         let delay = stack.delay(now);
         tokio::select! {
-            ready = fd.readable() => {
+            // ERROR too: a detached TUN fd (device deleted) polls as EPOLLERR only, and the
+            // read that follows fails (EBADFD), ending the server.
+            ready = fd.ready(Interest::READABLE | Interest::ERROR) => {
                 let mut guard = ready?;
                 while stack.dev.rx.len() < MAX_BURST {
                     match guard.try_io(|fd| {
