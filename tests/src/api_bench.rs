@@ -108,7 +108,7 @@ fn write_bench_credentials(path: &std::path::Path, n: usize) -> Result<()> {
 
 /// Latency summary of samples, in milliseconds.
 #[derive(Clone, Copy, Debug)]
-struct Stats {
+pub(crate) struct Stats {
     n: usize,
     p50: f64,
     p99: f64,
@@ -117,7 +117,7 @@ struct Stats {
 }
 
 impl Stats {
-    fn of(samples: &[Duration]) -> Stats {
+    pub(crate) fn of(samples: &[Duration]) -> Stats {
         let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
         ms.sort_by(f64::total_cmp);
         let n = ms.len();
@@ -141,12 +141,12 @@ impl Stats {
         }
     }
 
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         json!({"n": self.n, "p50_ms": self.p50, "p99_ms": self.p99, "max_ms": self.max,
                "mean_ms": self.mean})
     }
 
-    fn row(&self, name: &str) {
+    pub(crate) fn row(&self, name: &str) {
         println!(
             "{name:<52} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
             self.n, self.p50, self.p99, self.max, self.mean
@@ -154,7 +154,7 @@ impl Stats {
     }
 }
 
-fn header() {
+pub(crate) fn header() {
     println!(
         "{:<52} {:>6} {:>9} {:>9} {:>9} {:>9}",
         "operation", "n", "p50 ms", "p99 ms", "max ms", "mean ms"
@@ -220,7 +220,7 @@ pub fn run(opts: &Options) -> Result<()> {
 }
 
 /// `$VPC_BENCH_OUT_DIR`, else `target/bench` (the executable is `target/<profile>/vpc-bench`).
-fn out_dir() -> Result<PathBuf> {
+pub(crate) fn out_dir() -> Result<PathBuf> {
     if let Some(d) = std::env::var_os("VPC_BENCH_OUT_DIR") {
         return Ok(PathBuf::from(d));
     }

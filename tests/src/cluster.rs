@@ -287,12 +287,52 @@ impl Cluster {
             self.host_prefix(i),
             "--xdp-mode".into(),
             "off".into(),
+            "--data-dir".into(),
+            self.data_dir(i).display().to_string(),
+            "--snapshot-dir".into(),
+            self.dir.path().join("snapshots").display().to_string(),
+            "--cgroup-name".into(),
+            self.cgroup_name(i),
+            "--stop-grace".into(),
+            "2".into(),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let agent = Agent::start_with(&self.hosts[i], self.pins[i].path(), &[UNDERLAY_IF], &args)
             .with_context(|| format!("starting the agent of host {i}"))?;
         self.agents[i] = Some(agent);
         Ok(())
+    }
+
+    /// Host `i`'s compute and storage data directory.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("h{i}"))
+    }
+
+    /// Host `i`'s instance cgroup name (unique per cluster: tests run in parallel).
+    pub fn cgroup_name(&self, i: usize) -> String {
+        format!("{}h{i}", self.netns_prefix)
+    }
+
+    /// Host `i`'s compute runtime, as its agent sees it (to look into instances, and to
+    /// clean up).
+    pub fn runtime(&self, i: usize) -> Result<controlplane::compute::runtime::Runtime> {
+        Ok(controlplane::compute::runtime::Runtime::new(
+            self.data_dir(i).join("instances"),
+            &self.cgroup_name(i),
+            workspace_bin("VPC_INSTANCE_INIT_BIN", "vpc-instance-init")?,
+        )?)
+    }
+
+    /// Runs `sh -c script` inside a running instance of host `i` (all its namespaces:
+    /// mount, PID, UTS, network), as `docker exec` would.
+    pub fn exec(&self, i: usize, instance_id: &str, script: &str) -> Result<std::process::Output> {
+        let pid = self
+            .runtime(i)?
+            .ns_pid(instance_id)
+            .with_context(|| format!("instance {instance_id} is not running on host {i}"))?;
+        Ok(Command::new("nsenter")
+            .args(["--target", &pid.to_string(), "--mount", "--uts", "--ipc", "--net", "--pid", "--", "/bin/sh", "-c", script])
+            .output()?)
     }
 
     /// Every stdout line of host `i`'s running agent.
@@ -388,7 +428,37 @@ impl Drop for Cluster {
             }
         }
         self.cp.take();
-        // Instances' namespaces (the agents leave them running, as a real host would).
+        // Instances' processes, cgroups and files, and volumes' loop devices (the agents
+        // leave them running, as a real host would).
+        for i in 0..self.hosts.len() {
+            let (rt, dir) = (self.runtime(i), self.data_dir(i));
+            let snapshots = self.dir.path().join("snapshots");
+            let _ = std::thread::spawn(move || {
+                let Ok(tokio) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+                tokio.block_on(async {
+                    if let Ok(rt) = rt {
+                        for id in rt.list().unwrap_or_default() {
+                            let _ = rt.destroy(&id, Duration::ZERO).await;
+                        }
+                    }
+                    if let Ok(st) = controlplane::storage::Storage::new(dir.join("volumes"), snapshots.clone()) {
+                        for v in st.volumes().unwrap_or_default() {
+                            let _ = st.detach(&v).await;
+                        }
+                    }
+                });
+            })
+            .join();
+        }
+        // The agents' instance cgroups.
+        for i in 0..self.hosts.len() {
+            if let Ok(ctls) = std::fs::read_dir("/sys/fs/cgroup") {
+                for ctl in ctls.flatten() {
+                    let _ = std::fs::remove_dir(ctl.path().join(self.cgroup_name(i)));
+                }
+            }
+        }
+        // Instances' namespaces.
         if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
             for line in String::from_utf8_lossy(&out.stdout).lines() {
                 let name = line.split_whitespace().next().unwrap_or_default();

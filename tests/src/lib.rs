@@ -6,6 +6,7 @@
 
 pub mod api_bench;
 pub mod cluster;
+pub mod compute_bench;
 pub mod etcd;
 pub mod lb_baseline;
 pub mod lb_bench;

@@ -33,6 +33,8 @@ pub fn main(args: &Args) -> Result<()> {
         "vpc-agent",
         "--bin",
         "vpc-controlplane",
+        "--bin",
+        "vpc-instance-init",
     ]))?;
     let target = util::target_dir()?;
     let agent = target.join("release").join("vpc-agent");
@@ -50,6 +52,10 @@ pub fn main(args: &Args) -> Result<()> {
         .args(&args.bench_args)
         .env("VPC_AGENT_BIN", agent)
         .env("VPC_CONTROLPLANE_BIN", controlplane)
+        .env(
+            "VPC_INSTANCE_INIT_BIN",
+            target.join("release").join("vpc-instance-init"),
+        )
         .env("VPC_BENCH_OUT_DIR", target.join("bench"));
     util::run(&mut cmd)
 }

@@ -24,6 +24,12 @@ const APT_RUNTIME: &[&str] = &[
     "tshark",
     "bridge-utils",
     "etcd-server",
+    // Compute and storage agents: nsenter/losetup/mount (util-linux, mount), mkfs.ext4 and
+    // blkid (e2fsprogs); the instance tests fetch metadata with curl.
+    "util-linux",
+    "mount",
+    "e2fsprogs",
+    "curl",
 ];
 /// The bpf-linker release series the eBPF build is verified with.
 const BPF_LINKER_SERIES: &str = "0.13";

@@ -23,6 +23,10 @@ pub const E2E_TESTS: &[&str] = &[
     "e2e_cli",
     "e2e_tls",
     "e2e_etcd",
+    "compute_runtime",
+    "storage_volumes",
+    "imds",
+    "e2e_compute",
 ];
 /// The datapath test targets of vpc-tests, run by `--tier datapath`.
 const DATAPATH_TESTS: &[&str] = &[
@@ -104,6 +108,7 @@ pub fn main(args: &Args) -> Result<()> {
         let agent = existing(debug.join("vpc-agent"))?;
         let cli = existing(debug.join("vpc"))?;
         let controlplane = existing(debug.join("vpc-controlplane"))?;
+        let init = existing(debug.join("vpc-instance-init"))?;
 
         let (title, targets): (&str, Vec<&str>) = match args.tier {
             Tier::Datapath => ("tier 2: datapath tests", DATAPATH_TESTS.to_vec()),
@@ -117,7 +122,8 @@ pub fn main(args: &Args) -> Result<()> {
         }
         cmd.env("VPC_AGENT_BIN", agent)
             .env("VPC_CLI_BIN", cli)
-            .env("VPC_CONTROLPLANE_BIN", controlplane);
+            .env("VPC_CONTROLPLANE_BIN", controlplane)
+            .env("VPC_INSTANCE_INIT_BIN", init);
         with_test_args(&mut cmd, &args.test_args);
         run_counted(&mut cmd, &mut counts)?;
         eprintln!("xtask: {title} passed in {}", util::elapsed(step));

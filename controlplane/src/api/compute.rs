@@ -1130,7 +1130,7 @@ mod tests {
             client_token: token.into(),
             ..Default::default()
         };
-        for (case, size) in [("0 GiB", 0), ("16385 GiB", 16385), ("huge", u32::MAX)] {
+        for (case, size) in [("0 GiB", 0), ("16384 GiB", 16384), ("huge", u32::MAX)] {
             check(
                 case,
                 e.vols.create_volume(req(TOKEN, create(size, ""))).await,
@@ -1140,7 +1140,7 @@ mod tests {
         }
         let mut revs = Vec::new();
         let mut ids = Vec::new();
-        for size in [1, 16384] {
+        for size in [1, 16383] {
             let r = e
                 .vols
                 .create_volume(req(TOKEN, create(size, "")))

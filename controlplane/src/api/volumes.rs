@@ -22,8 +22,8 @@ use super::records::{
 };
 use super::{Api, by_ids, claim_token, ids, list_page, respond, validate};
 
-/// Largest volume, GiB (EBS gp3's limit).
-pub const MAX_SIZE_GIB: u32 = 16384;
+/// Largest volume, GiB: the storage agent's (ext4 files stop one block short of 16 TiB).
+pub const MAX_SIZE_GIB: u32 = crate::storage::MAX_SIZE_GIB;
 /// Snapshots per account.
 pub const MAX_SNAPSHOTS: usize = 10_000;
 

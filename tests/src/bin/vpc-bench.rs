@@ -112,11 +112,20 @@ fn main() -> Result<()> {
                 hosts: flag(&args, "--hosts").unwrap_or(d.hosts),
             })
         }
+        "compute" => {
+            let d = vpc_tests::compute_bench::Options::default();
+            vpc_tests::compute_bench::run(&vpc_tests::compute_bench::Options {
+                launches: flag(&args, "--launches").unwrap_or(d.launches),
+                batch: flag(&args, "--batch").unwrap_or(d.batch),
+                density_max: flag(&args, "--density-max").unwrap_or(d.density_max),
+                density_minutes: flag(&args, "--density-minutes").unwrap_or(d.density_minutes),
+            })
+        }
         other => bail!(
             "unknown benchmark `{other}` (datapath, per-packet, throughput, overlay, \
              overlay-per-packet, security, security-rules, security-apply, security-conntrack, \
              security-nft, lb, lb-per-packet, lb-conn, api, api-latency, \
-             api-programming)"
+             api-programming, compute)"
         ),
     }
 }

@@ -105,6 +105,10 @@ struct RunArgs {
     /// other's snapshots.
     #[arg(long, default_value = "/var/lib/vpc/snapshots")]
     snapshot_dir: PathBuf,
+    /// The cgroup (under each controller's root) that holds this host's instances.
+    /// Default: vpc-<host>.
+    #[arg(long)]
+    cgroup_name: Option<String>,
     /// The instance init binary. Default: `vpc-instance-init` beside this binary.
     #[arg(long)]
     instance_init: Option<PathBuf>,
@@ -301,6 +305,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     .unwrap_or_else(|| PathBuf::from("/var/lib/vpc/agent").join(host)),
                 snapshot_dir: args.snapshot_dir.clone(),
                 init_bin,
+                cgroup_name: args.cgroup_name.clone().unwrap_or_else(|| format!("vpc-{host}")),
                 stop_grace: Duration::from_secs(args.stop_grace),
             };
             let w = workloads::Workloads::new(host, &args.netns_prefix, &wcfg)

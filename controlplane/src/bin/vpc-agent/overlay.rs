@@ -178,8 +178,14 @@ impl Reconciler {
             .iter()
             .map(|s| (s.id.as_str(), s.cidr))
             .collect();
+        let failed = self.workloads.as_ref().map(|w| w.failed());
         let mut wanted = BTreeMap::new();
-        for e in doc.endpoints.iter().filter(|e| e.host == self.host) {
+        for e in doc
+            .endpoints
+            .iter()
+            .filter(|e| e.host == self.host)
+            .filter(|e| !failed.is_some_and(|f| f.contains_key(&e.id)))
+        {
             let (Some(cidr), Some(mac)) = (
                 subnets.get(e.subnet.as_str()),
                 controlplane::overlay::statefile::parse_mac(&e.mac),
@@ -366,6 +372,14 @@ impl Reconciler {
             let (n, observed) = w.wind_up(&doc).await;
             changes += n;
             self.observed = observed;
+            // A failed launch leaves nothing behind: its network goes before it is reported.
+            if let Some((net, done)) = self.compute.as_mut() {
+                for id in w.failed().keys() {
+                    if done.remove(id).is_some() || net.existing().await?.contains(id) {
+                        net.remove(id).await?;
+                    }
+                }
+            }
         }
         self.lb.publish(&targets);
         self.plan = plan;

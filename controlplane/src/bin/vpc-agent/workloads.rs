@@ -59,6 +59,8 @@ pub struct WorkloadConfig {
     pub snapshot_dir: PathBuf,
     /// The `vpc-instance-init` binary.
     pub init_bin: PathBuf,
+    /// The cgroup holding this host's instances.
+    pub cgroup_name: String,
     /// How long an instance's processes get to exit on stop before they are killed.
     pub stop_grace: Duration,
 }
@@ -87,7 +89,7 @@ impl Workloads {
     pub fn new(host: &str, netns_prefix: &str, cfg: &WorkloadConfig) -> anyhow::Result<Self> {
         let runtime = Runtime::new(
             cfg.data_dir.join("instances"),
-            &format!("vpc-{host}"),
+            &cfg.cgroup_name,
             cfg.init_bin.clone(),
         )?;
         let storage = Storage::new(cfg.data_dir.join("volumes"), cfg.snapshot_dir.clone())?;
@@ -101,6 +103,11 @@ impl Workloads {
             failed: BTreeMap::new(),
             console_seen: HashMap::new(),
         })
+    }
+
+    /// Instances whose launch failed (their network must not be made again).
+    pub fn failed(&self) -> &BTreeMap<String, String> {
+        &self.failed
     }
 
     fn mine<'a>(&self, doc: &'a StateFile) -> impl Iterator<Item = &'a InstanceDoc> {
