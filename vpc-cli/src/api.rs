@@ -118,6 +118,9 @@ pub enum ApiCommand {
     /// Volumes (API).
     #[command(subcommand)]
     Volumes(compute::VolumesCommand),
+    /// Snapshots of volumes (API).
+    #[command(subcommand)]
+    Snapshots(compute::SnapshotsCommand),
     /// Load balancers and their listeners (API; `vpc lb` shows this host's datapath view).
     #[command(subcommand, name = "load-balancers", visible_alias = "elb")]
     LoadBalancers(lb::LoadBalancersCommand),
@@ -164,6 +167,7 @@ async fn run(args: &ApiArgs, cmd: ApiCommand) -> Result<(), CliError> {
         ApiCommand::NetworkAcls(c) => security::network_acls(&api, c).await,
         ApiCommand::Instances(c) => compute::instances(&api, c).await,
         ApiCommand::Volumes(c) => compute::volumes(&api, c).await,
+        ApiCommand::Snapshots(c) => compute::snapshots(&api, c).await,
         ApiCommand::LoadBalancers(c) => lb::load_balancers(&api, c).await,
         ApiCommand::TargetGroups(c) => lb::target_groups(&api, c).await,
         ApiCommand::Hosts(c) => hosts::hosts(&api, c).await,
@@ -730,9 +734,18 @@ message_json! {
     pb::NetworkAcl { network_acl_id, vpc_id, is_default, entries, subnet_ids, owner_id, tags }
     pb::Instance {
         instance_id, subnet_id, vpc_id, private_ip_address, mac_address, security_group_ids,
-        state, host_id, instance_type, owner_id, tags, netns,
+        state, host_id, instance_type, owner_id, tags, netns, state_reason, launch_time_ms,
+        private_dns_name, command, vcpus, memory_mib, block_device_mappings,
     }
-    pb::Volume { volume_id, size_gib, state, attached_instance_id, owner_id, tags }
+    pb::BlockDeviceMapping { device_name, volume_id, mount_path, status }
+    pb::Volume {
+        volume_id, size_gib, state, attached_instance_id, owner_id, tags, host_id, snapshot_id,
+        device, mount_path, attachment_state, state_reason, create_time_ms,
+    }
+    pb::Snapshot {
+        snapshot_id, volume_id, volume_size_gib, state, state_reason, description, owner_id,
+        tags, start_time_ms,
+    }
     pb::Listener { listener_id, protocol, port, target_group_id }
     pb::LoadBalancer {
         load_balancer_id, name, subnet_id, vpc_id, vip, listeners, state, owner_id, tags,
