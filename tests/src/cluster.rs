@@ -331,7 +331,19 @@ impl Cluster {
             .ns_pid(instance_id)
             .with_context(|| format!("instance {instance_id} is not running on host {i}"))?;
         Ok(Command::new("nsenter")
-            .args(["--target", &pid.to_string(), "--mount", "--uts", "--ipc", "--net", "--pid", "--", "/bin/sh", "-c", script])
+            .args([
+                "--target",
+                &pid.to_string(),
+                "--mount",
+                "--uts",
+                "--ipc",
+                "--net",
+                "--pid",
+                "--",
+                "/bin/sh",
+                "-c",
+                script,
+            ])
             .output()?)
     }
 
@@ -434,14 +446,21 @@ impl Drop for Cluster {
             let (rt, dir) = (self.runtime(i), self.data_dir(i));
             let snapshots = self.dir.path().join("snapshots");
             let _ = std::thread::spawn(move || {
-                let Ok(tokio) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+                let Ok(tokio) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
                 tokio.block_on(async {
                     if let Ok(rt) = rt {
                         for id in rt.list().unwrap_or_default() {
                             let _ = rt.destroy(&id, Duration::ZERO).await;
                         }
                     }
-                    if let Ok(st) = controlplane::storage::Storage::new(dir.join("volumes"), snapshots.clone()) {
+                    if let Ok(st) =
+                        controlplane::storage::Storage::new(dir.join("volumes"), snapshots.clone())
+                    {
                         for v in st.volumes().unwrap_or_default() {
                             let _ = st.detach(&v).await;
                         }

@@ -156,7 +156,10 @@ async fn launch_latency(opts: &Options) -> Result<Value> {
     let mut up = Vec::new();
     let mut down = Vec::new();
     let mut ids = Vec::new();
-    println!("\nlaunch latency: {} instances, one at a time, one host", opts.launches);
+    println!(
+        "\nlaunch latency: {} instances, one at a time, one host",
+        opts.launches
+    );
     for _ in 0..opts.launches {
         let t = Instant::now();
         let i = inst
@@ -171,7 +174,15 @@ async fn launch_latency(opts: &Options) -> Result<Value> {
             .pop()
             .context("instance")?;
         let ids1 = [i.instance_id.clone()];
-        if let Err(e) = wait_all(&mut inst, &ids1, "running", Duration::from_millis(5), Duration::from_secs(30)).await? {
+        if let Err(e) = wait_all(
+            &mut inst,
+            &ids1,
+            "running",
+            Duration::from_millis(5),
+            Duration::from_secs(30),
+        )
+        .await?
+        {
             bail!("launch failed: {e}");
         }
         up.push(t.elapsed());
@@ -183,7 +194,15 @@ async fn launch_latency(opts: &Options) -> Result<Value> {
             instance_ids: vec![id.clone()],
         })
         .await?;
-        if let Err(e) = wait_all(&mut inst, std::slice::from_ref(id), "terminated", Duration::from_millis(5), Duration::from_secs(30)).await? {
+        if let Err(e) = wait_all(
+            &mut inst,
+            std::slice::from_ref(id),
+            "terminated",
+            Duration::from_millis(5),
+            Duration::from_secs(30),
+        )
+        .await?
+        {
             bail!("terminate failed: {e}");
         }
         down.push(t.elapsed());
@@ -220,14 +239,23 @@ async fn density(opts: &Options) -> Result<Value> {
         "\ndensity: batches of {} on one host (bounds: {} instances, {} min)",
         opts.batch, opts.density_max, opts.density_minutes
     );
-    println!("{:>9} {:>10} {:>14} {:>14}", "instances", "batch s", "mem avail MiB", "per inst KiB");
+    println!(
+        "{:>9} {:>10} {:>14} {:>14}",
+        "instances", "batch s", "mem avail MiB", "per inst KiB"
+    );
     let (avail0, _) = memory();
     let broke = loop {
         if ids.len() >= opts.density_max {
-            break format!("nothing: reached the bound of {} instances", opts.density_max);
+            break format!(
+                "nothing: reached the bound of {} instances",
+                opts.density_max
+            );
         }
         if started.elapsed() > Duration::from_secs(opts.density_minutes * 60) {
-            break format!("nothing: reached the bound of {} minutes", opts.density_minutes);
+            break format!(
+                "nothing: reached the bound of {} minutes",
+                opts.density_minutes
+            );
         }
         let t = Instant::now();
         let got = match inst
@@ -243,12 +271,25 @@ async fn density(opts: &Options) -> Result<Value> {
             Err(e) => break format!("RunInstances refused: {} {}", e.code(), e.message()),
         };
         let new: Vec<String> = got.into_iter().map(|i| i.instance_id).collect();
-        let r = wait_all(&mut inst, &new, "running", Duration::from_millis(50), Duration::from_secs(120)).await?;
+        let r = wait_all(
+            &mut inst,
+            &new,
+            "running",
+            Duration::from_millis(50),
+            Duration::from_secs(120),
+        )
+        .await?;
         ids.extend(new);
         let secs = t.elapsed().as_secs_f64();
         let (avail, _) = memory();
         let per = avail0.saturating_sub(avail) / ids.len().max(1) as u64;
-        println!("{:>9} {:>10.2} {:>14} {:>14}", ids.len(), secs, avail / 1024, per);
+        println!(
+            "{:>9} {:>10.2} {:>14} {:>14}",
+            ids.len(),
+            secs,
+            avail / 1024,
+            per
+        );
         batches.push(json!({"instances": ids.len(), "batch_seconds": secs,
                             "mem_available_kib": avail, "kib_per_instance": per}));
         if let Err(e) = r {
@@ -258,6 +299,9 @@ async fn density(opts: &Options) -> Result<Value> {
             break format!("host memory: under 5% available at {} instances", ids.len());
         }
     };
-    println!("density: {} instances running; what broke: {broke}", ids.len());
+    println!(
+        "density: {} instances running; what broke: {broke}",
+        ids.len()
+    );
     Ok(json!({"instances": ids.len(), "broke": broke, "batches": batches}))
 }

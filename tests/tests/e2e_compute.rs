@@ -145,7 +145,10 @@ impl Tenant {
             if v.state == state && v.attachment_state == attachment {
                 return Ok(());
             }
-            ensure!(start.elapsed() < WAIT, "timed out waiting for {what}: {v:?}");
+            ensure!(
+                start.elapsed() < WAIT,
+                "timed out waiting for {what}: {v:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -296,13 +299,19 @@ async fn instances_run_talk_read_metadata_stop_start_terminate() -> Result<()> {
     let (s, cl) = (server.instance_id.clone(), client.instance_id.clone());
     t.wait(&s, "running").await?;
     t.wait(&cl, "running").await?;
-    eprintln!("two instances launched to running in {:?}", launched.elapsed());
+    eprintln!(
+        "two instances launched to running in {:?}",
+        launched.elapsed()
+    );
     let sip = server.private_ip_address.clone();
 
     // Its own namespaces: hostname, PID namespace, cgroup limits.
     assert_eq!(exec_ok(&c, 1, &cl, "hostname")?, client.private_dns_name);
     let pids = exec_ok(&c, 0, &s, "ls /proc | grep -c '^[0-9]'")?;
-    ensure!(pids.parse::<u32>()? < 10, "a PID namespace of its own: {pids} processes");
+    ensure!(
+        pids.parse::<u32>()? < 10,
+        "a PID namespace of its own: {pids} processes"
+    );
     let limit = std::fs::read_to_string(
         Path::new("/sys/fs/cgroup/memory")
             .join(c.cgroup_name(0))
@@ -323,12 +332,18 @@ async fn instances_run_talk_read_metadata_stop_start_terminate() -> Result<()> {
     // ICMP; the server cannot ping the client (no inbound rule).
     let iperf = format!("iperf3 -c {sip} -p 8080 -t 1 -J");
     let out = exec_ok(&c, 1, &cl, &iperf)?;
-    ensure!(out.contains("\"sum_received\""), "iperf3 over the VPC: {out}");
+    ensure!(
+        out.contains("\"sum_received\""),
+        "iperf3 over the VPC: {out}"
+    );
     let ping = |host: usize, id: &str, ip: &str| {
         c.exec(host, id, &format!("ping -n -q -c 1 -W 1 {ip}"))
             .map(|o| o.status.success())
     };
-    ensure!(!ping(1, &cl, &sip)?, "ICMP to the server is not allowed by its group");
+    ensure!(
+        !ping(1, &cl, &sip)?,
+        "ICMP to the server is not allowed by its group"
+    );
     ensure!(
         !ping(0, &s, &client.private_ip_address)?,
         "nothing is allowed in by the client's group"
@@ -345,11 +360,17 @@ async fn instances_run_talk_read_metadata_stop_start_terminate() -> Result<()> {
     };
     assert_eq!(md(0, &s, "meta-data/instance-id")?, s);
     assert_eq!(md(1, &cl, "meta-data/instance-id")?, cl);
-    assert_eq!(md(1, &cl, "meta-data/local-ipv4")?, client.private_ip_address);
+    assert_eq!(
+        md(1, &cl, "meta-data/local-ipv4")?,
+        client.private_ip_address
+    );
     assert_eq!(md(1, &cl, "meta-data/mac")?, client.mac_address);
     assert_eq!(md(1, &cl, "meta-data/security-groups")?, "client");
     assert_eq!(md(0, &s, "meta-data/instance-type")?, "t3.nano");
-    assert_eq!(md(0, &s, "meta-data/placement/availability-zone")?, Cluster::host_id(0));
+    assert_eq!(
+        md(0, &s, "meta-data/placement/availability-zone")?,
+        Cluster::host_id(0)
+    );
     ensure!(md(1, &cl, "user-data")?.contains("user-data ran"));
     // IMDSv2.
     let v2 = exec_ok(
@@ -378,7 +399,10 @@ async fn instances_run_talk_read_metadata_stop_start_terminate() -> Result<()> {
         .await?;
     let stopped = t.wait(&s, "stopped").await?;
     assert_eq!(stopped.private_ip_address, sip);
-    ensure!(leftovers(&c, 0, &s).iter().all(|l| !l.starts_with("netns")), "a stopped instance has no network");
+    ensure!(
+        leftovers(&c, 0, &s).iter().all(|l| !l.starts_with("netns")),
+        "a stopped instance has no network"
+    );
     ensure!(c.runtime(0)?.ns_pid(&s).is_none(), "no processes");
     assert_eq!(t.available(&subnet).await?, free, "the address stays held");
     t.inst
@@ -500,8 +524,16 @@ async fn volumes_move_between_instances_and_survive_agent_restarts() -> Result<(
 
     // A writes through a mounted filesystem.
     t.attach(&vol, &a, "xvdf", "/data").await?;
-    exec_ok(&c, 0, &a, "test -b /dev/xvdf && echo hello > /data/f && sync")?;
-    ensure!(!Path::new("/data/f").exists(), "mounted inside the instance only");
+    exec_ok(
+        &c,
+        0,
+        &a,
+        "test -b /dev/xvdf && echo hello > /data/f && sync",
+    )?;
+    ensure!(
+        !Path::new("/data/f").exists(),
+        "mounted inside the instance only"
+    );
     t.detach(&vol).await?;
     ensure!(
         exec_ok(&c, 0, &a, "test -e /data/f && echo present || echo gone")? == "gone",
@@ -521,7 +553,11 @@ async fn volumes_move_between_instances_and_survive_agent_restarts() -> Result<(
     let inst = t.instance(&b).await?;
     assert_eq!(inst.state, "running");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(c.runtime(0)?.ns_pid(&b), Some(pid_before), "adopted, not restarted");
+    assert_eq!(
+        c.runtime(0)?.ns_pid(&b),
+        Some(pid_before),
+        "adopted, not restarted"
+    );
     assert_eq!(exec_ok(&c, 0, &b, "cat /mnt/v/f")?, "hello\nagain");
 
     // A snapshot, and a volume made from it, read by A.
@@ -588,14 +624,17 @@ async fn volumes_move_between_instances_and_survive_agent_restarts() -> Result<(
     }
     eventually(WAIT, "the volumes to be deleted", || {
         let mut v = t.vols.clone();
-        let ids = vec![vol.clone(), copy.clone()];
+        let ids = [vol.clone(), copy.clone()];
         async move {
             let list = v
                 .describe_volumes(pb::DescribeVolumesRequest::default())
                 .await?
                 .into_inner()
                 .volumes;
-            Ok(list.iter().all(|x| !ids.contains(&x.volume_id)).then_some(()))
+            Ok(list
+                .iter()
+                .all(|x| !ids.contains(&x.volume_id))
+                .then_some(()))
         }
     })
     .await?;

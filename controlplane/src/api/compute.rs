@@ -80,7 +80,10 @@ pub fn pb_instance(i: &InstanceRec, volumes: &[VolumeRec]) -> pb::Instance {
 /// The ids of a Stop/Start/Terminate request: 1-1000, each once.
 fn instance_ids(list: &[String]) -> ApiResult<Vec<String>> {
     if list.is_empty() {
-        return Err(ApiError::invalid("instance_ids", "at least one instance id"));
+        return Err(ApiError::invalid(
+            "instance_ids",
+            "at least one instance id",
+        ));
     }
     if list.len() > 1000 {
         return Err(ApiError::invalid("instance_ids", "at most 1000 ids"));
@@ -113,7 +116,11 @@ impl Instances {
         Instances { api }
     }
 
-    async fn views(&self, tx: &super::tx::Tx, list: &[InstanceRec]) -> ApiResult<Vec<pb::Instance>> {
+    async fn views(
+        &self,
+        tx: &super::tx::Tx,
+        list: &[InstanceRec],
+    ) -> ApiResult<Vec<pb::Instance>> {
         let volumes: Vec<VolumeRec> = if list.is_empty() {
             Vec::new()
         } else {
@@ -359,7 +366,8 @@ impl Instances {
                         match (change, i.state.as_str()) {
                             (Change::Stop, state::PENDING | state::RUNNING) => {
                                 i.state = state::STOPPING.into();
-                                i.state_reason = "Client.UserInitiatedShutdown: User initiated shutdown".into();
+                                i.state_reason =
+                                    "Client.UserInitiatedShutdown: User initiated shutdown".into();
                             }
                             (Change::Stop, state::STOPPING | state::STOPPED) => {}
                             (Change::Stop, _) => return refuse("it cannot be stopped"),
@@ -376,7 +384,8 @@ impl Instances {
                             (Change::Terminate, state::SHUTTING_DOWN | state::TERMINATED) => {}
                             (Change::Terminate, _) => {
                                 i.state = state::SHUTTING_DOWN.into();
-                                i.state_reason = "Client.UserInitiatedShutdown: User initiated shutdown".into();
+                                i.state_reason =
+                                    "Client.UserInitiatedShutdown: User initiated shutdown".into();
                                 super::lifecycle::retire_instance(&mut tx, &i).await?;
                             }
                         }
@@ -476,7 +485,8 @@ impl InstanceService for Instances {
         let account = self.api.auth.account(r.metadata())?;
         let id = validate::id("instance_id", kind::INSTANCE, &r.get_ref().instance_id)?;
         let tx = self.api.read(&account).await?;
-        tx.must::<InstanceRec>(kind::INSTANCE, "instance", &id).await?;
+        tx.must::<InstanceRec>(kind::INSTANCE, "instance", &id)
+            .await?;
         let (output, at) = self.api.consoles.get(&id).unwrap_or_default();
         Ok(Response::new(pb::GetConsoleOutputResponse {
             instance_id: id,
@@ -1282,7 +1292,11 @@ mod tests {
                                 instance_id: (*id).into(),
                                 state: (*state).into(),
                                 reason: (*reason).into(),
-                                console: if *state == "running" { b"hello\n".to_vec() } else { vec![] },
+                                console: if *state == "running" {
+                                    b"hello\n".to_vec()
+                                } else {
+                                    vec![]
+                                },
                             })
                             .collect(),
                         volumes: volumes
@@ -1366,7 +1380,13 @@ mod tests {
             instance_type: "t3.small".into(),
             ..Default::default()
         };
-        let a = e.run_req(TOKEN, r).await.unwrap().into_inner().instances.remove(0);
+        let a = e
+            .run_req(TOKEN, r)
+            .await
+            .unwrap()
+            .into_inner()
+            .instances
+            .remove(0);
         let id = a.instance_id.as_str();
         assert_eq!(a.state, "pending");
         assert_eq!((a.vcpus, a.memory_mib), (2, 2048));
@@ -1388,11 +1408,26 @@ mod tests {
         assert_eq!(out, b"hello\n");
         // Stop: stopping until the host says stopped; the address stays.
         let free = e.available(&s.subnet_id).await;
-        let stop = e.inst.stop_instances(req(TOKEN, pb::StopInstancesRequest { instance_ids: vec![id.into()] })).await.unwrap();
+        let stop = e
+            .inst
+            .stop_instances(req(
+                TOKEN,
+                pb::StopInstancesRequest {
+                    instance_ids: vec![id.into()],
+                },
+            ))
+            .await
+            .unwrap();
         assert_eq!(stop.into_inner().instances[0].state, "stopping");
         let d = e.doc().await;
-        assert_eq!(d.instances.iter().find(|i| i.id == id).unwrap().intent, Intent::Stop);
-        assert!(!d.endpoints.iter().any(|x| x.id == id), "no network while stopped");
+        assert_eq!(
+            d.instances.iter().find(|i| i.id == id).unwrap().intent,
+            Intent::Stop
+        );
+        assert!(
+            !d.endpoints.iter().any(|x| x.id == id),
+            "no network while stopped"
+        );
         e.report(&[(id, "running", "")], &[], &[]).await;
         assert_eq!(e.instance(id).await.state, "stopping", "a stale report");
         e.report(&[(id, "stopped", "")], &[], &[]).await;
@@ -1401,49 +1436,112 @@ mod tests {
         assert_eq!(got.private_ip_address, "10.0.1.4");
         assert_eq!(e.available(&s.subnet_id).await, free);
         // Start: stopping refuses, stopped -> pending -> running.
-        let start = |ids: Vec<String>| e.inst.start_instances(req(TOKEN, pb::StartInstancesRequest { instance_ids: ids }));
-        assert_eq!(start(vec![id.into()]).await.unwrap().into_inner().instances[0].state, "pending");
+        let start = |ids: Vec<String>| {
+            e.inst
+                .start_instances(req(TOKEN, pb::StartInstancesRequest { instance_ids: ids }))
+        };
+        assert_eq!(
+            start(vec![id.into()]).await.unwrap().into_inner().instances[0].state,
+            "pending"
+        );
         e.report(&[(id, "running", "")], &[], &[]).await;
         assert_eq!(e.instance(id).await.state, "running");
-        check("start twice listed", start(vec![id.into(), id.into()]).await, Code::InvalidArgument, "instance_ids[1]");
+        check(
+            "start twice listed",
+            start(vec![id.into(), id.into()]).await,
+            Code::InvalidArgument,
+            "instance_ids[1]",
+        );
         // Terminate: shutting-down, the address is free at once; terminated once reported.
         e.terminate(TOKEN, &[id]).await.unwrap();
         assert_eq!(e.instance(id).await.state, "shutting-down");
         assert_eq!(e.available(&s.subnet_id).await, free + 1);
         let d = e.doc().await;
-        assert_eq!(d.instances.iter().find(|i| i.id == id).unwrap().intent, Intent::Terminate);
+        assert_eq!(
+            d.instances.iter().find(|i| i.id == id).unwrap().intent,
+            Intent::Terminate
+        );
         e.report(&[(id, "terminated", "")], &[], &[]).await;
         let got = e.instance(id).await;
         assert_eq!(got.state, "terminated", "terminated instances stay visible");
         assert!(!e.doc().await.instances.iter().any(|i| i.id == id));
-        check("start terminated", start(vec![id.into()]).await, Code::FailedPrecondition, "IncorrectInstanceState");
+        check(
+            "start terminated",
+            start(vec![id.into()]).await,
+            Code::FailedPrecondition,
+            "IncorrectInstanceState",
+        );
         // A failed launch: terminated with the reason, address released.
         let b = e.run(TOKEN, &s.subnet_id, "").await.unwrap();
         let before = e.available(&s.subnet_id).await;
-        e.report(&[(&b.instance_id, "failed", "sh: 1: /bin/nope: not found")], &[], &[]).await;
+        e.report(
+            &[(&b.instance_id, "failed", "sh: 1: /bin/nope: not found")],
+            &[],
+            &[],
+        )
+        .await;
         let got = e.instance(&b.instance_id).await;
         assert_eq!(got.state, "terminated");
-        assert!(got.state_reason.contains("Server.LaunchFailed") && got.state_reason.contains("/bin/nope"), "{}", got.state_reason);
+        assert!(
+            got.state_reason.contains("Server.LaunchFailed")
+                && got.state_reason.contains("/bin/nope"),
+            "{}",
+            got.state_reason
+        );
         assert_eq!(e.available(&s.subnet_id).await, before + 1);
         // Another host's report cannot move this host's instance.
         let c = e.run(TOKEN, &s.subnet_id, "").await.unwrap();
         Hosts::new(e.api.clone())
-            .report_applied(req(AGENT, pb::ReportAppliedRequest {
-                host_id: "host-9".into(),
-                revision: 1,
-                instances: vec![pb::InstanceStatus { instance_id: c.instance_id.clone(), state: "running".into(), ..Default::default() }],
-                ..Default::default()
-            }))
+            .report_applied(req(
+                AGENT,
+                pb::ReportAppliedRequest {
+                    host_id: "host-9".into(),
+                    revision: 1,
+                    instances: vec![pb::InstanceStatus {
+                        instance_id: c.instance_id.clone(),
+                        state: "running".into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            ))
             .await
             .unwrap();
         assert_eq!(e.instance(&c.instance_id).await.state, "pending");
         // Bad requests.
-        let bad = pb::RunInstancesRequest { subnet_id: s.subnet_id.clone(), instance_type: "t3.huge".into(), ..Default::default() };
-        check("type", e.run_req(TOKEN, bad).await, Code::InvalidArgument, "instance_type");
-        let bad = pb::RunInstancesRequest { subnet_id: s.subnet_id.clone(), user_data: vec![0; 16 * 1024 + 1], ..Default::default() };
-        check("user data", e.run_req(TOKEN, bad).await, Code::InvalidArgument, "user_data");
-        let bad = pb::RunInstancesRequest { subnet_id: s.subnet_id.clone(), command: "x".repeat(4097), ..Default::default() };
-        check("command", e.run_req(TOKEN, bad).await, Code::InvalidArgument, "command");
+        let bad = pb::RunInstancesRequest {
+            subnet_id: s.subnet_id.clone(),
+            instance_type: "t3.huge".into(),
+            ..Default::default()
+        };
+        check(
+            "type",
+            e.run_req(TOKEN, bad).await,
+            Code::InvalidArgument,
+            "instance_type",
+        );
+        let bad = pb::RunInstancesRequest {
+            subnet_id: s.subnet_id.clone(),
+            user_data: vec![0; 16 * 1024 + 1],
+            ..Default::default()
+        };
+        check(
+            "user data",
+            e.run_req(TOKEN, bad).await,
+            Code::InvalidArgument,
+            "user_data",
+        );
+        let bad = pb::RunInstancesRequest {
+            subnet_id: s.subnet_id.clone(),
+            command: "x".repeat(4097),
+            ..Default::default()
+        };
+        check(
+            "command",
+            e.run_req(TOKEN, bad).await,
+            Code::InvalidArgument,
+            "command",
+        );
     }
 
     /// Volumes and snapshots through their lifecycles with host reports; attachment rules.
@@ -1453,71 +1551,295 @@ mod tests {
         e.register_host("host-1", "192.168.77.2").await;
         let vpc = e.vpc(TOKEN, "10.0.0.0/16").await;
         let s = e.subnet(TOKEN, &vpc.vpc_id, "10.0.1.0/24").await;
-        let run_on = |host: &str| pb::RunInstancesRequest { subnet_id: s.subnet_id.clone(), host_id: host.into(), ..Default::default() };
-        let i0 = e.run_req(TOKEN, run_on(HOST)).await.unwrap().into_inner().instances.remove(0).instance_id;
-        let i1 = e.run_req(TOKEN, run_on("host-1")).await.unwrap().into_inner().instances.remove(0).instance_id;
-        let create = |snap: &str, size: u32| pb::CreateVolumeRequest { size_gib: size, host_id: HOST.into(), snapshot_id: snap.into(), ..Default::default() };
-        let v = e.vols.create_volume(req(TOKEN, create("", 2))).await.unwrap().into_inner().volume.unwrap();
+        let run_on = |host: &str| pb::RunInstancesRequest {
+            subnet_id: s.subnet_id.clone(),
+            host_id: host.into(),
+            ..Default::default()
+        };
+        let i0 = e
+            .run_req(TOKEN, run_on(HOST))
+            .await
+            .unwrap()
+            .into_inner()
+            .instances
+            .remove(0)
+            .instance_id;
+        let i1 = e
+            .run_req(TOKEN, run_on("host-1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .instances
+            .remove(0)
+            .instance_id;
+        let create = |snap: &str, size: u32| pb::CreateVolumeRequest {
+            size_gib: size,
+            host_id: HOST.into(),
+            snapshot_id: snap.into(),
+            ..Default::default()
+        };
+        let v = e
+            .vols
+            .create_volume(req(TOKEN, create("", 2)))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
         let vid = v.volume_id.as_str();
         let attach = |vol: &str, inst: &str, dev: &str, path: &str| {
-            e.vols.attach_volume(req(TOKEN, pb::AttachVolumeRequest { volume_id: vol.into(), instance_id: inst.into(), device: dev.into(), mount_path: path.into() }))
+            e.vols.attach_volume(req(
+                TOKEN,
+                pb::AttachVolumeRequest {
+                    volume_id: vol.into(),
+                    instance_id: inst.into(),
+                    device: dev.into(),
+                    mount_path: path.into(),
+                },
+            ))
         };
-        check("attach while creating", attach(vid, &i0, "xvdf", "/data").await, Code::FailedPrecondition, "creating");
+        check(
+            "attach while creating",
+            attach(vid, &i0, "xvdf", "/data").await,
+            Code::FailedPrecondition,
+            "creating",
+        );
         e.report(&[], &[(vid, "available", "")], &[]).await;
         assert_eq!(e.volume(vid).await.unwrap().state, "available");
-        check("other host", attach(vid, &i1, "xvdf", "/data").await, Code::InvalidArgument, "instance_id");
-        check("bad device", attach(vid, &i0, "/dev/../sda", "").await, Code::InvalidArgument, "device");
-        check("bad path", attach(vid, &i0, "xvdf", "data").await, Code::InvalidArgument, "mount_path");
-        let got = attach(vid, &i0, "/dev/xvdf", "/data").await.unwrap().into_inner().volume.unwrap();
-        assert_eq!((got.state.as_str(), got.attachment_state.as_str(), got.device.as_str()), ("in-use", "attaching", "/dev/xvdf"));
-        attach(vid, &i0, "xvdf", "/data").await.expect("the same attachment again is a no-op");
+        check(
+            "other host",
+            attach(vid, &i1, "xvdf", "/data").await,
+            Code::InvalidArgument,
+            "instance_id",
+        );
+        check(
+            "bad device",
+            attach(vid, &i0, "/dev/../sda", "").await,
+            Code::InvalidArgument,
+            "device",
+        );
+        check(
+            "bad path",
+            attach(vid, &i0, "xvdf", "data").await,
+            Code::InvalidArgument,
+            "mount_path",
+        );
+        let got = attach(vid, &i0, "/dev/xvdf", "/data")
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert_eq!(
+            (
+                got.state.as_str(),
+                got.attachment_state.as_str(),
+                got.device.as_str()
+            ),
+            ("in-use", "attaching", "/dev/xvdf")
+        );
+        attach(vid, &i0, "xvdf", "/data")
+            .await
+            .expect("the same attachment again is a no-op");
         let d = e.doc().await;
-        let a = d.volumes.iter().find(|x| x.id == vid).unwrap().attachment.clone().unwrap();
-        assert_eq!((a.instance.as_str(), a.device.as_str(), a.mount_path.as_deref(), a.detach), (i0.as_str(), "xvdf", Some("/data"), false));
-        let v2 = e.vols.create_volume(req(TOKEN, create("", 1))).await.unwrap().into_inner().volume.unwrap();
-        e.report(&[], &[(&v2.volume_id, "available", "")], &[]).await;
-        check("device taken", attach(&v2.volume_id, &i0, "xvdf", "").await, Code::InvalidArgument, "device");
-        check("path taken", attach(&v2.volume_id, &i0, "xvdg", "/data").await, Code::InvalidArgument, "mount_path");
+        let a = d
+            .volumes
+            .iter()
+            .find(|x| x.id == vid)
+            .unwrap()
+            .attachment
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (
+                a.instance.as_str(),
+                a.device.as_str(),
+                a.mount_path.as_deref(),
+                a.detach
+            ),
+            (i0.as_str(), "xvdf", Some("/data"), false)
+        );
+        let v2 = e
+            .vols
+            .create_volume(req(TOKEN, create("", 1)))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        e.report(&[], &[(&v2.volume_id, "available", "")], &[])
+            .await;
+        check(
+            "device taken",
+            attach(&v2.volume_id, &i0, "xvdf", "").await,
+            Code::InvalidArgument,
+            "device",
+        );
+        check(
+            "path taken",
+            attach(&v2.volume_id, &i0, "xvdg", "/data").await,
+            Code::InvalidArgument,
+            "mount_path",
+        );
         e.report(&[], &[(vid, "attached", &i0)], &[]).await;
         assert_eq!(e.volume(vid).await.unwrap().attachment_state, "attached");
         let m = e.instance(&i0).await.block_device_mappings;
-        assert_eq!((m[0].device_name.as_str(), m[0].volume_id.as_str(), m[0].status.as_str()), ("/dev/xvdf", vid, "attached"));
-        let del = |id: &str| e.vols.delete_volume(req(TOKEN, pb::DeleteVolumeRequest { volume_id: id.into() }));
-        check("delete attached", del(vid).await, Code::FailedPrecondition, "VolumeInUse");
+        assert_eq!(
+            (
+                m[0].device_name.as_str(),
+                m[0].volume_id.as_str(),
+                m[0].status.as_str()
+            ),
+            ("/dev/xvdf", vid, "attached")
+        );
+        let del = |id: &str| {
+            e.vols.delete_volume(req(
+                TOKEN,
+                pb::DeleteVolumeRequest {
+                    volume_id: id.into(),
+                },
+            ))
+        };
+        check(
+            "delete attached",
+            del(vid).await,
+            Code::FailedPrecondition,
+            "VolumeInUse",
+        );
         // Snapshot while attached; a volume from it.
-        let snap = e.vols.create_snapshot(req(TOKEN, pb::CreateSnapshotRequest { volume_id: vid.into(), description: "d".into(), ..Default::default() })).await.unwrap().into_inner().snapshot.unwrap();
+        let snap = e
+            .vols
+            .create_snapshot(req(
+                TOKEN,
+                pb::CreateSnapshotRequest {
+                    volume_id: vid.into(),
+                    description: "d".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
         assert_eq!((snap.state.as_str(), snap.volume_size_gib), ("pending", 2));
-        check("from a pending snapshot", e.vols.create_volume(req(TOKEN, create(&snap.snapshot_id, 0))).await, Code::FailedPrecondition, "pending");
-        e.report(&[], &[], &[(&snap.snapshot_id, "completed")]).await;
-        check("smaller than the snapshot", e.vols.create_volume(req(TOKEN, create(&snap.snapshot_id, 1))).await, Code::InvalidArgument, "size_gib");
-        let v3 = e.vols.create_volume(req(TOKEN, create(&snap.snapshot_id, 0))).await.unwrap().into_inner().volume.unwrap();
-        assert_eq!((v3.size_gib, v3.snapshot_id.as_str()), (2, snap.snapshot_id.as_str()));
-        let delsnap = |id: &str| e.vols.delete_snapshot(req(TOKEN, pb::DeleteSnapshotRequest { snapshot_id: id.into() }));
-        check("snapshot in use", delsnap(&snap.snapshot_id).await, Code::FailedPrecondition, &v3.volume_id);
-        e.report(&[], &[(&v3.volume_id, "available", "")], &[]).await;
+        check(
+            "from a pending snapshot",
+            e.vols
+                .create_volume(req(TOKEN, create(&snap.snapshot_id, 0)))
+                .await,
+            Code::FailedPrecondition,
+            "pending",
+        );
+        e.report(&[], &[], &[(&snap.snapshot_id, "completed")])
+            .await;
+        check(
+            "smaller than the snapshot",
+            e.vols
+                .create_volume(req(TOKEN, create(&snap.snapshot_id, 1)))
+                .await,
+            Code::InvalidArgument,
+            "size_gib",
+        );
+        let v3 = e
+            .vols
+            .create_volume(req(TOKEN, create(&snap.snapshot_id, 0)))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert_eq!(
+            (v3.size_gib, v3.snapshot_id.as_str()),
+            (2, snap.snapshot_id.as_str())
+        );
+        let delsnap = |id: &str| {
+            e.vols.delete_snapshot(req(
+                TOKEN,
+                pb::DeleteSnapshotRequest {
+                    snapshot_id: id.into(),
+                },
+            ))
+        };
+        check(
+            "snapshot in use",
+            delsnap(&snap.snapshot_id).await,
+            Code::FailedPrecondition,
+            &v3.volume_id,
+        );
+        e.report(&[], &[(&v3.volume_id, "available", "")], &[])
+            .await;
         delsnap(&snap.snapshot_id).await.unwrap();
-        assert!(e.doc().await.snapshots.iter().any(|x| x.id == snap.snapshot_id && x.delete));
+        assert!(
+            e.doc()
+                .await
+                .snapshots
+                .iter()
+                .any(|x| x.id == snap.snapshot_id && x.delete)
+        );
         e.report(&[], &[], &[(&snap.snapshot_id, "deleted")]).await;
-        let gone = e.vols.describe_snapshots(req(TOKEN, pb::DescribeSnapshotsRequest { snapshot_ids: vec![snap.snapshot_id.clone()], ..Default::default() })).await;
+        let gone = e
+            .vols
+            .describe_snapshots(req(
+                TOKEN,
+                pb::DescribeSnapshotsRequest {
+                    snapshot_ids: vec![snap.snapshot_id.clone()],
+                    ..Default::default()
+                },
+            ))
+            .await;
         check("snapshot gone", gone, Code::NotFound, &snap.snapshot_id);
         // Detach: detaching until the host reports it released.
-        let got = e.vols.detach_volume(req(TOKEN, pb::DetachVolumeRequest { volume_id: vid.into() })).await.unwrap().into_inner().volume.unwrap();
+        let got = e
+            .vols
+            .detach_volume(req(
+                TOKEN,
+                pb::DetachVolumeRequest {
+                    volume_id: vid.into(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
         assert_eq!(got.attachment_state, "detaching");
-        assert!(e.doc().await.volumes.iter().find(|x| x.id == vid).unwrap().attachment.as_ref().unwrap().detach);
+        assert!(
+            e.doc()
+                .await
+                .volumes
+                .iter()
+                .find(|x| x.id == vid)
+                .unwrap()
+                .attachment
+                .as_ref()
+                .unwrap()
+                .detach
+        );
         e.report(&[], &[(vid, "attached", &i0)], &[]).await;
         assert_eq!(e.volume(vid).await.unwrap().attachment_state, "detaching");
         e.report(&[], &[(vid, "available", "")], &[]).await;
         let got = e.volume(vid).await.unwrap();
-        assert_eq!((got.state.as_str(), got.attached_instance_id.as_str()), ("available", ""));
+        assert_eq!(
+            (got.state.as_str(), got.attached_instance_id.as_str()),
+            ("available", "")
+        );
         // Terminating an instance detaches its volumes.
         attach(vid, &i0, "xvdf", "").await.unwrap();
         e.terminate(TOKEN, &[&i0]).await.unwrap();
         assert_eq!(e.volume(vid).await.unwrap().attachment_state, "detaching");
-        e.report(&[(&i0, "terminated", "")], &[(vid, "available", "")], &[]).await;
+        e.report(&[(&i0, "terminated", "")], &[(vid, "available", "")], &[])
+            .await;
         assert_eq!(e.volume(vid).await.unwrap().state, "available");
         // Delete: deleting, then gone once the host deleted the file.
         del(vid).await.unwrap();
-        assert!(e.doc().await.volumes.iter().any(|x| x.id == vid && x.delete));
+        assert!(
+            e.doc()
+                .await
+                .volumes
+                .iter()
+                .any(|x| x.id == vid && x.delete)
+        );
         e.report(&[], &[(vid, "deleted", "")], &[]).await;
         check("deleted", e.volume(vid).await, Code::NotFound, vid);
     }

@@ -230,15 +230,12 @@ fn render(cache: &BTreeMap<String, Rec>, quotas: &Quotas, revision: i64) -> Desi
                 );
                 *volumes_per_host.entry(v.host.clone()).or_default() += 1;
                 doc.volumes.push(VolumeDoc {
-                id: v.meta.id.clone(),
-                host: v.host.clone(),
-                size_gib: v.size_gib,
-                snapshot: v.snapshot.clone(),
-                delete: v.state == state::DELETING,
-                attachment: v
-                    .attachment
-                    .as_ref()
-                    .map(|a| AttachmentDoc {
+                    id: v.meta.id.clone(),
+                    host: v.host.clone(),
+                    size_gib: v.size_gib,
+                    snapshot: v.snapshot.clone(),
+                    delete: v.state == state::DELETING,
+                    attachment: v.attachment.as_ref().map(|a| AttachmentDoc {
                         instance: a.instance.clone(),
                         device: a.device.clone(),
                         mount_path: a.mount_path.clone(),
@@ -259,9 +256,9 @@ fn render(cache: &BTreeMap<String, Rec>, quotas: &Quotas, revision: i64) -> Desi
                     },
                 );
                 doc.snapshots.push(SnapshotDoc {
-                id: sn.meta.id.clone(),
-                volume: sn.volume.clone(),
-                host: sn.host.clone(),
+                    id: sn.meta.id.clone(),
+                    volume: sn.volume.clone(),
+                    host: sn.host.clone(),
                     delete: sn.state == state::DELETING,
                 });
             }

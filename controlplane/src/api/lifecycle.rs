@@ -46,7 +46,7 @@ pub fn instance_next(current: &str, observed: &str) -> Option<&'static str> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VolumeNext {
     /// Write this record.
-    Put(VolumeRec),
+    Put(Box<VolumeRec>),
     /// Delete the record (the host deleted the file).
     Delete,
 }
@@ -84,11 +84,14 @@ pub fn volume_next(v: &VolumeRec, observed: &pb::VolumeStatus) -> Option<VolumeN
         }
         _ => return None,
     }
-    (next != *v).then_some(VolumeNext::Put(next))
+    (next != *v).then(|| VolumeNext::Put(Box::new(next)))
 }
 
 /// What a snapshot becomes after its host reports `observed`: `Some(None)` deletes it.
-pub fn snapshot_next(s: &SnapshotRec, observed: &pb::SnapshotStatus) -> Option<Option<SnapshotRec>> {
+pub fn snapshot_next(
+    s: &SnapshotRec,
+    observed: &pb::SnapshotStatus,
+) -> Option<Option<SnapshotRec>> {
     let mut next = s.clone();
     match (s.state.as_str(), observed.state.as_str()) {
         (state::DELETING, "deleted") => return Some(None),
@@ -223,11 +226,18 @@ pub async fn observe(api: &Api, host: &str, report: &pb::ReportAppliedRequest) -
                     for c in list {
                         match c {
                             Candidate::Instance(s) => {
-                                let Some(mut i) = tx.get::<InstanceRec>(kind::INSTANCE, &s.instance_id).await? else { continue };
+                                let Some(mut i) = tx
+                                    .get::<InstanceRec>(kind::INSTANCE, &s.instance_id)
+                                    .await?
+                                else {
+                                    continue;
+                                };
                                 if i.host != *host {
                                     continue;
                                 }
-                                let Some(next) = instance_next(&i.state, &s.state) else { continue };
+                                let Some(next) = instance_next(&i.state, &s.state) else {
+                                    continue;
+                                };
                                 if s.state == "failed" {
                                     retire_instance(&mut tx, &i).await?;
                                     i.state_reason = format!("Server.LaunchFailed: {}", s.reason);
@@ -237,15 +247,23 @@ pub async fn observe(api: &Api, host: &str, report: &pb::ReportAppliedRequest) -
                                 if next == state::TERMINATED {
                                     i.terminated_ms = Some(now_ms());
                                 }
-                                changes.push(format!("instance {} {} -> {next}", i.meta.id, i.state));
+                                changes
+                                    .push(format!("instance {} {} -> {next}", i.meta.id, i.state));
                                 i.state = next.into();
                                 tx.put(kind::INSTANCE, &i.meta.id.clone(), &i)?;
                             }
                             Candidate::Volume(s) => {
-                                let Some(v) = tx.get::<VolumeRec>(kind::VOLUME, &s.volume_id).await? else { continue };
+                                let Some(v) =
+                                    tx.get::<VolumeRec>(kind::VOLUME, &s.volume_id).await?
+                                else {
+                                    continue;
+                                };
                                 match volume_next(&v, s) {
                                     Some(VolumeNext::Put(n)) => {
-                                        changes.push(format!("volume {} {} -> {}", v.meta.id, v.state, n.state));
+                                        changes.push(format!(
+                                            "volume {} {} -> {}",
+                                            v.meta.id, v.state, n.state
+                                        ));
                                         tx.put(kind::VOLUME, &v.meta.id, &n)?;
                                     }
                                     Some(VolumeNext::Delete) => {
@@ -256,10 +274,18 @@ pub async fn observe(api: &Api, host: &str, report: &pb::ReportAppliedRequest) -
                                 }
                             }
                             Candidate::Snapshot(s) => {
-                                let Some(sn) = tx.get::<SnapshotRec>(kind::SNAPSHOT, &s.snapshot_id).await? else { continue };
+                                let Some(sn) = tx
+                                    .get::<SnapshotRec>(kind::SNAPSHOT, &s.snapshot_id)
+                                    .await?
+                                else {
+                                    continue;
+                                };
                                 match snapshot_next(&sn, s) {
                                     Some(Some(n)) => {
-                                        changes.push(format!("snapshot {} {} -> {}", sn.meta.id, sn.state, n.state));
+                                        changes.push(format!(
+                                            "snapshot {} {} -> {}",
+                                            sn.meta.id, sn.state, n.state
+                                        ));
                                         tx.put(kind::SNAPSHOT, &sn.meta.id, &n)?;
                                     }
                                     Some(None) => {
@@ -295,7 +321,8 @@ pub async fn collect_garbage(api: &Api) {
     let mut old: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (id, o) in d.objects.iter() {
         if o.state == state::TERMINATED
-            && o.since_ms.is_some_and(|t| now.saturating_sub(t) > TERMINATED_TTL_MS)
+            && o.since_ms
+                .is_some_and(|t| now.saturating_sub(t) > TERMINATED_TTL_MS)
         {
             old.entry(o.account.clone()).or_default().push(id.clone());
         }
@@ -336,7 +363,12 @@ mod tests {
 
     fn vol(state: &str, attachment: Option<&str>) -> VolumeRec {
         VolumeRec {
-            meta: Meta { id: "vol-1".into(), account: "a".into(), tags: vec![], created_ms: 0 },
+            meta: Meta {
+                id: "vol-1".into(),
+                account: "a".into(),
+                tags: vec![],
+                created_ms: 0,
+            },
             size_gib: 1,
             state: state.into(),
             host: "h".into(),
@@ -356,7 +388,11 @@ mod tests {
             volume_id: "vol-1".into(),
             state: state.into(),
             attached_instance_id: attached.into(),
-            reason: if state == "error" { "boom".into() } else { String::new() },
+            reason: if state == "error" {
+                "boom".into()
+            } else {
+                String::new()
+            },
         }
     }
 
@@ -365,39 +401,98 @@ mod tests {
         assert_eq!(instance_next("pending", "running"), Some("running"));
         assert_eq!(instance_next("pending", "failed"), Some("terminated"));
         assert_eq!(instance_next("pending", "stopped"), None, "stale report");
-        assert_eq!(instance_next("running", "running"), None, "no write when unchanged");
+        assert_eq!(
+            instance_next("running", "running"),
+            None,
+            "no write when unchanged"
+        );
         assert_eq!(instance_next("stopping", "stopped"), Some("stopped"));
         assert_eq!(instance_next("stopping", "running"), None, "stale report");
-        assert_eq!(instance_next("shutting-down", "terminated"), Some("terminated"));
+        assert_eq!(
+            instance_next("shutting-down", "terminated"),
+            Some("terminated")
+        );
         assert_eq!(instance_next("shutting-down", "running"), None);
         assert_eq!(instance_next("terminated", "terminated"), None);
     }
 
     #[test]
     fn volume_transitions() {
-        let VolumeNext::Put(v) = volume_next(&vol("creating", None), &vs("available", "")).unwrap() else { panic!() };
+        let VolumeNext::Put(v) = volume_next(&vol("creating", None), &vs("available", "")).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(v.state, "available");
-        let VolumeNext::Put(v) = volume_next(&vol("creating", None), &vs("error", "")).unwrap() else { panic!() };
+        let VolumeNext::Put(v) = volume_next(&vol("creating", None), &vs("error", "")).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!((v.state.as_str(), v.reason.as_str()), ("error", "boom"));
-        let VolumeNext::Put(v) = volume_next(&vol("in-use", Some("attaching")), &vs("attached", "i-1")).unwrap() else { panic!() };
+        let VolumeNext::Put(v) =
+            volume_next(&vol("in-use", Some("attaching")), &vs("attached", "i-1")).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(v.attachment.unwrap().state, "attached");
-        assert_eq!(volume_next(&vol("in-use", Some("attaching")), &vs("attached", "i-2")), None, "another instance");
-        assert_eq!(volume_next(&vol("in-use", Some("attaching")), &vs("available", "")), None, "stale");
-        let VolumeNext::Put(v) = volume_next(&vol("in-use", Some("detaching")), &vs("available", "")).unwrap() else { panic!() };
-        assert_eq!((v.state.as_str(), v.attachment.is_none()), ("available", true));
-        assert_eq!(volume_next(&vol("in-use", Some("detaching")), &vs("attached", "i-1")), None, "not yet");
-        assert_eq!(volume_next(&vol("deleting", None), &vs("deleted", "")), Some(VolumeNext::Delete));
-        assert_eq!(volume_next(&vol("available", None), &vs("deleted", "")), None, "only when asked");
-        assert_eq!(volume_next(&vol("available", None), &vs("available", "")), None);
-        let VolumeNext::Put(v) = volume_next(&vol("in-use", Some("attaching")), &vs("error", "")).unwrap() else { panic!() };
+        assert_eq!(
+            volume_next(&vol("in-use", Some("attaching")), &vs("attached", "i-2")),
+            None,
+            "another instance"
+        );
+        assert_eq!(
+            volume_next(&vol("in-use", Some("attaching")), &vs("available", "")),
+            None,
+            "stale"
+        );
+        let VolumeNext::Put(v) =
+            volume_next(&vol("in-use", Some("detaching")), &vs("available", "")).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (v.state.as_str(), v.attachment.is_none()),
+            ("available", true)
+        );
+        assert_eq!(
+            volume_next(&vol("in-use", Some("detaching")), &vs("attached", "i-1")),
+            None,
+            "not yet"
+        );
+        assert_eq!(
+            volume_next(&vol("deleting", None), &vs("deleted", "")),
+            Some(VolumeNext::Delete)
+        );
+        assert_eq!(
+            volume_next(&vol("available", None), &vs("deleted", "")),
+            None,
+            "only when asked"
+        );
+        assert_eq!(
+            volume_next(&vol("available", None), &vs("available", "")),
+            None
+        );
+        let VolumeNext::Put(v) =
+            volume_next(&vol("in-use", Some("attaching")), &vs("error", "")).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(v.reason, "boom");
-        assert_eq!(volume_next(&v, &vs("error", "")), None, "same error again: no write");
+        assert_eq!(
+            volume_next(&v, &vs("error", "")),
+            None,
+            "same error again: no write"
+        );
     }
 
     #[test]
     fn snapshot_transitions() {
         let s = SnapshotRec {
-            meta: Meta { id: "snap-1".into(), account: "a".into(), tags: vec![], created_ms: 0 },
+            meta: Meta {
+                id: "snap-1".into(),
+                account: "a".into(),
+                tags: vec![],
+                created_ms: 0,
+            },
             volume: "vol-1".into(),
             size_gib: 1,
             host: "h".into(),
@@ -405,11 +500,24 @@ mod tests {
             reason: String::new(),
             description: String::new(),
         };
-        let st = |x: &str| pb::SnapshotStatus { snapshot_id: "snap-1".into(), state: x.into(), reason: "r".into() };
-        assert_eq!(snapshot_next(&s, &st("completed")).unwrap().unwrap().state, "completed");
-        assert_eq!(snapshot_next(&s, &st("error")).unwrap().unwrap().state, "error");
+        let st = |x: &str| pb::SnapshotStatus {
+            snapshot_id: "snap-1".into(),
+            state: x.into(),
+            reason: "r".into(),
+        };
+        assert_eq!(
+            snapshot_next(&s, &st("completed")).unwrap().unwrap().state,
+            "completed"
+        );
+        assert_eq!(
+            snapshot_next(&s, &st("error")).unwrap().unwrap().state,
+            "error"
+        );
         assert_eq!(snapshot_next(&s, &st("deleted")), None);
-        let d = SnapshotRec { state: "deleting".into(), ..s };
+        let d = SnapshotRec {
+            state: "deleting".into(),
+            ..s
+        };
         assert_eq!(snapshot_next(&d, &st("deleted")), Some(None));
     }
 }

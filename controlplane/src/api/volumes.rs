@@ -82,8 +82,14 @@ pub fn device(text: &str) -> ApiResult<String> {
             format!("{text:?}: expected a name like xvdf or /dev/xvdf"),
         ));
     }
-    if matches!(name, "null" | "zero" | "full" | "random" | "urandom" | "tty" | "ptmx" | "pts" | "shm") {
-        return Err(ApiError::invalid("device", format!("/dev/{name} is reserved")));
+    if matches!(
+        name,
+        "null" | "zero" | "full" | "random" | "urandom" | "tty" | "ptmx" | "pts" | "shm"
+    ) {
+        return Err(ApiError::invalid(
+            "device",
+            format!("/dev/{name} is reserved"),
+        ));
     }
     Ok(name.to_owned())
 }
@@ -102,7 +108,10 @@ pub fn mount_path(text: &str) -> ApiResult<Option<String>> {
         return bad("at most 255 visible ASCII characters, no spaces");
     }
     let parts: Vec<&str> = text.split('/').skip(1).collect();
-    if parts.iter().any(|p| p.is_empty() || *p == "." || *p == "..") {
+    if parts
+        .iter()
+        .any(|p| p.is_empty() || *p == "." || *p == "..")
+    {
         return bad("must be normalized (no empty, . or .. components, no trailing /)");
     }
     if matches!(parts[0], "proc" | "sys" | "dev") {
@@ -142,11 +151,19 @@ impl Volumes {
             .ok_or_else(|| ApiError::Precondition("no host is registered to hold volumes".into()))
     }
 
-    async fn create(&self, account: String, req: pb::CreateVolumeRequest) -> ApiResult<(VolumeRec, i64)> {
+    async fn create(
+        &self,
+        account: String,
+        req: pb::CreateVolumeRequest,
+    ) -> ApiResult<(VolumeRec, i64)> {
         let snapshot = if req.snapshot_id.is_empty() {
             None
         } else {
-            Some(validate::id("snapshot_id", kind::SNAPSHOT, &req.snapshot_id)?)
+            Some(validate::id(
+                "snapshot_id",
+                kind::SNAPSHOT,
+                &req.snapshot_id,
+            )?)
         };
         if req.size_gib > MAX_SIZE_GIB || (req.size_gib == 0 && snapshot.is_none()) {
             return Err(ApiError::invalid(
@@ -220,7 +237,11 @@ impl Volumes {
             .await
     }
 
-    async fn attach(&self, account: String, req: pb::AttachVolumeRequest) -> ApiResult<(VolumeRec, i64)> {
+    async fn attach(
+        &self,
+        account: String,
+        req: pb::AttachVolumeRequest,
+    ) -> ApiResult<(VolumeRec, i64)> {
         let vid = validate::id("volume_id", kind::VOLUME, &req.volume_id)?;
         let iid = validate::id("instance_id", kind::INSTANCE, &req.instance_id)?;
         let dev = device(&req.device)?;
@@ -325,7 +346,12 @@ impl VolumeService for Volumes {
     ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
         let account = self.api.auth.account(r.metadata())?;
         let (v, rev) = self.create(account, r.into_inner()).await?;
-        Ok(respond(pb::CreateVolumeResponse { volume: Some(pb_volume(&v)) }, rev))
+        Ok(respond(
+            pb::CreateVolumeResponse {
+                volume: Some(pb_volume(&v)),
+            },
+            rev,
+        ))
     }
 
     async fn describe_volumes(
@@ -355,7 +381,12 @@ impl VolumeService for Volumes {
     ) -> Result<Response<pb::AttachVolumeResponse>, Status> {
         let account = self.api.auth.account(r.metadata())?;
         let (v, rev) = self.attach(account, r.into_inner()).await?;
-        Ok(respond(pb::AttachVolumeResponse { volume: Some(pb_volume(&v)) }, rev))
+        Ok(respond(
+            pb::AttachVolumeResponse {
+                volume: Some(pb_volume(&v)),
+            },
+            rev,
+        ))
     }
 
     async fn detach_volume(
@@ -365,7 +396,12 @@ impl VolumeService for Volumes {
         let account = self.api.auth.account(r.metadata())?;
         let id = validate::id("volume_id", kind::VOLUME, &r.get_ref().volume_id)?;
         let (v, rev) = self.detach(account, id).await?;
-        Ok(respond(pb::DetachVolumeResponse { volume: Some(pb_volume(&v)) }, rev))
+        Ok(respond(
+            pb::DetachVolumeResponse {
+                volume: Some(pb_volume(&v)),
+            },
+            rev,
+        ))
     }
 
     async fn delete_volume(
@@ -468,7 +504,9 @@ impl VolumeService for Volumes {
             })
             .await?;
         Ok(respond(
-            pb::CreateSnapshotResponse { snapshot: Some(pb_snapshot(&s)) },
+            pb::CreateSnapshotResponse {
+                snapshot: Some(pb_snapshot(&s)),
+            },
             rev,
         ))
     }
@@ -484,7 +522,14 @@ impl VolumeService for Volumes {
             list_page::<SnapshotRec>(&tx, kind::SNAPSHOT, None, req.page.as_ref()).await?
         } else {
             (
-                by_ids(&tx, kind::SNAPSHOT, "snapshot", "snapshot_ids", &req.snapshot_ids).await?,
+                by_ids(
+                    &tx,
+                    kind::SNAPSHOT,
+                    "snapshot",
+                    "snapshot_ids",
+                    &req.snapshot_ids,
+                )
+                .await?,
                 String::new(),
             )
         };
@@ -535,7 +580,17 @@ mod tests {
     fn devices() {
         assert_eq!(device("xvdf").unwrap(), "xvdf");
         assert_eq!(device("/dev/sdf").unwrap(), "sdf");
-        for bad in ["", "x", "/dev/", "Xvdf", "1abc", "xvd-f", "null", "/dev/../sda", "abcdefghijklmnopq"] {
+        for bad in [
+            "",
+            "x",
+            "/dev/",
+            "Xvdf",
+            "1abc",
+            "xvd-f",
+            "null",
+            "/dev/../sda",
+            "abcdefghijklmnopq",
+        ] {
             assert!(device(bad).is_err(), "{bad:?}");
         }
     }
@@ -544,8 +599,14 @@ mod tests {
     fn mount_paths() {
         assert_eq!(mount_path("").unwrap(), None);
         assert_eq!(mount_path("/data").unwrap().as_deref(), Some("/data"));
-        assert_eq!(mount_path("/mnt/vol-1").unwrap().as_deref(), Some("/mnt/vol-1"));
-        for bad in ["data", "/", "/data/", "/a//b", "/a/../b", "/proc/x", "/dev", "/sys/fs", "/a b", "/a\nb"] {
+        assert_eq!(
+            mount_path("/mnt/vol-1").unwrap().as_deref(),
+            Some("/mnt/vol-1")
+        );
+        for bad in [
+            "data", "/", "/data/", "/a//b", "/a/../b", "/proc/x", "/dev", "/sys/fs", "/a b",
+            "/a\nb",
+        ] {
             assert!(mount_path(bad).is_err(), "{bad:?}");
         }
     }

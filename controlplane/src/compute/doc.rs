@@ -129,7 +129,10 @@ mod tests {
 
     #[test]
     fn intents_are_lowercase_words() {
-        assert_eq!(serde_json::to_string(&Intent::Terminate).unwrap(), "\"terminate\"");
+        assert_eq!(
+            serde_json::to_string(&Intent::Terminate).unwrap(),
+            "\"terminate\""
+        );
         let d: VolumeDoc =
             serde_json::from_str(r#"{"id":"vol-1","host":"h","size_gib":1}"#).unwrap();
         assert!(!d.delete && d.attachment.is_none() && d.snapshot.is_none());

@@ -25,19 +25,71 @@ pub const PIDS_MAX: u32 = 4096;
 
 /// The types RunInstances accepts.
 pub const TYPES: &[InstanceType] = &[
-    InstanceType { name: "t3.nano", vcpus: 2, memory_mib: 512 },
-    InstanceType { name: "t3.micro", vcpus: 2, memory_mib: 1024 },
-    InstanceType { name: "t3.small", vcpus: 2, memory_mib: 2048 },
-    InstanceType { name: "t3.medium", vcpus: 2, memory_mib: 4096 },
-    InstanceType { name: "t3.large", vcpus: 2, memory_mib: 8192 },
-    InstanceType { name: "t3.xlarge", vcpus: 4, memory_mib: 16384 },
-    InstanceType { name: "t3.2xlarge", vcpus: 8, memory_mib: 32768 },
-    InstanceType { name: "m5.large", vcpus: 2, memory_mib: 8192 },
-    InstanceType { name: "m5.xlarge", vcpus: 4, memory_mib: 16384 },
-    InstanceType { name: "m5.2xlarge", vcpus: 8, memory_mib: 32768 },
-    InstanceType { name: "c5.large", vcpus: 2, memory_mib: 4096 },
-    InstanceType { name: "c5.xlarge", vcpus: 4, memory_mib: 8192 },
-    InstanceType { name: "c5.2xlarge", vcpus: 8, memory_mib: 16384 },
+    InstanceType {
+        name: "t3.nano",
+        vcpus: 2,
+        memory_mib: 512,
+    },
+    InstanceType {
+        name: "t3.micro",
+        vcpus: 2,
+        memory_mib: 1024,
+    },
+    InstanceType {
+        name: "t3.small",
+        vcpus: 2,
+        memory_mib: 2048,
+    },
+    InstanceType {
+        name: "t3.medium",
+        vcpus: 2,
+        memory_mib: 4096,
+    },
+    InstanceType {
+        name: "t3.large",
+        vcpus: 2,
+        memory_mib: 8192,
+    },
+    InstanceType {
+        name: "t3.xlarge",
+        vcpus: 4,
+        memory_mib: 16384,
+    },
+    InstanceType {
+        name: "t3.2xlarge",
+        vcpus: 8,
+        memory_mib: 32768,
+    },
+    InstanceType {
+        name: "m5.large",
+        vcpus: 2,
+        memory_mib: 8192,
+    },
+    InstanceType {
+        name: "m5.xlarge",
+        vcpus: 4,
+        memory_mib: 16384,
+    },
+    InstanceType {
+        name: "m5.2xlarge",
+        vcpus: 8,
+        memory_mib: 32768,
+    },
+    InstanceType {
+        name: "c5.large",
+        vcpus: 2,
+        memory_mib: 4096,
+    },
+    InstanceType {
+        name: "c5.xlarge",
+        vcpus: 4,
+        memory_mib: 8192,
+    },
+    InstanceType {
+        name: "c5.2xlarge",
+        vcpus: 8,
+        memory_mib: 16384,
+    },
 ];
 
 /// The type called `name`.

@@ -305,7 +305,10 @@ async fn run(args: RunArgs) -> Result<()> {
                     .unwrap_or_else(|| PathBuf::from("/var/lib/vpc/agent").join(host)),
                 snapshot_dir: args.snapshot_dir.clone(),
                 init_bin,
-                cgroup_name: args.cgroup_name.clone().unwrap_or_else(|| format!("vpc-{host}")),
+                cgroup_name: args
+                    .cgroup_name
+                    .clone()
+                    .unwrap_or_else(|| format!("vpc-{host}")),
                 stop_grace: Duration::from_secs(args.stop_grace),
             };
             let w = workloads::Workloads::new(host, &args.netns_prefix, &wcfg)
@@ -313,7 +316,10 @@ async fn run(args: RunArgs) -> Result<()> {
             Some(overlay::Reconciler::new(
                 &datapath,
                 overlay::Source::Pushed(None),
-                Some((controlplane::compute::ComputeNet::new(&args.netns_prefix), w)),
+                Some((
+                    controlplane::compute::ComputeNet::new(&args.netns_prefix),
+                    w,
+                )),
                 host,
                 args.router_mac,
                 &ifaces[0],

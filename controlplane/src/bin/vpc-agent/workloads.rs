@@ -228,10 +228,16 @@ impl Workloads {
                     None => match self.runtime.status(&i.id) {
                         InstanceStatus::Running { .. } => {
                             let meta = metadata(i, &self.host, &subnets, &vpcs);
-                            match self.imds.ensure(&netns_path(&self.netns_prefix, &i.id), i.ip, meta).await {
+                            match self
+                                .imds
+                                .ensure(&netns_path(&self.netns_prefix, &i.id), i.ip, meta)
+                                .await
+                            {
                                 Ok(true) => changes += 1,
                                 Ok(false) => {}
-                                Err(e) => warn!(instance = %i.id, error = %e, "instance metadata service"),
+                                Err(e) => {
+                                    warn!(instance = %i.id, error = %e, "instance metadata service")
+                                }
                             }
                             ("running", String::new())
                         }
@@ -255,8 +261,7 @@ impl Workloads {
             });
         }
         // A failure whose instance is gone from the document is forgotten.
-        self.failed
-            .retain(|id, _| mine.iter().any(|i| &i.id == id));
+        self.failed.retain(|id, _| mine.iter().any(|i| &i.id == id));
 
         changes += self.volumes(doc, &mut observed).await;
         changes += self.snapshots(doc, &mut observed).await;
@@ -396,7 +401,10 @@ impl Workloads {
         let mut changes = 0;
         for s in doc.snapshots.iter().filter(|s| s.host == self.host) {
             let r = if s.delete {
-                self.storage.delete_snapshot(&s.id).await.map(|d| (d, "deleted"))
+                self.storage
+                    .delete_snapshot(&s.id)
+                    .await
+                    .map(|d| (d, "deleted"))
             } else {
                 self.storage
                     .ensure_snapshot(&s.volume, &s.id)
