@@ -489,6 +489,20 @@ impl Drop for Cluster {
     }
 }
 
+/// Registers host `id` (no agent behind it) with the control plane at `url`, reached from
+/// the namespace at `netns`: placement needs a registered host (volumes, instances), and
+/// tests of the API alone need no agent.
+pub async fn register_host(netns: &Path, url: &str, id: &str) -> Result<()> {
+    let ch = channel(netns, url, AGENT_TOKEN).await?;
+    vpc_proto::v1::host_service_client::HostServiceClient::new(ch)
+        .register_host(vpc_proto::v1::RegisterHostRequest {
+            host_id: id.into(),
+            underlay_ip: "192.0.2.1".into(),
+        })
+        .await?;
+    Ok(())
+}
+
 /// Polls `f` every 100 ms until it returns `Some` or `timeout` passes.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<T>
 where

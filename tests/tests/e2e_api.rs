@@ -392,6 +392,8 @@ async fn control_plane_crash_keeps_acknowledged_writes() -> Result<()> {
     ];
     let cp = ControlPlane::start(&ns, "127.0.0.1:7420", &args)?;
     let url = cp.url.clone();
+    // Volumes need a host to be placed on (no agent: they stay `creating`).
+    vpc_tests::cluster::register_host(&ns.path(), &url, "host-0").await?;
     // A stream of creates from 4 concurrent writers; record what was acknowledged.
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let mut writers = Vec::new();

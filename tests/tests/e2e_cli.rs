@@ -246,7 +246,16 @@ fn cli_drives_the_api() -> Result<()> {
     );
     ensure!(web["ingressRules"][0]["ipProtocol"] == "tcp", "{v}");
 
-    // Paging: every page by default (2 at a time here), one page with --max-results.
+    // Paging: every page by default (2 at a time here), one page with --max-results. Volumes
+    // live on a host: register one (no agent runs here; the volumes stay `creating`).
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(vpc_tests::cluster::register_host(
+            &ns.path(),
+            &cp.url,
+            "host-0",
+        ))?;
     for _ in 0..5 {
         vpc.ok(&["volumes", "create", "--size", "1"])?;
     }

@@ -267,6 +267,8 @@ async fn replica_killed_keeps_acknowledged_writes() -> Result<()> {
     let mut pair = Pair::start("etcdkill")?;
     let url1 = pair.url1()?;
     let ns_path = pair.ns.path();
+    // Volumes need a host to be placed on (no agent: they stay `creating`).
+    vpc_tests::cluster::register_host(&ns_path, &url1, "host-0").await?;
     // A stream of creates from 4 writers on replica 1; record what was acknowledged.
     let acked = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut writers = Vec::new();
