@@ -1471,6 +1471,34 @@ mod tests {
             Code::FailedPrecondition,
             "IncorrectInstanceState",
         );
+        // Terminated instances are deleted an hour later.
+        crate::api::lifecycle::collect_garbage(&e.api).await;
+        assert_eq!(
+            e.instance(id).await.state,
+            "terminated",
+            "kept within the hour"
+        );
+        {
+            use crate::api::records::{InstanceRec, kind};
+            let mut tx = e.api.read(ACCT).await.unwrap();
+            let mut rec: InstanceRec = tx.must(kind::INSTANCE, "instance", id).await.unwrap();
+            rec.terminated_ms = rec.terminated_ms.map(|t| t - 2 * 3600 * 1000);
+            tx.put(kind::INSTANCE, id, &rec).unwrap();
+            let rev = tx.commit().await.unwrap().unwrap();
+            e.desired_at(rev).await;
+        }
+        crate::api::lifecycle::collect_garbage(&e.api).await;
+        let gone = e
+            .inst
+            .describe_instances(req(
+                TOKEN,
+                pb::DescribeInstancesRequest {
+                    instance_ids: vec![id.into()],
+                    ..Default::default()
+                },
+            ))
+            .await;
+        check("terminated over an hour ago", gone, Code::NotFound, id);
         // A failed launch: terminated with the reason, address released.
         let b = e.run(TOKEN, &s.subnet_id, "").await.unwrap();
         let before = e.available(&s.subnet_id).await;

@@ -57,14 +57,24 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, ServeError> {
 pub async fn api(store: Arc<dyn Store>, auth: Auth, quotas: Quotas) -> Result<Api, ServeError> {
     let quotas = Arc::new(quotas);
     let desired = desired::spawn(Arc::clone(&store), Arc::clone(&quotas)).await?;
-    Ok(Api {
+    let api = Api {
         store,
         auth: Arc::new(auth),
         quotas,
         programming: Arc::new(Programming::default()),
         desired,
         consoles: Arc::default(),
-    })
+    };
+    // Terminated instances stay visible for an hour, then go.
+    let gc = api.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            super::lifecycle::collect_garbage(&gc).await;
+        }
+    });
+    Ok(api)
 }
 
 /// Serves every service on `listener` until `shutdown` resolves.
