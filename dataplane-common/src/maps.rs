@@ -5,7 +5,7 @@
 //! never reuses an old pin with another layout (it starts a fresh set beside the old one).
 
 /// Version of the pinned-map layout; names the pin subdirectory.
-pub const MAPS_ABI: &str = "v4";
+pub const MAPS_ABI: &str = "v5";
 
 /// Name of the per-CPU (hook, action) counter array.
 pub const ACTION_STATS: &str = "ACTION_STATS";
@@ -31,9 +31,15 @@ pub const VNIS: &str = "VNIS";
 /// Name of the one-entry overlay configuration array.
 pub const OVERLAY_CONFIG: &str = "OVERLAY_CONFIG";
 
-/// Capacity of `ENDPOINTS`: instance ports on one host (an EC2 host runs at most a few
-/// hundred ENIs).
-pub const ENDPOINTS_MAX_ENTRIES: u32 = 1024;
+/// Capacity of `ENDPOINTS`: instance ports (and health-check nodes) on one host. Instances
+/// here are namespaces, not VMs: `cargo xtask bench compute` ran 1000 on a 2-vCPU host at
+/// ~1.1 MiB each and then hit the former 1024. Allocated on demand (no preallocation), so
+/// the size costs nothing until used. The control plane places at most
+/// [`HOST_INSTANCE_CAPACITY`] instances on a host.
+pub const ENDPOINTS_MAX_ENTRIES: u32 = 4096;
+/// Instances the control plane places on one host: `ENDPOINTS` less room for the load
+/// balancers' health-check nodes.
+pub const HOST_INSTANCE_CAPACITY: u32 = ENDPOINTS_MAX_ENTRIES - 256;
 /// Capacity of `NEIGHBORS`: every instance and subnet gateway of the VPCs present on this
 /// host (~2.6 MiB preallocated).
 pub const NEIGHBORS_MAX_ENTRIES: u32 = 65536;

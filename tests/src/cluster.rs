@@ -241,7 +241,37 @@ impl Cluster {
             c.pins.push(BpffsDir::new(&format!("h{i}"))?);
             c.start_agent(i)?;
         }
+        c.wait_hosts_connected()?;
         Ok(c)
+    }
+
+    /// Waits (at most 30 s) until every host's agent registered and watches its state, so
+    /// placement sees all of them.
+    pub fn wait_hosts_connected(&self) -> Result<()> {
+        let n = self.hosts.len();
+        let (fabric, url) = (self.fabric.path(), self.url());
+        std::thread::spawn(move || -> Result<()> {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let ch = channel(&fabric, &url, AGENT_TOKEN).await?;
+                    let h = vpc_proto::v1::host_service_client::HostServiceClient::new(ch);
+                    eventually(Duration::from_secs(30), "every agent to connect", || {
+                        let mut h = h.clone();
+                        async move {
+                            let r = h
+                                .describe_hosts(vpc_proto::v1::DescribeHostsRequest {})
+                                .await?
+                                .into_inner();
+                            Ok((r.hosts.iter().filter(|x| x.connected).count() >= n).then_some(()))
+                        }
+                    })
+                    .await
+                })
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("waiting for the agents panicked"))?
     }
 
     /// Starts the control plane (again, on the same store).
@@ -487,6 +517,36 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// Creates a VPC of `vpc_cidr` with one subnet of `subnet_cidr`: (VPC id, subnet id).
+pub async fn create_network(
+    ch: Authed,
+    vpc_cidr: &str,
+    subnet_cidr: &str,
+) -> Result<(String, String)> {
+    use vpc_proto::v1::{self as pb, vpc_service_client::VpcServiceClient};
+    let mut vpcs = VpcServiceClient::new(ch);
+    let vpc = vpcs
+        .create_vpc(pb::CreateVpcRequest {
+            cidr_block: vpc_cidr.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .vpc
+        .context("no VPC in the answer")?;
+    let subnet = vpcs
+        .create_subnet(pb::CreateSubnetRequest {
+            vpc_id: vpc.vpc_id.clone(),
+            cidr_block: subnet_cidr.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .subnet
+        .context("no subnet in the answer")?;
+    Ok((vpc.vpc_id, subnet.subnet_id))
 }
 
 /// Registers host `id` (no agent behind it) with the control plane at `url`, reached from

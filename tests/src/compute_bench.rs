@@ -6,11 +6,12 @@
 //!    the agent, its namespaces, veth, datapath port, cgroups, processes, metadata service,
 //!    and its report back. Then terminate -> `terminated` the same way.
 //! 2. **Density**: instances launched in batches (`--batch`, default 50) on one host until
-//!    something breaks or a bound is reached (`--density-max` instances, default 1000;
+//!    something breaks or a bound is reached (`--density-max` instances, default 3000;
 //!    `--density-minutes`, default 15). What broke is the first of: a launch that failed
 //!    (its reason), a batch not running within 120 s, the host's available memory under 5%.
-//!    Per batch: instances running, the batch's launch time, host memory available, the
-//!    agent's resident memory.
+//!    Per batch: instances running, the batch's launch time, host memory available, and
+//!    the memory per instance. The account quota and the subnet are raised (100 000, a
+//!    /16) so that neither is what stops it.
 //!
 //! Results are printed and written as JSON to `target/bench/compute.json`.
 
@@ -18,10 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use vpc_proto::v1::{
-    self as pb, instance_service_client::InstanceServiceClient,
-    vpc_service_client::VpcServiceClient,
-};
+use vpc_proto::v1::{self as pb, instance_service_client::InstanceServiceClient};
 
 use crate::api_bench::{Stats, header, out_dir};
 use crate::cluster::{Authed, Cluster};
@@ -44,7 +42,7 @@ impl Default for Options {
         Options {
             launches: 100,
             batch: 50,
-            density_max: 1000,
+            density_max: 3000,
             density_minutes: 15,
         }
     }
@@ -83,29 +81,11 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// A VPC with a /20 subnet (4091 addresses).
-async fn network(ch: Authed) -> Result<String> {
-    let mut vpcs = VpcServiceClient::new(ch);
-    let vpc = vpcs
-        .create_vpc(pb::CreateVpcRequest {
-            cidr_block: "10.0.0.0/16".into(),
-            ..Default::default()
-        })
+/// A VPC 10.0.0.0/16 with a subnet of `cidr`.
+async fn network(ch: Authed, cidr: &str) -> Result<String> {
+    Ok(crate::cluster::create_network(ch, "10.0.0.0/16", cidr)
         .await?
-        .into_inner()
-        .vpc
-        .context("vpc")?;
-    Ok(vpcs
-        .create_subnet(pb::CreateSubnetRequest {
-            vpc_id: vpc.vpc_id,
-            cidr_block: "10.0.16.0/20".into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .subnet
-        .context("subnet")?
-        .subnet_id)
+        .1)
 }
 
 /// Polls until every instance of `ids` is `state` (or one is terminated unexpectedly, or
@@ -151,7 +131,7 @@ async fn wait_all(
 
 async fn launch_latency(opts: &Options) -> Result<Value> {
     let c = Cluster::start(1)?;
-    let subnet = network(c.tenant_a().await?).await?;
+    let subnet = network(c.tenant_a().await?, "10.0.16.0/20").await?;
     let mut inst = InstanceServiceClient::new(c.tenant_a().await?);
     let mut up = Vec::new();
     let mut down = Vec::new();
@@ -228,8 +208,23 @@ fn memory() -> (u64, u64) {
 }
 
 async fn density(opts: &Options) -> Result<Value> {
-    let c = Cluster::start(1)?;
-    let subnet = network(c.tenant_a().await?).await?;
+    // The account's instance quota (1000, EC2's default here) and the subnet's size must not
+    // be what stops it: a /16 subnet and a quota of 100 000.
+    let dir = crate::cluster::TempDir::new("cpd")?;
+    let quotas = dir.path().join("quotas.json");
+    std::fs::write(&quotas, r#"{"instances_per_account": 100000}"#)?;
+    let store = dir.path().join("store.redb");
+    let c = Cluster::start_with(
+        1,
+        dir,
+        vec![
+            "--store".into(),
+            format!("redb:{}", store.display()),
+            "--quotas".into(),
+            quotas.display().to_string(),
+        ],
+    )?;
+    let subnet = network(c.tenant_a().await?, "10.0.0.0/16").await?;
     let mut inst = InstanceServiceClient::new(c.tenant_a().await?);
     let started = Instant::now();
     let mut ids: Vec<String> = Vec::new();

@@ -20,11 +20,12 @@ use vpc_proto::v1::{
     security_service_client::SecurityServiceClient, volume_service_client::VolumeServiceClient,
     vpc_service_client::VpcServiceClient,
 };
-use vpc_tests::cluster::{Authed, Cluster, eventually};
+use vpc_tests::cluster::{Authed, Cluster, create_network, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
 
 struct Tenant {
+    channel: Authed,
     vpcs: VpcServiceClient<Authed>,
     sgs: SecurityServiceClient<Authed>,
     inst: InstanceServiceClient<Authed>,
@@ -35,6 +36,7 @@ impl Tenant {
     async fn new(c: &Cluster) -> Result<Tenant> {
         let ch = c.tenant_a().await?;
         Ok(Tenant {
+            channel: ch.clone(),
             vpcs: VpcServiceClient::new(ch.clone()),
             sgs: SecurityServiceClient::new(ch.clone()),
             inst: InstanceServiceClient::new(ch.clone()),
@@ -44,28 +46,8 @@ impl Tenant {
 
     /// A VPC 10.0.0.0/16 with subnet 10.0.1.0/24: (vpc id, subnet id).
     async fn network(&mut self) -> Result<(String, String)> {
-        let vpc = self
-            .vpcs
-            .create_vpc(pb::CreateVpcRequest {
-                cidr_block: "10.0.0.0/16".into(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .vpc
-            .context("vpc")?;
-        let subnet = self
-            .vpcs
-            .create_subnet(pb::CreateSubnetRequest {
-                vpc_id: vpc.vpc_id.clone(),
-                cidr_block: "10.0.1.0/24".into(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .subnet
-            .context("subnet")?;
-        Ok((vpc.vpc_id, subnet.subnet_id))
+        let ch = self.channel.clone();
+        create_network(ch, "10.0.0.0/16", "10.0.1.0/24").await
     }
 
     async fn run(&mut self, r: pb::RunInstancesRequest) -> Result<pb::Instance> {
@@ -382,8 +364,19 @@ async fn instances_run_talk_read_metadata_stop_start_terminate() -> Result<()> {
     )?;
     assert_eq!(v2, client.private_dns_name);
 
-    // User data ran once; its output is the console output.
+    // User data ran once, in the instance's own root filesystem; the host's secrets are not
+    // visible in it (its /root holds only what it wrote, /etc/shadow is gone).
     assert_eq!(exec_ok(&c, 1, &cl, "cat /root/boot.log")?, "user-data ran");
+    assert_eq!(exec_ok(&c, 1, &cl, "ls -A /root")?, "boot.log");
+    assert_eq!(
+        exec_ok(
+            &c,
+            1,
+            &cl,
+            "test -e /etc/shadow && echo visible || echo hidden"
+        )?,
+        "hidden"
+    );
     ensure!(
         !Path::new("/root/boot.log").exists()
             || std::fs::read_to_string("/root/boot.log")?.trim() != "user-data ran",

@@ -133,28 +133,35 @@ impl Instances {
     /// the fewest instances (ties: lowest id).
     fn place(&self, wanted: &str, planned: &BTreeMap<String, usize>) -> ApiResult<String> {
         let d = self.api.desired.borrow().clone();
+        let load = |h: &str| {
+            d.instances_per_host.get(h).copied().unwrap_or(0) + planned.get(h).copied().unwrap_or(0)
+        };
+        let capacity = dataplane_common::maps::HOST_INSTANCE_CAPACITY as usize;
         if !wanted.is_empty() {
-            return d
-                .hosts
-                .iter()
-                .find(|h| h.id == wanted)
-                .map(|h| h.id.clone())
-                .ok_or_else(|| {
-                    ApiError::invalid("host_id", format!("host {wanted:?} is not registered"))
-                });
+            let h = d.hosts.iter().find(|h| h.id == wanted).ok_or_else(|| {
+                ApiError::invalid("host_id", format!("host {wanted:?} is not registered"))
+            })?;
+            if load(&h.id) >= capacity {
+                return Err(ApiError::Exhausted(format!(
+                    "host {wanted} runs {capacity} instances, its capacity (InsufficientInstanceCapacity)"
+                )));
+            }
+            return Ok(h.id.clone());
+        }
+        if d.hosts.is_empty() {
+            return Err(ApiError::Precondition(
+                "no host is registered to run instances on".into(),
+            ));
         }
         d.hosts
             .iter()
-            .min_by_key(|h| {
-                (
-                    d.instances_per_host.get(&h.id).copied().unwrap_or(0)
-                        + planned.get(&h.id).copied().unwrap_or(0),
-                    h.id.clone(),
-                )
-            })
+            .filter(|h| load(&h.id) < capacity)
+            .min_by_key(|h| (load(&h.id), h.id.clone()))
             .map(|h| h.id.clone())
             .ok_or_else(|| {
-                ApiError::Precondition("no host is registered to run instances on".into())
+                ApiError::Exhausted(format!(
+                    "every host runs {capacity} instances, its capacity (InsufficientInstanceCapacity)"
+                ))
             })
     }
 

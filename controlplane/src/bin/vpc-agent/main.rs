@@ -204,6 +204,7 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
+    raise_fd_limit();
     let ifaces = if args.ifaces.is_empty() {
         vec![default_route_iface().context("no --iface given and no default route found")?]
     } else {
@@ -531,6 +532,30 @@ async fn recv_opt<T>(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<T>>) -
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: every running instance holds a
+/// metadata-service TUN descriptor, and the common soft default (1024) would stop the
+/// metadata service at about a thousand instances.
+fn raise_fd_limit() {
+    use nix::libc;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the `rlimit` we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur >= lim.rlim_max
+    {
+        return;
+    }
+    let old = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit reads the `rlimit` we pass; raising the soft limit up to the hard
+    // one needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        info!(from = old, to = lim.rlim_max, "raised the open-files limit");
     }
 }
 

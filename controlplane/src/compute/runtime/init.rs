@@ -526,6 +526,7 @@ fn overlay_root(config: &LaunchConfig) -> Result<(), String> {
     for d in [&upper, &work, &root] {
         mkdirs(d)?;
     }
+    mask_host_secrets(&upper)?;
     let opts = format!(
         "lowerdir=/,upperdir={},workdir={}",
         upper.display(),
@@ -550,6 +551,65 @@ fn overlay_root(config: &LaunchConfig) -> Result<(), String> {
         return Err(format!("pivot_root to {}: {e}", root.display()));
     }
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detaching the host's root: {e}"))
+}
+
+/// Host directories an instance must not read (the appliance's data and credentials, users'
+/// homes, SSH host keys): the instance sees them empty, and what it writes there is its own.
+const MASKED_DIRS: &[&str] = &["var/lib/vpc", "root", "home", "etc/ssh", "var/lib/etcd"];
+/// Host files an instance must not read: the instance sees them deleted.
+const MASKED_FILES: &[&str] = &["etc/shadow", "etc/gshadow", "etc/shadow-", "etc/gshadow-"];
+
+/// Prepares the upper layer so the host's secrets are not visible through the lower one
+/// (`/`): opaque directories (`trusted.overlay.opaque`) hide a lower directory's contents,
+/// whiteouts (character device 0:0) hide a lower file. Only what the upper layer does not hold
+/// yet is made, so the instance's own files there survive restarts.
+fn mask_host_secrets(upper: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt as _;
+    for rel in MASKED_DIRS {
+        let dir = upper.join(rel);
+        if fs::symlink_metadata(&dir).is_ok() {
+            continue;
+        }
+        mkdirs(&dir)?;
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+            .map_err(|_| format!("{}: NUL in path", dir.display()))?;
+        // SAFETY: setxattr reads the NUL-terminated path, name and the 1-byte value we own.
+        let rc = unsafe {
+            nix::libc::setxattr(
+                path.as_ptr(),
+                c"trusted.overlay.opaque".as_ptr(),
+                b"y".as_ptr().cast(),
+                1,
+                0,
+            )
+        };
+        if rc != 0 {
+            return Err(format!(
+                "marking {} opaque: {}",
+                dir.display(),
+                io::Error::last_os_error()
+            ));
+        }
+    }
+    for rel in MASKED_FILES {
+        let file = upper.join(rel);
+        if fs::symlink_metadata(&file).is_ok()
+            || fs::symlink_metadata(Path::new("/").join(rel)).is_err()
+        {
+            continue;
+        }
+        if let Some(parent) = file.parent() {
+            mkdirs(parent)?;
+        }
+        nix::sys::stat::mknod(
+            &file,
+            nix::sys::stat::SFlag::S_IFCHR,
+            Mode::empty(),
+            nix::sys::stat::makedev(0, 0),
+        )
+        .map_err(|e| format!("whiteout {}: {e}", file.display()))?;
+    }
+    Ok(())
 }
 
 /// Mounts the instance's API file systems under `root`.
