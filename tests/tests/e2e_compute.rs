@@ -287,6 +287,45 @@ async fn instances_run_talk_read_metadata_stop_start_terminate() -> Result<()> {
     );
     let sip = server.private_ip_address.clone();
 
+    // ExecInstance through the API: the command runs inside the instance, on its host.
+    let ex = |command: &str, stdin: &[u8], timeout: u32| pb::ExecInstanceRequest {
+        instance_id: cl.clone(),
+        command: command.into(),
+        timeout_seconds: timeout,
+        stdin: stdin.to_vec(),
+    };
+    let r = t
+        .inst
+        .exec_instance(ex("hostname; cat; exit 3", b"from stdin", 10))
+        .await?
+        .into_inner();
+    assert_eq!(
+        (
+            r.exit_code,
+            String::from_utf8_lossy(&r.stdout).as_ref(),
+            r.timed_out
+        ),
+        (
+            3,
+            format!("{}\nfrom stdin", client.private_dns_name).as_str(),
+            false
+        )
+    );
+    let r = t
+        .inst
+        .exec_instance(ex("echo oops >&2; sleep 30", b"", 1))
+        .await?
+        .into_inner();
+    ensure!(r.timed_out && r.stderr == b"oops\n", "timeout: {r:?}");
+    let other = pb::ExecInstanceRequest {
+        instance_id: "i-0123456789abcdef0".into(),
+        ..ex("true", b"", 5)
+    };
+    assert_eq!(
+        t.inst.exec_instance(other).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+
     // Its own namespaces: hostname, PID namespace, cgroup limits.
     assert_eq!(exec_ok(&c, 1, &cl, "hostname")?, client.private_dns_name);
     let pids = exec_ok(&c, 0, &s, "ls /proc | grep -c '^[0-9]'")?;

@@ -485,6 +485,64 @@ impl InstanceService for Instances {
         Ok(respond(pb::TerminateInstancesResponse { instances }, rev))
     }
 
+    async fn exec_instance(
+        &self,
+        r: Request<pb::ExecInstanceRequest>,
+    ) -> Result<Response<pb::ExecInstanceResponse>, Status> {
+        let account = self.api.auth.account(r.metadata())?;
+        let req = r.into_inner();
+        let id = validate::id("instance_id", kind::INSTANCE, &req.instance_id)?;
+        if req.command.is_empty() || req.command.len() > MAX_COMMAND || req.command.contains('\0') {
+            return Err(
+                ApiError::invalid("command", format!("1 to {MAX_COMMAND} bytes, no NUL")).into(),
+            );
+        }
+        let timeout = match req.timeout_seconds {
+            0 => 30,
+            t @ 1..=600 => t,
+            t => {
+                return Err(
+                    ApiError::invalid("timeout_seconds", format!("{t}: expected 1 to 600")).into(),
+                );
+            }
+        };
+        if req.stdin.len() > 1 << 20 {
+            return Err(ApiError::invalid("stdin", "at most 1 MiB").into());
+        }
+        let tx = self.api.read(&account).await?;
+        let i: InstanceRec = tx.must(kind::INSTANCE, "instance", &id).await?;
+        if i.state != state::RUNNING {
+            return Err(ApiError::Precondition(format!(
+                "instance {id} is {}; exec needs it running (IncorrectInstanceState)",
+                i.state
+            ))
+            .into());
+        }
+        let r = self
+            .api
+            .exec
+            .run(
+                &i.host,
+                pb::ExecCommand {
+                    id: 0,
+                    instance_id: id.clone(),
+                    command: req.command,
+                    timeout_seconds: timeout,
+                    stdin: req.stdin,
+                },
+            )
+            .await?;
+        if !r.error.is_empty() {
+            return Err(ApiError::Precondition(format!("instance {id}: {}", r.error)).into());
+        }
+        Ok(Response::new(pb::ExecInstanceResponse {
+            exit_code: r.exit_code,
+            stdout: r.stdout,
+            stderr: r.stderr,
+            timed_out: r.timed_out,
+        }))
+    }
+
     async fn get_console_output(
         &self,
         r: Request<pb::GetConsoleOutputRequest>,

@@ -53,6 +53,7 @@ impl Drop for StreamGuard {
 }
 
 type DesiredStream = Pin<Box<dyn Stream<Item = Result<pb::DesiredState, Status>> + Send>>;
+type ExecStream = Pin<Box<dyn Stream<Item = Result<pb::ExecCommand, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl HostService for Hosts {
@@ -116,6 +117,30 @@ impl HostService for Hosts {
     }
 
     type WatchDesiredStateStream = DesiredStream;
+    type ExecChannelStream = ExecStream;
+
+    async fn exec_channel(
+        &self,
+        r: Request<tonic::Streaming<pb::ExecResult>>,
+    ) -> Result<Response<ExecStream>, Status> {
+        self.api.auth.agent(r.metadata())?;
+        let mut inbound = r.into_inner();
+        // The first message names the host.
+        let first = inbound.message().await?.ok_or_else(|| {
+            ApiError::invalid("host_id", "the exec channel closed before naming its host")
+        })?;
+        let host = host_id(&first.host_id)?;
+        let hub = Arc::clone(&self.api.exec);
+        let (generation, rx) = hub.attach(&host);
+        tokio::spawn(async move {
+            while let Ok(Some(result)) = inbound.message().await {
+                hub.complete(result);
+            }
+            hub.detach(&host, generation);
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok);
+        Ok(Response::new(Box::pin(stream)))
+    }
 
     async fn watch_desired_state(
         &self,

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod compute;
 pub mod desired;
 pub mod error;
+pub mod exec;
 pub mod host;
 pub mod ids;
 pub mod ipam;
@@ -98,6 +99,8 @@ pub struct Api {
     pub desired: tokio::sync::watch::Receiver<Arc<desired::Desired>>,
     /// Instances' console output, as their hosts report it.
     pub consoles: Arc<lifecycle::Consoles>,
+    /// The agents' exec channels.
+    pub exec: Arc<exec::ExecHub>,
 }
 
 impl Api {

@@ -64,6 +64,7 @@ pub async fn api(store: Arc<dyn Store>, auth: Auth, quotas: Quotas) -> Result<Ap
         programming: Arc::new(Programming::default()),
         desired,
         consoles: Arc::default(),
+        exec: Arc::default(),
     };
     // Terminated instances stay visible for an hour, then go.
     let gc = api.clone();

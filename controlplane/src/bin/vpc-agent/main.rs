@@ -6,6 +6,7 @@
 //! `--detach-on-exit` (what `cargo xtask run` uses) removes everything on Ctrl-C instead.
 
 mod cpclient;
+mod exec;
 mod lb;
 mod overlay;
 mod workloads;
@@ -285,6 +286,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 tls_ca: args.tls_ca.clone(),
                 tls_identity: args.tls_cert.clone().zip(args.tls_key.clone()),
             };
+            let exec_cfg = cfg.clone();
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             let (applied_tx, applied_rx) = tokio::sync::watch::channel(0i64);
             tokio::spawn(cpclient::watch_loop(cfg.clone(), tx, applied_rx));
@@ -314,6 +316,7 @@ async fn run(args: RunArgs) -> Result<()> {
             };
             let w = workloads::Workloads::new(host, &args.netns_prefix, &wcfg)
                 .context("starting the compute and storage agents")?;
+            tokio::spawn(exec::exec_loop(exec_cfg, w.runtime()));
             Some(overlay::Reconciler::new(
                 &datapath,
                 overlay::Source::Pushed(None),

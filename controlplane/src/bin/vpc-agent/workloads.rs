@@ -105,6 +105,11 @@ impl Workloads {
         })
     }
 
+    /// The compute runtime (for `exec`).
+    pub fn runtime(&self) -> Runtime {
+        self.runtime.clone()
+    }
+
     /// Instances whose launch failed (their network must not be made again).
     pub fn failed(&self) -> &BTreeMap<String, String> {
         &self.failed
