@@ -370,6 +370,28 @@ async fn instances_run_talk_read_metadata_stop_start_terminate() -> Result<()> {
         "nothing is allowed in by the client's group"
     );
 
+    // The hosts report their datapath counters: the denied packets show as security-group
+    // drops (what `vpc status` and `vpc drops` print).
+    let hosts = vpc_proto::v1::host_service_client::HostServiceClient::new(c.tenant_a().await?);
+    eventually(WAIT, "security-group drops in the hosts' counters", || {
+        let mut hosts = hosts.clone();
+        async move {
+            let r = hosts
+                .describe_hosts(pb::DescribeHostsRequest {})
+                .await?
+                .into_inner();
+            let sg: u64 = r
+                .hosts
+                .iter()
+                .flat_map(|h| &h.counters)
+                .filter(|c| c.drop && c.name.starts_with("sg_"))
+                .map(|c| c.packets)
+                .sum();
+            Ok((sg >= 2).then_some(()))
+        }
+    })
+    .await?;
+
     // Metadata: each its own.
     let md = |host: usize, id: &str, path: &str| {
         exec_ok(

@@ -501,9 +501,11 @@ impl InstanceService for Instances {
             0 => 30,
             t @ 1..=600 => t,
             t => {
-                return Err(
-                    ApiError::invalid("timeout_seconds", format!("{t}: expected 1 to 600")).into(),
-                );
+                return Err(ApiError::invalid(
+                    "timeout_seconds",
+                    format!("{t}: expected 1 to 600"),
+                )
+                .into());
             }
         };
         if req.stdin.len() > 1 << 20 {
@@ -1351,6 +1353,7 @@ mod tests {
                         host_id: HOST.into(),
                         revision: rev,
                         error: String::new(),
+                        counters: vec![],
                         instances: instances
                             .iter()
                             .map(|(id, state, reason)| pb::InstanceStatus {

@@ -195,6 +195,7 @@ impl HostService for Hosts {
         let req = r.into_inner();
         let id = host_id(&req.host_id)?;
         self.api.programming.report(&id, req.revision, &req.error);
+        self.api.programming.counters(&id, req.counters.clone());
         super::lifecycle::observe(&self.api, &id, &req).await?;
         Ok(Response::new(pb::ReportAppliedResponse {}))
     }
@@ -226,6 +227,9 @@ impl HostService for Hosts {
                     applied_revision: l.applied,
                     last_error: l.error,
                     instance_count: d.instances_per_host.get(&h.id).copied().unwrap_or(0) as u32,
+                    counters: l.counters,
+                    recent_drops: l.recent_drops,
+                    recent_seconds: l.recent_seconds,
                 }
             })
             .collect();

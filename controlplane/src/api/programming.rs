@@ -13,7 +13,7 @@ const MAX_PENDING: usize = 100_000;
 const MAX_SAMPLES: usize = 10_000;
 
 /// A host as seen by this replica.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct HostLive {
     /// Open desired-state streams.
     pub streams: usize,
@@ -21,6 +21,14 @@ pub struct HostLive {
     pub applied: i64,
     /// Its last error (empty: the last state applied).
     pub error: String,
+    /// Its datapath counters, last report.
+    pub counters: Vec<vpc_proto::v1::DatapathCounter>,
+    /// Drops between its last two reports with counters, and that interval in seconds.
+    pub recent_drops: Vec<vpc_proto::v1::DatapathCounter>,
+    /// The interval of `recent_drops`.
+    pub recent_seconds: f64,
+    /// When `counters` arrived.
+    pub counters_at: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -30,6 +38,34 @@ struct Inner {
     samples: VecDeque<f64>,
     count: u64,
     last_ms: f64,
+}
+
+/// The drop counters that grew from `before` to `after`, by how much (a counter that went
+/// down was reset: its new value counts).
+pub fn drop_deltas(
+    before: &[vpc_proto::v1::DatapathCounter],
+    after: &[vpc_proto::v1::DatapathCounter],
+) -> Vec<vpc_proto::v1::DatapathCounter> {
+    after
+        .iter()
+        .filter(|c| c.drop)
+        .filter_map(|c| {
+            let old = before
+                .iter()
+                .find(|b| b.drop && b.hook == c.hook && b.name == c.name)
+                .map_or(0, |b| b.packets);
+            let delta = if c.packets >= old {
+                c.packets - old
+            } else {
+                c.packets
+            };
+            (delta > 0).then(|| vpc_proto::v1::DatapathCounter {
+                packets: delta,
+                bytes: 0,
+                ..c.clone()
+            })
+        })
+        .collect()
 }
 
 /// Latency summary.
@@ -93,6 +129,22 @@ impl Programming {
         complete(&mut g);
     }
 
+    /// A host's datapath counters arrived: keeps them and the drops since the previous ones.
+    pub fn counters(&self, host: &str, counters: Vec<vpc_proto::v1::DatapathCounter>) {
+        if counters.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut g = self.lock();
+        let h = g.hosts.entry(host.to_owned()).or_default();
+        if let Some(at) = h.counters_at {
+            h.recent_drops = drop_deltas(&h.counters, &counters);
+            h.recent_seconds = now.duration_since(at).as_secs_f64();
+        }
+        h.counters = counters;
+        h.counters_at = Some(now);
+    }
+
     /// Hosts seen by this replica.
     pub fn hosts(&self) -> BTreeMap<String, HostLive> {
         self.lock().hosts.clone()
@@ -150,6 +202,35 @@ fn complete(g: &mut Inner) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn recent_drops_are_the_growth_of_drop_counters() {
+        let c = |name: &str, drop: bool, packets: u64| vpc_proto::v1::DatapathCounter {
+            hook: "port".into(),
+            name: name.into(),
+            drop,
+            packets,
+            bytes: 0,
+        };
+        let before = [
+            c("pass", false, 10),
+            c("sg_ingress", true, 5),
+            c("acl_egress", true, 7),
+        ];
+        let after = [
+            c("pass", false, 20),
+            c("sg_ingress", true, 8),
+            c("acl_egress", true, 7),
+            c("no_route", true, 2),
+        ];
+        let d = super::drop_deltas(&before, &after);
+        let got: Vec<(&str, u64)> = d.iter().map(|x| (x.name.as_str(), x.packets)).collect();
+        assert_eq!(got, vec![("sg_ingress", 3), ("no_route", 2)]);
+        // A reset counter counts from zero.
+        let d = super::drop_deltas(&[c("sg_ingress", true, 50)], &[c("sg_ingress", true, 4)]);
+        assert_eq!(d[0].packets, 4);
+    }
+
     use super::*;
 
     #[test]

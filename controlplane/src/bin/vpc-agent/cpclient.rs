@@ -148,6 +148,8 @@ pub struct Report {
     pub error: String,
     /// Instances, volumes, snapshots.
     pub observed: crate::workloads::Observed,
+    /// The datapath's counters.
+    pub counters: Vec<pb::DatapathCounter>,
 }
 
 /// Sends a report (best effort: a lost report is repeated by the next one). Returns whether
@@ -161,6 +163,7 @@ pub async fn report(client: &mut Client, host: &str, r: Report) -> bool {
             instances: r.observed.instances,
             volumes: r.observed.volumes,
             snapshots: r.observed.snapshots,
+            counters: r.counters,
         })
         .await
     {

@@ -387,7 +387,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     }
                 };
                 if let Some(tx) = &cp_report {
-                    let _ = tx.send(cpclient::Report { revision, error, observed: r.observed.clone() });
+                    let _ = tx.send(cpclient::Report { revision, error, observed: r.observed.clone(), counters: datapath_counters(&maps) });
                 }
             }
             _ = poll.tick(), if overlay.as_ref().is_some_and(|r| r.has_state()) => {
@@ -401,7 +401,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     } else if let (Some(tx), Some(a)) = (&cp_report, &cp_applied) {
                         // Instances and volumes may have moved on without a new revision.
                         let revision = *a.borrow();
-                        let _ = tx.send(cpclient::Report { revision, error: String::new(), observed: r.observed.clone() });
+                        let _ = tx.send(cpclient::Report { revision, error: String::new(), observed: r.observed.clone(), counters: datapath_counters(&maps) });
                     }
                 }
             }
@@ -438,6 +438,38 @@ async fn run(args: RunArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The datapath's non-zero counters, for the control plane (`vpc status`, `vpc drops`).
+fn datapath_counters(maps: &PinnedMaps) -> Vec<vpc_proto::v1::DatapathCounter> {
+    let Ok(s) = maps.stats() else {
+        return Vec::new();
+    };
+    let actions = s
+        .actions
+        .iter()
+        .map(|(hook, slot, c)| vpc_proto::v1::DatapathCounter {
+            hook: hook.name().into(),
+            name: Action::from_u32(*slot)
+                .map_or("unknown", Action::name)
+                .into(),
+            drop: false,
+            packets: c.packets,
+            bytes: c.bytes,
+        });
+    let drops = s
+        .drops
+        .iter()
+        .map(|(hook, reason, c)| vpc_proto::v1::DatapathCounter {
+            hook: hook.name().into(),
+            name: dataplane_common::DropReason::from_u32(*reason)
+                .map_or("unknown", |r| r.name())
+                .into(),
+            drop: true,
+            packets: c.packets,
+            bytes: c.bytes,
+        });
+    actions.chain(drops).filter(|c| c.packets > 0).collect()
 }
 
 fn log_stats(maps: &PinnedMaps) {
