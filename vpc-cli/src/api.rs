@@ -759,7 +759,8 @@ message_json! {
         target_group_id, name, vpc_id, protocol, port, health_check,
         deregistration_delay_seconds, targets, load_balancer_ids, owner_id, tags,
     }
-    pb::Host { host_id, underlay_ip, connected, applied_revision, last_error, instance_count }
+    pb::Host { host_id, underlay_ip, connected, applied_revision, last_error, instance_count, counters, recent_drops, recent_seconds }
+    pb::DatapathCounter { hook, name, drop, packets, bytes }
     pb::GetProgrammingLatencyResponse { samples, p50_ms, p99_ms, max_ms, last_ms }
 }
 
