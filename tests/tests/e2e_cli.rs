@@ -4,8 +4,17 @@
 //! Checks: create a VPC, a subnet, a security group and an ingress rule; list them as
 //! tables and as JSON; describe; paging; errors (bad CIDR names `cidr_block`, unknown id,
 //! deleting a VPC in use, no token, no server) and their exit codes; delete in order.
+//! Output: JSON by default when piped, `-o table|wide|json|yaml` for a list and a describe,
+//! `--query`; settings from a config file and profiles, and their precedence (flag >
+//! environment > profile > top level); `config view`; `completion` and `man`.
+//!
+//! stdout is a pipe here, so the CLI prints JSON unless told otherwise: table checks pass
+//! `-o table` ([`Vpc::table`]).
 
-use std::{path::PathBuf, process::Output};
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
@@ -22,20 +31,42 @@ struct Vpc<'a> {
 }
 
 impl Vpc<'_> {
-    fn run(&self, args: &[&str]) -> Result<Output> {
+    /// The command: `VPC_ENDPOINT`, `VPC_TOKEN`, and no config file or other `VPC_*`
+    /// settings from the caller's environment.
+    fn command(&self, args: &[&str]) -> Command {
         let mut cmd = self.ns.command(&self.bin);
         cmd.args(args).env("VPC_ENDPOINT", &self.url);
         match self.token {
             Some(t) => cmd.env("VPC_TOKEN", t),
             None => cmd.env_remove("VPC_TOKEN"),
         };
+        for var in [
+            "VPC_CONFIG",
+            "VPC_PROFILE",
+            "VPC_OUTPUT",
+            "VPC_TOKEN_FILE",
+            "VPC_TLS_CA",
+            "VPC_TLS_CERT",
+            "VPC_TLS_KEY",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.env("XDG_CONFIG_HOME", "/nonexistent-vpc-e2e");
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Result<Output> {
+        self.output(self.command(args), args)
+    }
+
+    fn output(&self, mut cmd: Command, args: &[&str]) -> Result<Output> {
         cmd.output()
             .with_context(|| format!("running vpc {args:?}"))
     }
 
-    /// Stdout of a successful run.
-    fn ok(&self, args: &[&str]) -> Result<String> {
-        let out = self.run(args)?;
+    /// Stdout of a successful `cmd`.
+    fn ok_with(&self, cmd: Command, args: &[&str]) -> Result<String> {
+        let out = self.output(cmd, args)?;
         if !out.status.success() {
             bail!(
                 "vpc {args:?} failed ({}): {}",
@@ -44,6 +75,18 @@ impl Vpc<'_> {
             );
         }
         Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// `vpc -o table ARGS`: stdout of a successful run.
+    fn table(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["-o", "table"];
+        all.extend_from_slice(args);
+        self.ok(&all)
+    }
+
+    /// Stdout of a successful run.
+    fn ok(&self, args: &[&str]) -> Result<String> {
+        self.ok_with(self.command(args), args)
     }
 
     /// `vpc -o json ARGS`, parsed.
@@ -56,7 +99,12 @@ impl Vpc<'_> {
 
     /// A failing run: its exit code and stderr.
     fn fails(&self, args: &[&str]) -> Result<(i32, String)> {
-        let out = self.run(args)?;
+        self.fails_with(self.command(args), args)
+    }
+
+    /// A failing `cmd`: its exit code and stderr.
+    fn fails_with(&self, cmd: Command, args: &[&str]) -> Result<(i32, String)> {
+        let out = self.output(cmd, args)?;
         ensure!(
             !out.status.success(),
             "vpc {args:?} succeeded: {}",
@@ -121,7 +169,7 @@ fn cli_drives_the_api() -> Result<()> {
     let default_sg = str_at(&created, "/vpc/defaultSecurityGroupId")?.to_owned();
 
     // Table output of a create: the header and the new subnet's row.
-    let table = vpc.ok(&[
+    let table = vpc.table(&[
         "subnets",
         "create",
         "--vpc",
@@ -171,7 +219,7 @@ fn cli_drives_the_api() -> Result<()> {
         "{rules}"
     );
     // A rule from another group, as a table.
-    let t = vpc.ok(&[
+    let t = vpc.table(&[
         "sg",
         "authorize-ingress",
         &sg_id,
@@ -186,22 +234,22 @@ fn cli_drives_the_api() -> Result<()> {
     ensure!(t.contains(&default_sg) && t.contains("443"), "{t}");
 
     // List as tables.
-    let t = vpc.ok(&["vpcs", "list"])?;
+    let t = vpc.table(&["vpcs", "list"])?;
     ensure!(t.starts_with("VPC ID"), "{t}");
     let r = row(&t, &vpc_id)?;
     ensure!(
         r.contains("10.0.0.0/16") && r.contains("cli") && r.contains("available"),
         "{t}"
     );
-    let t = vpc.ok(&["subnets", "list", "--vpc", &vpc_id])?;
+    let t = vpc.table(&["subnets", "list", "--vpc", &vpc_id])?;
     ensure!(row(&t, &subnet_id)?.contains(&vpc_id), "{t}");
-    let t = vpc.ok(&["security-groups", "list", "--vpc", &vpc_id])?;
+    let t = vpc.table(&["security-groups", "list", "--vpc", &vpc_id])?;
     let r = row(&t, &sg_id)?;
     ensure!(r.contains("web") && r.contains("web servers"), "{t}");
     row(&t, &default_sg)?;
-    let t = vpc.ok(&["security-groups", "describe", &sg_id])?;
+    let t = vpc.table(&["security-groups", "describe", &sg_id])?;
     ensure!(t.contains(&rule_id) && t.contains("10.0.0.0/8"), "{t}");
-    let t = vpc.ok(&["route-tables", "list", "--vpc", &vpc_id])?;
+    let t = vpc.table(&["route-tables", "list", "--vpc", &vpc_id])?;
     ensure!(t.contains("10.0.0.0/16->local"), "{t}");
     // Tags are updated in place.
     vpc.ok(&[
@@ -213,7 +261,7 @@ fn cli_drives_the_api() -> Result<()> {
         "--tag",
         "env=test",
     ])?;
-    let t = vpc.ok(&["vpcs", "list"])?;
+    let t = vpc.table(&["vpcs", "list"])?;
     ensure!(row(&t, &vpc_id)?.contains("renamed"), "{t}");
     vpc.ok(&["tags", "delete", &vpc_id, "--tag", "Name=renamed"])?;
     vpc.ok(&["tags", "create", &vpc_id, "--tag", "Name=cli"])?;
@@ -245,6 +293,11 @@ fn cli_drives_the_api() -> Result<()> {
         "{v}"
     );
     ensure!(web["ingressRules"][0]["ipProtocol"] == "tcp", "{v}");
+
+    output_formats(&vpc, &vpc_id, &subnet_id)?;
+    queries(&vpc, &vpc_id, &subnet_id)?;
+    config_file(&vpc, dir.path(), &vpc_id)?;
+    completion_and_man(&vpc, dir.path())?;
 
     // Paging: every page by default (2 at a time here), one page with --max-results. Volumes
     // live on a host: register one (no agent runs here; the volumes stay `creating`).
@@ -345,7 +398,7 @@ fn cli_drives_the_api() -> Result<()> {
     );
 
     // Delete in order.
-    let out = vpc.ok(&["security-groups", "revoke-ingress", &sg_id, &rule_id])?;
+    let out = vpc.table(&["security-groups", "revoke-ingress", &sg_id, &rule_id])?;
     ensure!(out.contains("revoked"), "{out}");
     let v = vpc.json(&["security-groups", "describe", &sg_id])?;
     ensure!(
@@ -356,7 +409,7 @@ fn cli_drives_the_api() -> Result<()> {
         "{v}"
     );
     // The other rule references the default group, which is not deleted: fine.
-    let out = vpc.ok(&["security-groups", "delete", &sg_id])?;
+    let out = vpc.table(&["security-groups", "delete", &sg_id])?;
     ensure!(out.starts_with(&format!("{sg_id} deleted")), "{out}");
     vpc.ok(&["subnets", "delete", &subnet_id])?;
     let v = vpc.json(&["vpcs", "delete", &vpc_id])?;
@@ -364,5 +417,325 @@ fn cli_drives_the_api() -> Result<()> {
     let v = vpc.json(&["vpcs", "list"])?;
     ensure!(v["vpcs"].as_array().map(Vec::len) == Some(0), "{v}");
     drop(cp);
+    Ok(())
+}
+
+/// A list and a describe in every output format; JSON by default on a pipe.
+fn output_formats(vpc: &Vpc, vpc_id: &str, subnet_id: &str) -> Result<()> {
+    // stdout is a pipe: JSON without -o.
+    let piped: Value = serde_json::from_str(&vpc.ok(&["subnets", "list", "--vpc", vpc_id])?)
+        .context("the default output on a pipe is not JSON")?;
+    let json = vpc.json(&["subnets", "list", "--vpc", vpc_id])?;
+    ensure!(piped == json, "{piped} != {json}");
+    let owner = str_at(&json, "/subnets/0/ownerId")?.to_owned();
+    ensure!(!owner.is_empty(), "{json}");
+
+    for what in [
+        vec!["subnets", "list", "--vpc", vpc_id],
+        vec!["subnets", "describe", subnet_id],
+        vec!["vpcs", "list"],
+        vec!["vpcs", "describe", vpc_id],
+    ] {
+        let json = vpc.json(&what)?;
+        // yaml: the same value.
+        let mut args = vec!["-o", "yaml"];
+        args.extend_from_slice(&what);
+        let text = vpc.ok(&args)?;
+        let yaml: Value = serde_yaml::from_str(&text)
+            .with_context(|| format!("vpc {args:?}: not YAML: {text}"))?;
+        ensure!(yaml == json, "vpc {args:?}: {yaml} != {json}");
+        // --output is -o; the value is case-insensitive.
+        let mut args = vec!["--output", "JSON"];
+        args.extend_from_slice(&what);
+        let again: Value = serde_json::from_str(&vpc.ok(&args)?)?;
+        ensure!(again == json, "vpc {args:?}: {again} != {json}");
+    }
+
+    // table and wide lists: wide adds columns, the same rows.
+    let t = vpc.table(&["subnets", "list", "--vpc", vpc_id])?;
+    ensure!(t.starts_with("SUBNET ID") && !t.contains("OWNER"), "{t}");
+    ensure!(row(&t, subnet_id)?.contains("10.0.1.0/24"), "{t}");
+    let w = vpc.ok(&["-o", "wide", "subnets", "list", "--vpc", vpc_id])?;
+    let header = w.lines().next().unwrap_or_default();
+    ensure!(
+        header.starts_with("SUBNET ID") && header.contains("OWNER") && header.contains("TAGS"),
+        "{w}"
+    );
+    let r = row(&w, subnet_id)?;
+    ensure!(r.contains("10.0.1.0/24") && r.contains(&owner), "{w}");
+    ensure!(w.lines().count() == t.lines().count(), "{t}\n{w}");
+    let w = vpc.ok(&["-o", "wide", "vpcs", "list"])?;
+    ensure!(
+        w.lines().next().unwrap_or_default().contains("DEFAULT SG"),
+        "{w}"
+    );
+    // describe: blocks in both.
+    for o in ["table", "wide"] {
+        let d = vpc.ok(&["-o", o, "subnets", "describe", subnet_id])?;
+        ensure!(
+            d.contains(&format!("Subnet Id:  {subnet_id}\n")),
+            "-o {o}: {d}"
+        );
+        ensure!(d.contains("Cidr Block:  10.0.1.0/24\n"), "-o {o}: {d}");
+    }
+    // A write's data as yaml.
+    let text = vpc.ok(&["-o", "yaml", "tags", "create", vpc_id, "--tag", "env=yaml"])?;
+    let v: Value = serde_yaml::from_str(&text)?;
+    ensure!(v["revision"].is_i64(), "{text}");
+    // A bad output name is a usage error.
+    let (code, err) = vpc.fails(&["-o", "xml", "vpcs", "list"])?;
+    ensure!(code == 2 && err.contains("xml"), "exit {code}: {err}");
+    Ok(())
+}
+
+/// `--query` in each output; a bad expression is a usage error made before any request.
+fn queries(vpc: &Vpc, vpc_id: &str, subnet_id: &str) -> Result<()> {
+    let v = vpc.json(&["vpcs", "list", "--query", "vpcs[].vpcId"])?;
+    ensure!(v == serde_json::json!([vpc_id]), "{v}");
+    let v = vpc.json(&[
+        "subnets",
+        "describe",
+        subnet_id,
+        "--query",
+        "subnets[0].{id: subnetId, cidr: cidrBlock}",
+    ])?;
+    ensure!(
+        v == serde_json::json!({"id": subnet_id, "cidr": "10.0.1.0/24"}),
+        "{v}"
+    );
+    let t = vpc.table(&["vpcs", "list", "--query", "vpcs[0].vpcId"])?;
+    ensure!(t == format!("{vpc_id}\n"), "{t:?}");
+    let t = vpc.table(&[
+        "subnets",
+        "list",
+        "--query",
+        "subnets[].[subnetId, cidrBlock]",
+    ])?;
+    ensure!(t == format!("{subnet_id}\t10.0.1.0/24\n"), "{t:?}");
+    let y = vpc.ok(&["-o", "yaml", "vpcs", "list", "--query", "vpcs[].vpcId"])?;
+    ensure!(y == format!("- {vpc_id}\n"), "{y:?}");
+    let v = vpc.json(&["vpcs", "list", "--query", "length(vpcs)"])?;
+    ensure!(v == 1, "{v}");
+    // Nothing matches: null.
+    let v = vpc.json(&["vpcs", "list", "--query", "nothing"])?;
+    ensure!(v.is_null(), "{v}");
+
+    // A bad expression: exit 2, one line, and no VPC is created.
+    let (code, err) = vpc.fails(&[
+        "vpcs",
+        "create",
+        "--cidr",
+        "10.9.0.0/16",
+        "--query",
+        "vpcs[",
+    ])?;
+    ensure!(
+        code == 2 && err.starts_with("error: --query `vpcs[`: ") && err.lines().count() == 1,
+        "exit {code}: {err}"
+    );
+    let v = vpc.json(&["vpcs", "list", "--query", "length(vpcs)"])?;
+    ensure!(v == 1, "{v}");
+    Ok(())
+}
+
+/// Settings from a config file and its profiles, and their precedence.
+fn config_file(vpc: &Vpc, dir: &Path, vpc_id: &str) -> Result<()> {
+    let token = vpc.token.context("a token")?;
+    std::fs::write(dir.join("dev-token"), format!("{token}\n"))?;
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"# the top level points nowhere
+endpoint = "http://127.0.0.1:1"
+output = "yaml"
+
+[profiles.good]
+endpoint = "{url}"
+token_file = "dev-token"   # relative to this file
+output = "json"
+
+[profiles.nowhere]
+endpoint = "http://127.0.0.1:1"
+token = "bad"
+"#,
+            url = vpc.url
+        ),
+    )?;
+    let path_s = path.display().to_string();
+    // Only the config file: no VPC_ENDPOINT, no VPC_TOKEN.
+    let cmd = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = vpc.command(args);
+        c.env_remove("VPC_ENDPOINT")
+            .env_remove("VPC_TOKEN")
+            .env("VPC_CONFIG", &path);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c
+    };
+    let vpcs = ["vpcs", "list", "--query", "vpcs[].vpcId"];
+    let want = serde_json::json!([vpc_id]);
+    let json_of = |text: String| -> Result<Value> {
+        serde_json::from_str(&text).with_context(|| format!("not JSON: {text}"))
+    };
+
+    // The profile by flag and by VPC_PROFILE: its endpoint, token file and output (json).
+    let mut args = vec!["--profile", "good"];
+    args.extend_from_slice(&vpcs);
+    ensure!(json_of(vpc.ok_with(cmd(&args, &[]), &args)?)? == want);
+    ensure!(json_of(vpc.ok_with(cmd(&vpcs, &[("VPC_PROFILE", "good")]), &vpcs)?)? == want);
+    // The flag beats VPC_PROFILE.
+    ensure!(json_of(vpc.ok_with(cmd(&args, &[("VPC_PROFILE", "nope")]), &args)?)? == want);
+    // No profile: the top level (nowhere): the control plane cannot be reached (1).
+    let (code, err) = vpc.fails_with(cmd(&vpcs, &[]), &vpcs)?;
+    ensure!(
+        code == 1 && err.contains("127.0.0.1:1"),
+        "exit {code}: {err}"
+    );
+    // The environment beats the profile; a flag beats the environment.
+    let env_good = [("VPC_ENDPOINT", vpc.url.as_str()), ("VPC_TOKEN", token)];
+    // (nowhere has no output: the top level's yaml, so -o json.)
+    let mut args = vec!["--profile", "nowhere", "-o", "json"];
+    args.extend_from_slice(&vpcs);
+    ensure!(json_of(vpc.ok_with(cmd(&args, &env_good), &args)?)? == want);
+    let env_bad = [
+        ("VPC_ENDPOINT", "http://127.0.0.1:1"),
+        ("VPC_TOKEN", "bad"),
+        ("VPC_PROFILE", "good"),
+    ];
+    let mut args = vec!["--endpoint", vpc.url.as_str(), "--token", token];
+    args.extend_from_slice(&vpcs);
+    ensure!(json_of(vpc.ok_with(cmd(&args, &env_bad), &args)?)? == want);
+    // Output: the top level says yaml, VPC_OUTPUT beats it, -o beats both.
+    let list = ["vpcs", "list"];
+    let env = [("VPC_ENDPOINT", vpc.url.as_str()), ("VPC_TOKEN", token)];
+    let y = vpc.ok_with(cmd(&list, &env), &list)?;
+    let yaml: Value = serde_yaml::from_str(&y)?;
+    ensure!(
+        yaml["vpcs"][0]["vpcId"] == vpc_id && !y.starts_with('{'),
+        "{y}"
+    );
+    let t = vpc.ok_with(
+        cmd(&list, &[env[0], env[1], ("VPC_OUTPUT", "table")]),
+        &list,
+    )?;
+    ensure!(t.starts_with("VPC ID"), "{t}");
+    let mut args = vec!["-o", "json"];
+    args.extend_from_slice(&list);
+    let j = vpc.ok_with(
+        cmd(&args, &[env[0], env[1], ("VPC_OUTPUT", "table")]),
+        &args,
+    )?;
+    ensure!(json_of(j)?["vpcs"][0]["vpcId"] == vpc_id);
+
+    // config view: the sources, the token redacted.
+    let view = ["-o", "json", "config", "view"];
+    let v = json_of(vpc.ok_with(cmd(&view, &[("VPC_PROFILE", "good")]), &view)?)?;
+    ensure!(v["config"]["value"] == path_s.as_str(), "{v}");
+    ensure!(v["profile"]["value"] == "good", "{v}");
+    ensure!(v["profile"]["source"] == "env VPC_PROFILE", "{v}");
+    ensure!(v["endpoint"]["value"] == vpc.url.as_str(), "{v}");
+    ensure!(
+        v["endpoint"]["source"] == format!("config {path_s} [profiles.good]").as_str(),
+        "{v}"
+    );
+    ensure!(v["output"]["source"] == "flag --output", "{v}");
+    ensure!(!v.to_string().contains(token), "the token shows: {v}");
+    let view = ["-o", "table", "--endpoint", "http://x:1", "config", "view"];
+    let t = vpc.ok_with(cmd(&view, &[("VPC_TOKEN", token)]), &view)?;
+    ensure!(t.starts_with("SETTING"), "{t}");
+    ensure!(!t.contains(token), "the token shows:\n{t}");
+    let r = t
+        .lines()
+        .find(|l| l.starts_with("endpoint"))
+        .context("endpoint row")?;
+    ensure!(
+        r.contains("http://x:1") && r.contains("flag --endpoint"),
+        "{t}"
+    );
+    let r = t
+        .lines()
+        .find(|l| l.starts_with("token"))
+        .context("token row")?;
+    ensure!(
+        r.contains("<redacted>") && r.contains("env VPC_TOKEN"),
+        "{t}"
+    );
+    // The default file is not there: fine; --query works on the view too.
+    let view = ["config", "view", "--query", "endpoint.source"];
+    let out = vpc.ok(&view)?;
+    ensure!(json_of(out)? == "env VPC_ENDPOINT");
+
+    // Config errors: one line, exit 2.
+    let bad = dir.join("bad.toml");
+    for (text, want) in [
+        ("endpiont = \"x\"\n", "unknown key `endpiont`"),
+        ("[profile dev]\n", "unknown section"),
+        ("output = \"xml\"\n", "`xml` is not an output"),
+    ] {
+        std::fs::write(&bad, text)?;
+        let mut c = vpc.command(&list);
+        c.env("VPC_CONFIG", &bad);
+        let (code, err) = vpc.fails_with(c, &list)?;
+        ensure!(
+            code == 2 && err.starts_with("error: config ") && err.contains(want),
+            "exit {code}: {err}"
+        );
+        ensure!(err.lines().count() == 1, "{err}");
+    }
+    let mut args = vec!["--profile", "staging"];
+    args.extend_from_slice(&list);
+    let (code, err) = vpc.fails_with(cmd(&args, &[]), &args)?;
+    ensure!(
+        code == 2
+            && err.starts_with("error: profile `staging` (flag --profile) is not in config ")
+            && err.contains("(profiles: good, nowhere)")
+            && err.lines().count() == 1,
+        "exit {code}: {err}"
+    );
+    let mut c = vpc.command(&list);
+    c.env("VPC_CONFIG", dir.join("missing.toml"));
+    let (code, err) = vpc.fails_with(c, &list)?;
+    ensure!(
+        code == 2 && err.starts_with("error: config ") && err.lines().count() == 1,
+        "exit {code}: {err}"
+    );
+    let mut args = vec!["--token-file", "/nonexistent/token"];
+    args.extend_from_slice(&list);
+    let (code, err) = vpc.fails(&args)?;
+    ensure!(
+        code == 2 && err.starts_with("error: token_file /nonexistent/token: "),
+        "exit {code}: {err}"
+    );
+    Ok(())
+}
+
+/// `vpc completion bash` and `vpc man`.
+fn completion_and_man(vpc: &Vpc, dir: &Path) -> Result<()> {
+    let bash = vpc.ok(&["completion", "bash"])?;
+    ensure!(
+        bash.contains("vpcs") && bash.contains("security-groups") && bash.contains("complete"),
+        "{bash}"
+    );
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        ensure!(!vpc.ok(&["completion", shell])?.is_empty(), "{shell}");
+    }
+    let (code, _) = vpc.fails(&["completion", "tcsh"])?;
+    ensure!(code == 2);
+    let man = vpc.ok(&["man"])?;
+    ensure!(man.starts_with('.') && man.contains("\n.TH vpc 1"), "{man}");
+    ensure!(man.contains("security\\-groups"), "{man}");
+    let out = dir.join("man");
+    vpc.ok(&["man", "--out", out.to_str().context("path")?])?;
+    for page in [
+        "vpc.1",
+        "vpc-vpcs.1",
+        "vpc-vpcs-create.1",
+        "vpc-config-view.1",
+    ] {
+        let text = std::fs::read_to_string(out.join(page)).with_context(|| page.to_owned())?;
+        ensure!(text.contains(".TH "), "{page}: {text}");
+    }
     Ok(())
 }

@@ -1,13 +1,15 @@
 //! The API-backed commands of `vpc`: resources of the control plane (VPCs, subnets, security
 //! groups, ...) over its gRPC API, aws-CLI nouns with kubectl-like output.
 //!
-//! Shared here: the connection flags, the bearer token, output (aligned tables, JSON,
-//! `describe` blocks), error reporting with exit codes, paging and the argument parsers.
-//! One module per area holds the commands (`network`, `security`, `compute`, `lb`, `hosts`).
+//! Shared here: the connection flags, the bearer token, output (aligned tables, JSON, YAML,
+//! `describe` blocks; see [`crate::output`]), error reporting with exit codes, paging and
+//! the argument parsers. The settings (flags, environment, config file) are resolved by
+//! [`crate::config`]. One module per area holds the commands (`network`, `security`,
+//! `compute`, `lb`, `hosts`).
 
 use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Subcommand, ValueEnum};
 use serde_json::{Map, Value, json};
 use tonic::{
@@ -18,7 +20,11 @@ use tonic::{
 use tonic_types::StatusExt;
 use vpc_proto::v1 as pb;
 
-use crate::{compute, hosts, lb, network, security};
+use crate::{
+    compute,
+    config::{self, Settings},
+    hosts, lb, network, output, security,
+};
 
 /// Exit codes of the API commands (also in `vpc --help`).
 pub const EXIT_HELP: &str = "\
@@ -30,59 +36,64 @@ Exit status of the API commands (vpcs, subnets, ...):
      FAILED_PRECONDITION, RESOURCE_EXHAUSTED, UNAUTHENTICATED, PERMISSION_DENIED, ...)
      or the command line is invalid
 Errors are printed as `error: <CODE>: <message>`, then `  field <field>: <why>` for each
-field the control plane names.";
+field the control plane names.
+
+Settings: a flag beats the environment (VPC_ENDPOINT, VPC_TOKEN, VPC_TOKEN_FILE,
+VPC_TLS_CA, VPC_TLS_CERT, VPC_TLS_KEY, VPC_OUTPUT, VPC_PROFILE), which beats the config file
+(--config, $VPC_CONFIG, else $XDG_CONFIG_HOME/vpc/config.toml): its [profiles.NAME] section
+(--profile), then its top level. `vpc config view` shows what applies and why. Output: -o,
+else tables on a terminal and JSON otherwise.";
 
 /// Connection and output flags of the API commands (global: they go before or after the
-/// subcommand, like the aws CLI's `--output`).
-#[derive(clap::Args, Debug, Clone)]
+/// subcommand, like the aws CLI's `--output`). Unset flags fall back to the environment and
+/// the config file ([`config::load`]).
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct ApiArgs {
-    /// Control plane URL (http:// or https://).
+    /// Control plane URL (http:// or https://) [env: VPC_ENDPOINT] [default:
+    /// http://127.0.0.1:7420].
+    #[arg(long, global = true, help_heading = "API options")]
+    pub endpoint: Option<String>,
+    /// Account token, sent as `authorization: Bearer <token>` [env: VPC_TOKEN].
     #[arg(
         long,
-        env = "VPC_ENDPOINT",
-        default_value = "http://127.0.0.1:7420",
         global = true,
-        help_heading = "API options"
-    )]
-    pub endpoint: String,
-    /// Account token, sent as `authorization: Bearer <token>`.
-    #[arg(
-        long,
-        env = "VPC_TOKEN",
-        hide_env_values = true,
-        global = true,
+        conflicts_with = "token_file",
         help_heading = "API options"
     )]
     pub token: Option<String>,
-    /// PEM CA certificate(s) the control plane's certificate is checked against (https).
+    /// File whose first line is the account token [env: VPC_TOKEN_FILE].
+    #[arg(long, global = true, help_heading = "API options")]
+    pub token_file: Option<PathBuf>,
+    /// PEM CA certificate(s) the control plane's certificate is checked against (https)
+    /// [env: VPC_TLS_CA].
     #[arg(long, global = true, help_heading = "API options")]
     pub tls_ca: Option<PathBuf>,
-    /// PEM client certificate (mutual TLS; with --tls-key).
-    #[arg(
-        long,
-        global = true,
-        requires = "tls_key",
-        help_heading = "API options"
-    )]
+    /// PEM client certificate (mutual TLS; with --tls-key) [env: VPC_TLS_CERT].
+    #[arg(long, global = true, help_heading = "API options")]
     pub tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
-    #[arg(
-        long,
-        global = true,
-        requires = "tls_cert",
-        help_heading = "API options"
-    )]
+    /// PEM private key of --tls-cert [env: VPC_TLS_KEY].
+    #[arg(long, global = true, help_heading = "API options")]
     pub tls_key: Option<PathBuf>,
-    /// Output format.
+    /// Output format [env: VPC_OUTPUT] [default: table on a terminal, else json].
     #[arg(
         short = 'o',
         long,
         value_enum,
-        default_value_t = Output::Table,
+        ignore_case = true,
         global = true,
         help_heading = "API options"
     )]
-    pub output: Output,
+    pub output: Option<Output>,
+    /// JMESPath expression applied to the JSON result (as the aws CLI's), e.g.
+    /// `instances[].privateIpAddress`.
+    #[arg(long, global = true, value_name = "EXPR", help_heading = "API options")]
+    pub query: Option<String>,
+    /// Config file profile ([profiles.NAME]) [env: VPC_PROFILE].
+    #[arg(long, global = true, help_heading = "API options")]
+    pub profile: Option<String>,
+    /// Config file [env: VPC_CONFIG] [default: $XDG_CONFIG_HOME/vpc/config.toml].
+    #[arg(long, global = true, help_heading = "API options")]
+    pub config: Option<PathBuf>,
 }
 
 /// How results are printed.
@@ -90,8 +101,12 @@ pub struct ApiArgs {
 pub enum Output {
     /// Aligned columns (kubectl-like); `describe` prints one block per resource.
     Table,
+    /// Tables with more columns (MAC, launch time, owner, tags, ...).
+    Wide,
     /// The response messages as JSON (proto3 JSON field names, lowerCamelCase).
     Json,
+    /// The same value as `json`, as YAML.
+    Yaml,
 }
 
 /// The API nouns (flattened into `vpc`'s subcommands).
@@ -137,6 +152,19 @@ pub enum ApiCommand {
 
 /// Runs an API command and exits with its status (see [`EXIT_HELP`]).
 pub fn main(args: &ApiArgs, cmd: ApiCommand) -> ! {
+    // Settings and --query are checked before any request: their errors are usage errors.
+    let settings = match config::load(args).and_then(|s| {
+        if let Some(q) = &s.query {
+            output::check_query(q)?;
+        }
+        Ok(s)
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2)
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -147,18 +175,18 @@ pub fn main(args: &ApiArgs, cmd: ApiCommand) -> ! {
             std::process::exit(1)
         }
     };
-    let code = match rt.block_on(run(args, cmd)) {
+    let code = match rt.block_on(run(&settings, cmd)) {
         Ok(()) => 0,
         Err(e) => {
-            eprint!("{}", e.render(&args.endpoint));
+            eprint!("{}", e.render(&settings.endpoint.value));
             e.exit_code()
         }
     };
     std::process::exit(code)
 }
 
-async fn run(args: &ApiArgs, cmd: ApiCommand) -> Result<(), CliError> {
-    let api = Api::connect(args).await.map_err(CliError::Local)?;
+async fn run(settings: &Settings, cmd: ApiCommand) -> Result<(), CliError> {
+    let api = Api::connect(settings).await?;
     match cmd {
         ApiCommand::Vpcs(c) => network::vpcs(&api, c).await,
         ApiCommand::Subnets(c) => network::subnets(&api, c).await,
@@ -242,7 +270,10 @@ impl CliError {
                         let _ = writeln!(out, "  (is the control plane at {endpoint} running?)");
                     }
                     Code::Unauthenticated => {
-                        let _ = writeln!(out, "  (set VPC_TOKEN or pass --token)");
+                        let _ = writeln!(
+                            out,
+                            "  (set VPC_TOKEN, pass --token or set token in the config file)"
+                        );
                     }
                     _ => {}
                 }
@@ -287,52 +318,77 @@ pub struct Api {
     pub channel: Authed,
     /// Output format.
     pub output: Output,
+    /// `--query` (checked before the connection).
+    pub query: Option<String>,
 }
 
 impl Api {
-    /// Connects to `--endpoint` (TLS for https:// or when TLS files are given).
-    pub async fn connect(args: &ApiArgs) -> Result<Api> {
-        let token = match &args.token {
-            Some(t) => Some(Bearer::new(t).context("--token: not a valid header value")?),
+    /// Connects to the endpoint (TLS for https:// or when TLS files are given). An unreadable
+    /// token file is a usage error (exit 2), the rest local failures (exit 1).
+    pub async fn connect(s: &Settings) -> Result<Api, CliError> {
+        let token = match s.token_value().map_err(CliError::Usage)? {
+            Some(t) => Some(
+                Bearer::new(&t)
+                    .map_err(|_| CliError::Usage("the token is not a valid header value".into()))?,
+            ),
             None => None,
         };
-        let mut ep = Endpoint::from_shared(args.endpoint.clone())
-            .with_context(|| format!("--endpoint: `{}` is not a URL", args.endpoint))?
+        let channel = Self::channel(s).await.map_err(CliError::Local)?;
+        Ok(Api {
+            channel: InterceptedService::new(channel, token.unwrap_or_default()),
+            output: s.output.value,
+            query: s.query.clone(),
+        })
+    }
+
+    async fn channel(s: &Settings) -> Result<Channel> {
+        let endpoint = &s.endpoint.value;
+        let mut ep = Endpoint::from_shared(endpoint.clone())
+            .with_context(|| {
+                format!(
+                    "endpoint ({}): `{endpoint}` is not a URL",
+                    s.endpoint.source
+                )
+            })?
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60));
-        let https = args.endpoint.starts_with("https://");
-        if https || args.tls_ca.is_some() || args.tls_cert.is_some() {
+        let https = endpoint.starts_with("https://");
+        if https || s.tls_ca.is_some() || s.tls_cert.is_some() {
             if !https {
                 bail!("--tls-* options need an https:// endpoint");
             }
             let mut tls = ClientTlsConfig::new();
-            match &args.tls_ca {
+            match &s.tls_ca {
                 Some(p) => {
-                    let pem = std::fs::read(p)
-                        .with_context(|| format!("--tls-ca: reading {}", p.display()))?;
+                    let pem = std::fs::read(&p.value).with_context(|| {
+                        format!("tls_ca ({}): reading {}", p.source, p.value.display())
+                    })?;
                     tls = tls.ca_certificate(Certificate::from_pem(pem));
                 }
                 None => bail!("an https:// endpoint needs --tls-ca (the CA of its certificate)"),
             }
-            if let (Some(c), Some(k)) = (&args.tls_cert, &args.tls_key) {
-                let cert = std::fs::read(c)
-                    .with_context(|| format!("--tls-cert: reading {}", c.display()))?;
-                let key = std::fs::read(k)
-                    .with_context(|| format!("--tls-key: reading {}", k.display()))?;
+            if let (Some(c), Some(k)) = (&s.tls_cert, &s.tls_key) {
+                let cert = std::fs::read(&c.value).with_context(|| {
+                    format!("tls_cert ({}): reading {}", c.source, c.value.display())
+                })?;
+                let key = std::fs::read(&k.value).with_context(|| {
+                    format!("tls_key ({}): reading {}", k.source, k.value.display())
+                })?;
                 tls = tls.identity(Identity::from_pem(cert, key));
             }
             ep = ep.tls_config(tls).context("TLS configuration")?;
         }
-        let channel = ep.connect().await.map_err(|e| {
-            anyhow::Error::new(e).context(format!(
-                "UNAVAILABLE: cannot connect to {} (is the control plane running?)",
-                args.endpoint
+        ep.connect().await.map_err(|e| {
+            anyhow!(e).context(format!(
+                "UNAVAILABLE: cannot connect to {endpoint} (is the control plane running?)"
             ))
-        })?;
-        Ok(Api {
-            channel: InterceptedService::new(channel, token.unwrap_or_default()),
-            output: args.output,
         })
+    }
+
+    /// Prints a result: `value` (what `-o json` prints) as JSON, YAML or through `--query`,
+    /// else its text form: `text(wide)` prints it (see [`output::emit`]).
+    pub fn emit(&self, value: impl FnOnce() -> Value, text: impl FnOnce(bool)) {
+        output::emit(self.output, self.query.as_deref(), value, text);
     }
 }
 
@@ -346,10 +402,11 @@ pub fn revision<T>(r: &tonic::Response<T>) -> Option<i64> {
 
 /// The line printed for a write without a resource to show (table output).
 pub fn done(what: &str, verb: &str, rev: Option<i64>) {
-    match rev {
-        Some(r) => println!("{what} {verb} (revision {r})"),
-        None => println!("{what} {verb}"),
-    }
+    let line = match rev {
+        Some(r) => format!("{what} {verb} (revision {r})\n"),
+        None => format!("{what} {verb}\n"),
+    };
+    output::write_stdout(line.as_bytes());
 }
 
 /// Paging flags of the list commands (as the aws CLI's).
@@ -419,10 +476,13 @@ where
 // ---------------------------------------------------------------------------------------
 // Output.
 
-/// kubectl-like aligned columns: upper-case headers, three spaces between columns.
+/// kubectl-like aligned columns: upper-case headers, three spaces between columns. Columns
+/// added with [`Table::wide`] are shown by `-o wide` only.
 #[derive(Debug, Default)]
 pub struct Table {
     headers: Vec<&'static str>,
+    /// How many of the headers `-o table` shows (the rest are wide-only).
+    narrow: usize,
     rows: Vec<Vec<String>>,
 }
 
@@ -431,8 +491,16 @@ impl Table {
     pub fn new(headers: &[&'static str]) -> Table {
         Table {
             headers: headers.to_vec(),
+            narrow: headers.len(),
             rows: Vec::new(),
         }
+    }
+
+    /// Adds columns shown by `-o wide` only, after the others: each row carries their cells
+    /// last.
+    pub fn wide(mut self, headers: &[&'static str]) -> Table {
+        self.headers.extend_from_slice(headers);
+        self
     }
 
     /// Adds a row (empty cells are shown as `-`, as `<none>` would be too wide).
@@ -444,9 +512,13 @@ impl Table {
         self.rows.push(cells);
     }
 
-    /// The rendered table (headers even without rows).
-    pub fn render(&self) -> String {
-        let n = self.headers.len();
+    /// The rendered table (headers even without rows), with the wide-only columns if `wide`.
+    pub fn render_as(&self, wide: bool) -> String {
+        let n = if wide {
+            self.headers.len()
+        } else {
+            self.narrow
+        };
         let mut widths: Vec<usize> = self.headers.iter().map(|h| h.len()).collect();
         for r in &self.rows {
             for (i, c) in r.iter().enumerate().take(n) {
@@ -466,25 +538,17 @@ impl Table {
             out.push_str(s.trim_end());
             out.push('\n');
         };
-        line(&mut self.headers.iter().copied());
+        line(&mut self.headers.iter().copied().take(n));
         for r in &self.rows {
-            line(&mut r.iter().map(String::as_str));
+            line(&mut r.iter().map(String::as_str).take(n));
         }
         out
     }
 
-    /// Prints it.
-    pub fn print(&self) {
-        print!("{}", self.render());
+    /// Prints it, with the wide-only columns if `wide`.
+    pub fn print_as(&self, wide: bool) {
+        output::write_stdout(self.render_as(wide).as_bytes());
     }
-}
-
-/// Prints `v` as pretty JSON.
-pub fn print_json(v: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
-    );
 }
 
 /// kubectl-describe-like text of a JSON object: `Key:  value`, nested objects and lists
@@ -584,23 +648,24 @@ fn describe_into(out: &mut String, v: &Value, indent: usize) {
     }
 }
 
-/// Prints the resources of a describe: JSON `{key: [...]}` or one describe block each.
+/// Prints the resources of a describe: `{key: [...]}` as data, or one describe block each.
 pub fn print_describe(api: &Api, key: &str, items: Vec<Value>) {
-    match api.output {
-        Output::Json => print_json(&json!({ key: items })),
-        Output::Table => {
-            for (i, v) in items.iter().enumerate() {
-                if i > 0 {
-                    println!();
-                }
-                print!("{}", describe_text(v));
+    let text = |items: &[Value]| {
+        let mut out = String::new();
+        for (i, v) in items.iter().enumerate() {
+            if i > 0 {
+                out.push('\n');
             }
+            out.push_str(&describe_text(v));
         }
-    }
+        output::write_stdout(out.as_bytes());
+    };
+    api.emit(|| json!({ key: &items }), |_| text(&items));
 }
 
-/// Prints resources: an aligned table (`table` builds it), `describe` blocks, or JSON
-/// `{key: [...]}` (the describe response without its page token).
+/// Prints resources: an aligned table (`table` builds it; `-o wide` shows its wide columns),
+/// `describe` blocks, or the data `{key: [...]}` (the describe response without its page
+/// token).
 pub fn show_list<T: ToJson>(
     api: &Api,
     key: &str,
@@ -608,30 +673,28 @@ pub fn show_list<T: ToJson>(
     describe: bool,
     table: fn(&[T]) -> Table,
 ) {
-    let values = || items.iter().map(ToJson::to_json).collect::<Vec<_>>();
-    match (api.output, describe) {
-        (Output::Json, _) => print_json(&json!({ key: values() })),
-        (Output::Table, true) => print_describe(api, key, values()),
-        (Output::Table, false) => table(items).print(),
+    if describe {
+        return print_describe(api, key, items.iter().map(ToJson::to_json).collect());
     }
+    api.emit(
+        || json!({ key: items.iter().map(ToJson::to_json).collect::<Vec<_>>() }),
+        |wide| table(items).print_as(wide),
+    );
 }
 
-/// Prints a created or changed resource: its table row, or JSON `{key: {...}}` (the
+/// Prints a created or changed resource: its table row, or the data `{key: {...}}` (the
 /// response message).
 pub fn show_one<T: ToJson>(api: &Api, key: &str, item: &T, table: fn(&[T]) -> Table) {
-    match api.output {
-        Output::Json => print_json(&json!({ key: item.to_json() })),
-        Output::Table => table(std::slice::from_ref(item)).print(),
-    }
+    api.emit(
+        || json!({ key: item.to_json() }),
+        |wide| table(std::slice::from_ref(item)).print_as(wide),
+    );
 }
 
 /// A write without a resource in its answer: `<what> <verb> (revision N)`, or `{}` (the empty
-/// response message) as JSON.
+/// response message) as data.
 pub fn show_done(api: &Api, what: &str, verb: &str, rev: Option<i64>) {
-    match api.output {
-        Output::Json => print_json(&json!({})),
-        Output::Table => done(what, verb, rev),
-    }
+    api.emit(|| json!({}), |_| done(what, verb, rev));
 }
 
 /// The resource a response must carry.
@@ -770,6 +833,14 @@ pub fn name_tag(tags: &[pb::Tag]) -> String {
         .find(|t| t.key == "Name")
         .map(|t| t.value.clone())
         .unwrap_or_default()
+}
+
+/// Every tag as `k=v,k2=v2` (wide tables).
+pub fn tags_text(tags: &[pb::Tag]) -> String {
+    tags.iter()
+        .map(|t| format!("{}={}", t.key, t.value))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1002,11 +1073,43 @@ mod tests {
         ]);
         t.row(vec!["vpc-22222".into(), String::new(), "pending".into()]);
         assert_eq!(
-            t.render(),
+            t.render_as(false),
             "ID          CIDR          STATE\n\
              vpc-1       10.0.0.0/16   available\n\
              vpc-22222   -             pending\n"
         );
+    }
+
+    #[test]
+    fn wide_columns_only_in_wide() {
+        let mut t = Table::new(&["ID", "STATE"]).wide(&["MAC", "REASON"]);
+        t.row(vec![
+            "i-1".into(),
+            "running".into(),
+            "02:00:00:00:00:01".into(),
+            String::new(),
+        ]);
+        assert_eq!(t.render_as(false), "ID    STATE\ni-1   running\n");
+        assert_eq!(
+            t.render_as(true),
+            "ID    STATE     MAC                 REASON\n\
+             i-1   running   02:00:00:00:00:01   -\n"
+        );
+        // A table without wide columns is the same either way.
+        let mut t = Table::new(&["ID"]);
+        t.row(vec!["x".into()]);
+        assert_eq!(t.render_as(true), t.render_as(false));
+        let tags = [
+            pb::Tag {
+                key: "Name".into(),
+                value: "a".into(),
+            },
+            pb::Tag {
+                key: "env".into(),
+                value: String::new(),
+            },
+        ];
+        assert_eq!(tags_text(&tags), "Name=a,env=");
     }
 
     #[test]

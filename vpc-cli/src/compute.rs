@@ -3,7 +3,6 @@
 
 use std::{
     future::Future,
-    io::Write as _,
     time::{Duration, Instant},
 };
 
@@ -16,9 +15,12 @@ use vpc_proto::v1::{
     volume_service_client::VolumeServiceClient,
 };
 
-use crate::api::{
-    Api, CliError, IdsArgs, Output, PageArgs, Table, name_tag, need, paged, parse_tag, print_json,
-    revision, show_done, show_list, show_one,
+use crate::{
+    api::{
+        Api, CliError, IdsArgs, PageArgs, Table, name_tag, need, paged, parse_tag, revision,
+        show_done, show_list, show_one, tags_text,
+    },
+    output::{time_text, write_stdout},
 };
 
 #[derive(Subcommand, Debug)]
@@ -297,6 +299,15 @@ fn instance_table(items: &[pb::Instance]) -> Table {
         "HOST",
         "STATE",
         "NAME",
+    ])
+    .wide(&[
+        "MAC",
+        "VCPUS",
+        "MEMORY (MiB)",
+        "SECURITY GROUPS",
+        "LAUNCHED",
+        "REASON",
+        "TAGS",
     ]);
     for i in items {
         t.row(vec![
@@ -307,6 +318,13 @@ fn instance_table(items: &[pb::Instance]) -> Table {
             i.host_id.clone(),
             i.state.clone(),
             name_tag(&i.tags),
+            i.mac_address.clone(),
+            i.vcpus.to_string(),
+            i.memory_mib.to_string(),
+            i.security_group_ids.join(","),
+            time_text(i.launch_time_ms),
+            i.state_reason.clone(),
+            tags_text(&i.tags),
         ]);
     }
     t
@@ -322,7 +340,8 @@ fn volume_table(items: &[pb::Volume]) -> Table {
         "DEVICE",
         "ATTACHMENT",
         "NAME",
-    ]);
+    ])
+    .wide(&["SNAPSHOT", "MOUNT PATH", "CREATED", "REASON", "TAGS"]);
     for v in items {
         t.row(vec![
             v.volume_id.clone(),
@@ -333,6 +352,11 @@ fn volume_table(items: &[pb::Volume]) -> Table {
             v.device.clone(),
             v.attachment_state.clone(),
             name_tag(&v.tags),
+            v.snapshot_id.clone(),
+            v.mount_path.clone(),
+            time_text(v.create_time_ms),
+            v.state_reason.clone(),
+            tags_text(&v.tags),
         ]);
     }
     t
@@ -346,7 +370,8 @@ fn snapshot_table(items: &[pb::Snapshot]) -> Table {
         "STATE",
         "DESCRIPTION",
         "NAME",
-    ]);
+    ])
+    .wide(&["STARTED", "REASON", "TAGS"]);
     for s in items {
         t.row(vec![
             s.snapshot_id.clone(),
@@ -355,6 +380,9 @@ fn snapshot_table(items: &[pb::Snapshot]) -> Table {
             s.state.clone(),
             s.description.clone(),
             name_tag(&s.tags),
+            time_text(s.start_time_ms),
+            s.state_reason.clone(),
+            tags_text(&s.tags),
         ]);
     }
     t
@@ -424,22 +452,22 @@ pub async fn instances(api: &Api, cmd: InstancesCommand) -> Result<(), CliError>
                 .get_console_output(pb::GetConsoleOutputRequest { instance_id: id })
                 .await?
                 .into_inner();
-            match api.output {
-                Output::Json => print_json(&json!({
-                    "instanceId": r.instance_id,
-                    "output": base64(&r.output),
-                    "timestampMs": r.timestamp_ms,
-                })),
-                Output::Table if r.output.is_empty() => {
-                    eprintln!("(no console output from {} yet)", r.instance_id);
-                }
-                Output::Table => {
-                    let mut out = std::io::stdout().lock();
-                    out.write_all(&r.output)
-                        .and_then(|()| out.flush())
-                        .map_err(|e| CliError::Local(anyhow!("writing the output: {e}")))?;
-                }
-            }
+            api.emit(
+                || {
+                    json!({
+                        "instanceId": r.instance_id,
+                        "output": base64(&r.output),
+                        "timestampMs": r.timestamp_ms,
+                    })
+                },
+                |_| {
+                    if r.output.is_empty() {
+                        eprintln!("(no console output from {} yet)", r.instance_id);
+                    } else {
+                        write_stdout(&r.output);
+                    }
+                },
+            );
         }
         InstancesCommand::Wait {
             ids,
@@ -849,14 +877,13 @@ where
 
 /// `<id> deleted` for each (table), or `{}` (JSON) after a wait for deletion.
 fn show_deleted(api: &Api, ids: &[String]) {
-    match api.output {
-        Output::Json => print_json(&json!({})),
-        Output::Table => {
-            for id in ids {
-                println!("{id} deleted");
-            }
-        }
-    }
+    api.emit(
+        || json!({}),
+        |_| {
+            let lines: String = ids.iter().map(|id| format!("{id} deleted\n")).collect();
+            write_stdout(lines.as_bytes());
+        },
+    );
 }
 
 /// Standard base64 with padding (proto3 JSON's encoding of `bytes`).

@@ -4,7 +4,10 @@ use clap::Subcommand;
 use serde_json::json;
 use vpc_proto::v1::{self as pb, host_service_client::HostServiceClient};
 
-use crate::api::{Api, CliError, Output, Table, ToJson, print_json};
+use crate::{
+    api::{Api, CliError, Table, ToJson},
+    output::write_stdout,
+};
 
 #[derive(Subcommand, Debug)]
 pub enum HostsCommand {
@@ -45,25 +48,22 @@ pub async fn hosts(api: &Api, cmd: HostsCommand) -> Result<(), CliError> {
                 .describe_hosts(pb::DescribeHostsRequest {})
                 .await?
                 .into_inner();
-            match api.output {
-                Output::Json => print_json(&json!({
-                    "hosts": r.hosts.to_json(),
-                    "revision": r.revision,
-                })),
-                Output::Table => {
-                    host_table(&r.hosts).print();
-                    println!("\nstore revision {}", r.revision);
-                }
-            }
+            api.emit(
+                || json!({ "hosts": r.hosts.to_json(), "revision": r.revision }),
+                |wide| {
+                    host_table(&r.hosts).print_as(wide);
+                    write_stdout(format!("\nstore revision {}\n", r.revision).as_bytes());
+                },
+            );
         }
         HostsCommand::Latency => {
             let r = c
                 .get_programming_latency(pb::GetProgrammingLatencyRequest {})
                 .await?
                 .into_inner();
-            match api.output {
-                Output::Json => print_json(&r.to_json()),
-                Output::Table => {
+            api.emit(
+                || r.to_json(),
+                |wide| {
                     let mut t =
                         Table::new(&["SAMPLES", "P50 (ms)", "P99 (ms)", "MAX (ms)", "LAST (ms)"]);
                     t.row(vec![
@@ -73,9 +73,9 @@ pub async fn hosts(api: &Api, cmd: HostsCommand) -> Result<(), CliError> {
                         format!("{:.1}", r.max_ms),
                         format!("{:.1}", r.last_ms),
                     ]);
-                    t.print();
-                }
-            }
+                    t.print_as(wide);
+                },
+            );
         }
     }
     Ok(())
@@ -129,9 +129,9 @@ pub async fn tags(api: &Api, cmd: TagsCommand) -> Result<(), CliError> {
             "untagged",
         ),
     };
-    match api.output {
-        Output::Json => print_json(&json!({ "revision": r })),
-        Output::Table => println!("{what} (revision {})", r.unwrap_or_default()),
-    }
+    api.emit(
+        || json!({ "revision": r }),
+        |_| write_stdout(format!("{what} (revision {})\n", r.unwrap_or_default()).as_bytes()),
+    );
     Ok(())
 }

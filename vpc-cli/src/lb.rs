@@ -7,7 +7,7 @@ use vpc_proto::v1::{self as pb, load_balancer_service_client::LoadBalancerServic
 
 use crate::api::{
     Api, Authed, CliError, IdsArgs, Table, need, paged, parse_tag, parse_target, revision,
-    show_done, show_list, show_one,
+    show_done, show_list, show_one, tags_text,
 };
 
 #[derive(Subcommand, Debug)]
@@ -162,7 +162,8 @@ fn lb_table(items: &[pb::LoadBalancer]) -> Table {
         "VIP",
         "STATE",
         "LISTENERS",
-    ]);
+    ])
+    .wide(&["VPC ID", "OWNER", "TAGS"]);
     for l in items {
         let listeners = l
             .listeners
@@ -177,6 +178,9 @@ fn lb_table(items: &[pb::LoadBalancer]) -> Table {
             l.vip.clone(),
             l.state.clone(),
             listeners,
+            l.vpc_id.clone(),
+            l.owner_id.clone(),
+            tags_text(&l.tags),
         ]);
     }
     t
@@ -204,7 +208,8 @@ fn tg_table(items: &[pb::TargetGroup]) -> Table {
         "PORT",
         "LOAD BALANCERS",
         "TARGETS",
-    ]);
+    ])
+    .wide(&["HEALTH CHECK", "DEREGISTRATION DELAY", "OWNER", "TAGS"]);
     for g in items {
         let targets = g
             .targets
@@ -226,6 +231,18 @@ fn tg_table(items: &[pb::TargetGroup]) -> Table {
             g.port.to_string(),
             g.load_balancer_ids.join(","),
             targets,
+            g.health_check
+                .as_ref()
+                .map(|h| {
+                    format!(
+                        "{}:{}{} every {}s",
+                        h.protocol, h.port, h.path, h.interval_seconds
+                    )
+                })
+                .unwrap_or_default(),
+            format!("{}s", g.deregistration_delay_seconds),
+            g.owner_id.clone(),
+            tags_text(&g.tags),
         ]);
     }
     t

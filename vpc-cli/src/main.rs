@@ -5,19 +5,24 @@
 //! drops by reason and connection tracking.
 //!
 //! The API commands (`vpc vpcs create`, `vpc subnets list`, `vpc security-groups
-//! authorize-ingress`, ...) talk to the control plane's gRPC API: see [`api`].
+//! authorize-ingress`, ...) talk to the control plane's gRPC API: see [`api`]; their
+//! settings come from flags, the environment and a config file ([`config`]), their output
+//! is shaped by [`output`]. `vpc completion SHELL` and `vpc man` are generated from these
+//! definitions.
 
 mod api;
 mod compute;
+mod config;
 mod hosts;
 mod lb;
 mod network;
+mod output;
 mod security;
 
 use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use controlplane::datapath::{PinLayout, PinnedMaps, PolicyMaps, policy_maps::summarize};
 use dataplane_common::{
     Action, DropReason, FilterAction, FilterKey, FilterValue, Hook, filter::ipv4_mapped,
@@ -48,6 +53,21 @@ enum Command {
     /// The control plane's API: vpcs, subnets, security-groups, instances, ...
     #[command(flatten)]
     Api(api::ApiCommand),
+    /// The settings of the API commands (flags, environment, config file and profiles).
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
+    /// Print a shell completion script (e.g. `source <(vpc completion bash)`).
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or write one page per command into --out.
+    Man {
+        /// Write `vpc.1`, `vpc-vpcs.1`, `vpc-vpcs-create.1`, ... into this directory.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -157,7 +177,37 @@ fn main() -> Result<()> {
         Command::Lb(LbCommand::Targets { pins }) => lb_targets(&pins),
         Command::Lb(LbCommand::Flows { pins }) => lb_flows(&pins),
         Command::Api(cmd) => api::main(&cli.api, cmd),
+        Command::Config(cmd) => config::main(&cli.api, cmd),
+        Command::Completion { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "vpc", &mut out);
+            output::write_stdout(&out);
+            Ok(())
+        }
+        Command::Man { out } => man(out.as_deref()),
     }
+}
+
+/// `vpc man`: the main page to stdout, or every page into `dir`.
+fn man(dir: Option<&std::path::Path>) -> Result<()> {
+    match dir {
+        None => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+            output::write_stdout(&out);
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
+            let n = std::fs::read_dir(dir)?
+                .filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "1"))
+                .count();
+            eprintln!("{n} man pages in {}", dir.display());
+        }
+    }
+    Ok(())
 }
 
 fn lb_targets(pins: &PinArgs) -> Result<()> {

@@ -5,7 +5,7 @@ use vpc_proto::v1::{self as pb, vpc_service_client::VpcServiceClient};
 
 use crate::api::{
     Api, CliError, IdsArgs, Table, VpcFilterArgs, name_tag, need, paged, parse_tag, revision,
-    show_done, show_list, show_one,
+    show_done, show_list, show_one, tags_text,
 };
 
 #[derive(Subcommand, Debug)]
@@ -74,7 +74,13 @@ fn client(api: &Api) -> VpcServiceClient<crate::api::Authed> {
 }
 
 fn vpc_table(items: &[pb::Vpc]) -> Table {
-    let mut t = Table::new(&["VPC ID", "CIDR", "VNI", "STATE", "NAME"]);
+    let mut t = Table::new(&["VPC ID", "CIDR", "VNI", "STATE", "NAME"]).wide(&[
+        "DEFAULT SG",
+        "DEFAULT ACL",
+        "MAIN ROUTE TABLE",
+        "OWNER",
+        "TAGS",
+    ]);
     for v in items {
         t.row(vec![
             v.vpc_id.clone(),
@@ -82,6 +88,11 @@ fn vpc_table(items: &[pb::Vpc]) -> Table {
             v.vni.to_string(),
             v.state.clone(),
             name_tag(&v.tags),
+            v.default_security_group_id.clone(),
+            v.default_network_acl_id.clone(),
+            v.main_route_table_id.clone(),
+            v.owner_id.clone(),
+            tags_text(&v.tags),
         ]);
     }
     t
@@ -96,7 +107,8 @@ fn subnet_table(items: &[pb::Subnet]) -> Table {
         "NETWORK ACL",
         "STATE",
         "NAME",
-    ]);
+    ])
+    .wide(&["OWNER", "TAGS"]);
     for s in items {
         t.row(vec![
             s.subnet_id.clone(),
@@ -106,13 +118,16 @@ fn subnet_table(items: &[pb::Subnet]) -> Table {
             s.network_acl_id.clone(),
             s.state.clone(),
             name_tag(&s.tags),
+            s.owner_id.clone(),
+            tags_text(&s.tags),
         ]);
     }
     t
 }
 
 fn route_table_table(items: &[pb::RouteTable]) -> Table {
-    let mut t = Table::new(&["ROUTE TABLE ID", "VPC ID", "MAIN", "ROUTES", "SUBNETS"]);
+    let mut t =
+        Table::new(&["ROUTE TABLE ID", "VPC ID", "MAIN", "ROUTES", "SUBNETS"]).wide(&["OWNER"]);
     for r in items {
         let routes = r
             .routes
@@ -126,6 +141,7 @@ fn route_table_table(items: &[pb::RouteTable]) -> Table {
             r.main.to_string(),
             routes,
             r.subnet_ids.join(","),
+            r.owner_id.clone(),
         ]);
     }
     t

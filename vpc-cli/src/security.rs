@@ -6,7 +6,7 @@ use vpc_proto::v1::{self as pb, security_service_client::SecurityServiceClient};
 use crate::api::{
     Api, Authed, CliError, Table, VpcFilterArgs, api_ports, need, paged, parse_port_range,
     parse_protocol, parse_tag, port_range_text, protocol_text, revision, show_done, show_list,
-    show_one,
+    show_one, tags_text,
 };
 
 #[derive(Subcommand, Debug)]
@@ -161,7 +161,8 @@ fn sg_table(items: &[pb::SecurityGroup]) -> Table {
         "INGRESS",
         "EGRESS",
         "DESCRIPTION",
-    ]);
+    ])
+    .wide(&["OWNER", "TAGS"]);
     for g in items {
         t.row(vec![
             g.group_id.clone(),
@@ -170,6 +171,8 @@ fn sg_table(items: &[pb::SecurityGroup]) -> Table {
             g.ingress_rules.len().to_string(),
             g.egress_rules.len().to_string(),
             g.description.clone(),
+            g.owner_id.clone(),
+            tags_text(&g.tags),
         ]);
     }
     t
@@ -206,7 +209,8 @@ fn rule_table(items: &[pb::SecurityGroupRule]) -> Table {
 }
 
 fn acl_table(items: &[pb::NetworkAcl]) -> Table {
-    let mut t = Table::new(&["NETWORK ACL ID", "VPC ID", "DEFAULT", "ENTRIES", "SUBNETS"]);
+    let mut t = Table::new(&["NETWORK ACL ID", "VPC ID", "DEFAULT", "ENTRIES", "SUBNETS"])
+        .wide(&["OWNER", "TAGS"]);
     for a in items {
         t.row(vec![
             a.network_acl_id.clone(),
@@ -214,6 +218,8 @@ fn acl_table(items: &[pb::NetworkAcl]) -> Table {
             a.is_default.to_string(),
             a.entries.len().to_string(),
             a.subnet_ids.join(","),
+            a.owner_id.clone(),
+            tags_text(&a.tags),
         ]);
     }
     t
@@ -340,14 +346,11 @@ async fn authorize(api: &Api, a: RuleArgs, egress: bool) -> Result<(), CliError>
     };
     let rev = revision(&r);
     let rules = r.into_inner().rules;
-    match api.output {
-        crate::api::Output::Json => show_list(api, "rules", &rules, false, rule_table),
-        crate::api::Output::Table => {
-            rule_table(&rules).print();
-            if let Some(rev) = rev {
-                eprintln!("authorized at revision {rev}");
-            }
-        }
+    show_list(api, "rules", &rules, false, rule_table);
+    if let (Some(rev), None, crate::api::Output::Table | crate::api::Output::Wide) =
+        (rev, &api.query, api.output)
+    {
+        eprintln!("authorized at revision {rev}");
     }
     Ok(())
 }
