@@ -436,6 +436,21 @@ impl Cluster {
             .exists()
     }
 
+    /// Runs the `vpc` CLI as tenant A against this cluster's control plane (from the fabric
+    /// namespace, no config file, stdin closed).
+    pub fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        let mut cmd = self.fabric.command(workspace_bin("VPC_CLI_BIN", "vpc")?);
+        cmd.args(args)
+            .env("VPC_ENDPOINT", self.url())
+            .env("VPC_TOKEN", TOKEN_A)
+            .env("XDG_CONFIG_HOME", self.dir.path().join("no-config"))
+            .env_remove("VPC_CONFIG")
+            .env_remove("VPC_PROFILE")
+            .stdin(Stdio::null());
+        cmd.output()
+            .with_context(|| format!("running vpc {args:?}"))
+    }
+
     /// Tenant A's channel.
     pub async fn tenant_a(&self) -> Result<Authed> {
         channel(&self.fabric.path(), &self.url(), TOKEN_A).await

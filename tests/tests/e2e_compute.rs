@@ -326,6 +326,15 @@ async fn instances_run_talk_read_metadata_stop_start_terminate() -> Result<()> {
         tonic::Code::NotFound
     );
 
+    // The same with the CLI: `vpc instances exec` prints the output and exits with the
+    // command's status.
+    let out = c.cli(&["instances", "exec", &cl, "--", "hostname;", "exit", "7"])?;
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        client.private_dns_name
+    );
+
     // Its own namespaces: hostname, PID namespace, cgroup limits.
     assert_eq!(exec_ok(&c, 1, &cl, "hostname")?, client.private_dns_name);
     let pids = exec_ok(&c, 0, &s, "ls /proc | grep -c '^[0-9]'")?;
@@ -391,6 +400,23 @@ async fn instances_run_talk_read_metadata_stop_start_terminate() -> Result<()> {
         }
     })
     .await?;
+    let out = c.cli(&["drops", "--all", "-o", "json"])?;
+    ensure!(out.status.success(), "vpc drops: {}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        v["drops"].as_array().is_some_and(|d| d
+            .iter()
+            .any(|x| x["reason"].as_str().is_some_and(|r| r.starts_with("sg_")))),
+        "vpc drops: {v}"
+    );
+    let out = c.cli(&["status", "-o", "json"])?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        v["hosts"]
+            .as_array()
+            .is_some_and(|h| h.len() == 2 && h.iter().all(|x| x["connected"] == true)),
+        "vpc status: {v}"
+    );
 
     // Metadata: each its own.
     let md = |host: usize, id: &str, path: &str| {

@@ -23,7 +23,7 @@ use vpc_proto::v1 as pb;
 use crate::{
     compute,
     config::{self, Settings},
-    hosts, lb, network, output, security,
+    hosts, lb, network, ops, output, security,
 };
 
 /// Exit codes of the API commands (also in `vpc --help`).
@@ -148,6 +148,11 @@ pub enum ApiCommand {
     /// Tags of any object (API).
     #[command(subcommand)]
     Tags(hosts::TagsCommand),
+    /// The control plane and every host at a glance: connected, applied revisions, packets,
+    /// drops and the current drop rate (API).
+    Status,
+    /// What the hosts' datapaths are dropping now, by host, hook and reason (API).
+    Drops(ops::DropsArgs),
 }
 
 /// Runs an API command and exits with its status (see [`EXIT_HELP`]).
@@ -199,6 +204,8 @@ async fn run(settings: &Settings, cmd: ApiCommand) -> Result<(), CliError> {
         ApiCommand::LoadBalancers(c) => lb::load_balancers(&api, c).await,
         ApiCommand::TargetGroups(c) => lb::target_groups(&api, c).await,
         ApiCommand::Hosts(c) => hosts::hosts(&api, c).await,
+        ApiCommand::Status => ops::status(&api).await,
+        ApiCommand::Drops(a) => ops::drops(&api, a).await,
         ApiCommand::Tags(c) => hosts::tags(&api, c).await,
     }
 }
@@ -320,6 +327,12 @@ pub struct Api {
     pub output: Output,
     /// `--query` (checked before the connection).
     pub query: Option<String>,
+    /// The control plane's URL.
+    pub endpoint: String,
+    /// Whether the output format was chosen (flag, environment, config), not defaulted from
+    /// the terminal: commands whose natural output is raw bytes (`instances exec`,
+    /// `instances console`) print JSON only when it was asked for.
+    pub output_chosen: bool,
 }
 
 impl Api {
@@ -338,6 +351,11 @@ impl Api {
             channel: InterceptedService::new(channel, token.unwrap_or_default()),
             output: s.output.value,
             query: s.query.clone(),
+            endpoint: s.endpoint.value.clone(),
+            output_chosen: !matches!(
+                s.output.source,
+                config::Source::Default | config::Source::Unset
+            ),
         })
     }
 

@@ -96,6 +96,25 @@ pub enum InstancesCommand {
     /// reported. With `-o json`: `{instanceId, output (base64), timestampMs}`.
     #[command(visible_alias = "console-output")]
     Console { id: String },
+    /// Run a command inside a running instance, as `docker exec` / `kubectl exec`.
+    ///
+    /// The command runs with /bin/sh -c in all of the instance's namespaces (mount, PID, UTS,
+    /// IPC, network), started by its host's agent. Its stdout and stderr are printed and
+    /// `vpc` exits with its exit status (124 when it timed out). With `-o json`:
+    /// `{exitCode, stdout, stderr (base64), timedOut}`.
+    Exec {
+        /// The instance.
+        id: String,
+        /// Seconds before the command is killed (1-600).
+        #[arg(long, default_value_t = 30)]
+        timeout: u32,
+        /// Pass this process's standard input to the command (at most 1 MiB).
+        #[arg(short = 'i', long)]
+        stdin: bool,
+        /// The command, after `--` (its words are joined with spaces for /bin/sh -c).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Wait until instances reach a state.
     ///
     /// Polls every 100 ms; prints the instances once all are in the state. Fails (exit 1) at
@@ -452,22 +471,82 @@ pub async fn instances(api: &Api, cmd: InstancesCommand) -> Result<(), CliError>
                 .get_console_output(pb::GetConsoleOutputRequest { instance_id: id })
                 .await?
                 .into_inner();
-            api.emit(
-                || {
-                    json!({
-                        "instanceId": r.instance_id,
-                        "output": base64(&r.output),
-                        "timestampMs": r.timestamp_ms,
-                    })
-                },
-                |_| {
-                    if r.output.is_empty() {
-                        eprintln!("(no console output from {} yet)", r.instance_id);
-                    } else {
-                        write_stdout(&r.output);
-                    }
-                },
-            );
+            let raw = || {
+                if r.output.is_empty() {
+                    eprintln!("(no console output from {} yet)", r.instance_id);
+                } else {
+                    write_stdout(&r.output);
+                }
+            };
+            // Raw bytes unless JSON or YAML was asked for (not merely defaulted to because
+            // stdout is not a terminal): `vpc instances console i-... | grep` must work.
+            if api.output_chosen || api.query.is_some() {
+                api.emit(
+                    || {
+                        json!({
+                            "instanceId": r.instance_id,
+                            "output": base64(&r.output),
+                            "timestampMs": r.timestamp_ms,
+                        })
+                    },
+                    |_| raw(),
+                );
+            } else {
+                raw();
+            }
+        }
+        InstancesCommand::Exec {
+            id,
+            timeout,
+            stdin,
+            command,
+        } => {
+            let input = if stdin {
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+                    .map_err(|e| CliError::Local(anyhow::anyhow!("reading standard input: {e}")))?;
+                buf
+            } else {
+                Vec::new()
+            };
+            let r = c
+                .exec_instance(pb::ExecInstanceRequest {
+                    instance_id: id,
+                    command: command.join(" "),
+                    timeout_seconds: timeout,
+                    stdin: input,
+                })
+                .await?
+                .into_inner();
+            let raw = || {
+                write_stdout(&r.stdout);
+                use std::io::Write as _;
+                let _ = std::io::stderr().write_all(&r.stderr);
+                if r.timed_out {
+                    eprintln!("error: the command was killed after {timeout} s");
+                }
+            };
+            if api.output_chosen || api.query.is_some() {
+                api.emit(
+                    || {
+                        json!({
+                            "exitCode": r.exit_code,
+                            "stdout": base64(&r.stdout),
+                            "stderr": base64(&r.stderr),
+                            "timedOut": r.timed_out,
+                        })
+                    },
+                    |_| raw(),
+                );
+            } else {
+                raw();
+            }
+            let code = if r.timed_out {
+                124
+            } else {
+                r.exit_code.clamp(0, 255)
+            };
+            std::process::exit(code);
         }
         InstancesCommand::Wait {
             ids,

@@ -16,6 +16,7 @@ mod config;
 mod hosts;
 mod lb;
 mod network;
+mod ops;
 mod output;
 mod security;
 
