@@ -23,6 +23,19 @@ use crate::{
     output::{time_text, write_stdout},
 };
 
+/// `--wait`: block until the change is done, with a progress line on a terminal.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct WaitFlag {
+    /// Wait until the change is done: instances running (run, start), stopped, terminated;
+    /// volumes available (create, detach) or attached (attach). Fails at once when it cannot
+    /// happen any more (a failed launch, a volume in error), as the `wait` commands.
+    #[arg(long)]
+    wait: bool,
+    /// Seconds --wait waits at most.
+    #[arg(long, default_value_t = 120, requires = "wait")]
+    wait_timeout: u64,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum InstancesCommand {
     /// Launch instances in a subnet (placed on a host, given an address and a MAC).
@@ -66,6 +79,8 @@ pub enum InstancesCommand {
         /// Idempotency token.
         #[arg(long)]
         client_token: Option<String>,
+        #[command(flatten)]
+        wait: WaitFlag,
     },
     /// List instances (all, the ids given, or those of --subnet).
     #[command(visible_alias = "ls")]
@@ -77,18 +92,24 @@ pub enum InstancesCommand {
         /// The instances.
         #[arg(required = true)]
         ids: Vec<String>,
+        #[command(flatten)]
+        wait: WaitFlag,
     },
     /// Start stopped instances.
     Start {
         /// The instances.
         #[arg(required = true)]
         ids: Vec<String>,
+        #[command(flatten)]
+        wait: WaitFlag,
     },
     /// Terminate instances (their addresses are released, target groups drop them).
     #[command(visible_alias = "rm")]
     Terminate {
         #[arg(required = true)]
         ids: Vec<String>,
+        #[command(flatten)]
+        wait: WaitFlag,
     },
     /// Print an instance's console output, raw.
     ///
@@ -242,6 +263,8 @@ pub enum VolumesCommand {
         /// instance.
         #[arg(long)]
         mount_path: Option<String>,
+        #[command(flatten)]
+        wait: WaitFlag,
     },
     /// Detach a volume from its instance (the data stays on the volume).
     Detach {
@@ -422,6 +445,7 @@ pub async fn instances(api: &Api, cmd: InstancesCommand) -> Result<(), CliError>
             command,
             tags,
             client_token,
+            wait,
         } => {
             let r = c
                 .run_instances(pb::RunInstancesRequest {
@@ -441,30 +465,30 @@ pub async fn instances(api: &Api, cmd: InstancesCommand) -> Result<(), CliError>
                 })
                 .await?;
             let items = r.into_inner().instances;
-            show_list(api, "instances", &items, false, instance_table);
+            finish(api, &c, items, wait, InstanceWaitState::Running).await?;
         }
         InstancesCommand::List(a) => list_instances(api, a, false).await?,
         InstancesCommand::Describe(a) => list_instances(api, a, true).await?,
-        InstancesCommand::Stop { ids } => {
+        InstancesCommand::Stop { ids, wait } => {
             let r = c
                 .stop_instances(pb::StopInstancesRequest { instance_ids: ids })
                 .await?;
             let items = r.into_inner().instances;
-            show_list(api, "instances", &items, false, instance_table);
+            finish(api, &c, items, wait, InstanceWaitState::Stopped).await?;
         }
-        InstancesCommand::Start { ids } => {
+        InstancesCommand::Start { ids, wait } => {
             let r = c
                 .start_instances(pb::StartInstancesRequest { instance_ids: ids })
                 .await?;
             let items = r.into_inner().instances;
-            show_list(api, "instances", &items, false, instance_table);
+            finish(api, &c, items, wait, InstanceWaitState::Running).await?;
         }
-        InstancesCommand::Terminate { ids } => {
+        InstancesCommand::Terminate { ids, wait } => {
             let r = c
                 .terminate_instances(pb::TerminateInstancesRequest { instance_ids: ids })
                 .await?;
             let items = r.into_inner().instances;
-            show_list(api, "instances", &items, false, instance_table);
+            finish(api, &c, items, wait, InstanceWaitState::Terminated).await?;
         }
         InstancesCommand::Console { id } => {
             let r = c
@@ -577,6 +601,42 @@ pub async fn instances(api: &Api, cmd: InstancesCommand) -> Result<(), CliError>
     Ok(())
 }
 
+/// Shows the instances a change returned, or with `--wait` waits until they reach `state`
+/// and shows them then.
+async fn finish(
+    api: &Api,
+    c: &InstanceServiceClient<crate::api::Authed>,
+    items: Vec<pb::Instance>,
+    wait: WaitFlag,
+    state: InstanceWaitState,
+) -> Result<(), CliError> {
+    if !wait.wait {
+        show_list(api, "instances", &items, false, instance_table);
+        return Ok(());
+    }
+    let ids: Vec<String> = items.iter().map(|i| i.instance_id.clone()).collect();
+    let want = state
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_owned());
+    let done = wait_for("instance", &want, &ids, wait.wait_timeout, |id| {
+        let mut c = c.clone();
+        async move {
+            let r = c
+                .describe_instances(pb::DescribeInstancesRequest {
+                    instance_ids: vec![id.clone()],
+                    ..Default::default()
+                })
+                .await?;
+            let i = need(r.into_inner().instances.pop(), "instance")?;
+            Ok(instance_poll(i, state))
+        }
+    })
+    .await?;
+    let items: Vec<_> = done.into_iter().flatten().collect();
+    show_list(api, "instances", &items, false, instance_table);
+    Ok(())
+}
+
 /// Where an instance stands for `instances wait --state want`: AWS's waiters fail on the
 /// states the instance cannot leave for `want` (instance-running on shutting-down,
 /// terminated, stopping; instance-stopped on shutting-down, terminated).
@@ -660,6 +720,7 @@ pub async fn volumes(api: &Api, cmd: VolumesCommand) -> Result<(), CliError> {
             instance,
             device,
             mount_path,
+            wait,
         } => {
             let r = c
                 .attach_volume(pb::AttachVolumeRequest {
@@ -670,7 +731,7 @@ pub async fn volumes(api: &Api, cmd: VolumesCommand) -> Result<(), CliError> {
                 })
                 .await?;
             let v = need(r.into_inner().volume, "volume")?;
-            show_one(api, "volume", &v, volume_table);
+            finish_volume(api, &c, v, wait, VolumeWaitState::InUse).await?;
         }
         VolumesCommand::Detach { id } => {
             let r = c
@@ -692,34 +753,7 @@ pub async fn volumes(api: &Api, cmd: VolumesCommand) -> Result<(), CliError> {
             state,
             timeout,
         } => {
-            let want = state
-                .to_possible_value()
-                .map_or_else(String::new, |v| v.get_name().to_owned());
-            let done = wait_for("volume", &want, &ids, timeout.timeout, |id| {
-                let mut c = c.clone();
-                async move {
-                    let r = c
-                        .describe_volumes(pb::DescribeVolumesRequest {
-                            volume_ids: vec![id],
-                            ..Default::default()
-                        })
-                        .await;
-                    match r {
-                        Err(s)
-                            if s.code() == Code::NotFound && state == VolumeWaitState::Deleted =>
-                        {
-                            Ok(Poll::Done(None))
-                        }
-                        Err(s) => Err(s.into()),
-                        Ok(r) => Ok(volume_poll(
-                            need(r.into_inner().volumes.pop(), "volume")?,
-                            state,
-                        )),
-                    }
-                }
-            })
-            .await?;
-            let items: Vec<_> = done.iter().flatten().cloned().collect();
+            let items = wait_volumes(&c, &ids, state, timeout.timeout).await?;
             if state == VolumeWaitState::Deleted {
                 show_deleted(api, &ids);
             } else {
@@ -732,6 +766,62 @@ pub async fn volumes(api: &Api, cmd: VolumesCommand) -> Result<(), CliError> {
 
 /// Where a volume stands for `volumes wait --state want`. An `error` state, a stuck
 /// attachment (attaching, with a reason) or a deletion fail at once.
+/// Waits until every volume of `ids` is in `state`; returns them (none for `deleted`).
+async fn wait_volumes(
+    c: &VolumeServiceClient<crate::api::Authed>,
+    ids: &[String],
+    state: VolumeWaitState,
+    timeout: u64,
+) -> Result<Vec<pb::Volume>, CliError> {
+    let want = state
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_owned());
+    let done = wait_for("volume", &want, ids, timeout, |id| {
+        let mut c = c.clone();
+        async move {
+            let r = c
+                .describe_volumes(pb::DescribeVolumesRequest {
+                    volume_ids: vec![id],
+                    ..Default::default()
+                })
+                .await;
+            match r {
+                Err(s) if s.code() == Code::NotFound && state == VolumeWaitState::Deleted => {
+                    Ok(Poll::Done(None))
+                }
+                Err(s) => Err(s.into()),
+                Ok(r) => Ok(volume_poll(
+                    need(r.into_inner().volumes.pop(), "volume")?,
+                    state,
+                )),
+            }
+        }
+    })
+    .await?;
+    Ok(done.into_iter().flatten().collect())
+}
+
+/// Shows a volume a change returned, or with `--wait` waits until it is in `state`.
+async fn finish_volume(
+    api: &Api,
+    c: &VolumeServiceClient<crate::api::Authed>,
+    v: pb::Volume,
+    wait: WaitFlag,
+    state: VolumeWaitState,
+) -> Result<(), CliError> {
+    let v = if wait.wait {
+        let ids = [v.volume_id.clone()];
+        wait_volumes(c, &ids, state, wait.wait_timeout)
+            .await?
+            .pop()
+            .unwrap_or(v)
+    } else {
+        v
+    };
+    show_one(api, "volume", &v, volume_table);
+    Ok(())
+}
+
 fn volume_poll(v: pb::Volume, want: VolumeWaitState) -> Poll<pb::Volume> {
     use VolumeWaitState::*;
     let reached = match want {
@@ -919,6 +1009,15 @@ where
     ids.retain(|id| seen.insert(*id));
     let mut found: Vec<Option<Option<T>>> = ids.iter().map(|_| None).collect();
     let mut states: Vec<String> = vec![String::new(); ids.len()];
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let started = Instant::now();
+    let spinner = ['|', '/', '-', '\\'];
+    let mut tick = 0usize;
+    let clear = |on: bool| {
+        if on {
+            eprint!("\r\x1b[2K");
+        }
+    };
     loop {
         for (i, id) in ids.iter().enumerate() {
             if found[i].is_some() {
@@ -928,6 +1027,7 @@ where
                 Poll::Done(v) => found[i] = Some(v),
                 Poll::Waiting(s) => states[i] = s,
                 Poll::Failed(why) => {
+                    clear(progress);
                     return Err(CliError::Local(anyhow!(
                         "{what} {id} {why}: it will not be {want}"
                     )));
@@ -935,9 +1035,27 @@ where
             }
         }
         if found.iter().all(Option::is_some) {
+            clear(progress);
             return Ok(found.into_iter().flatten().collect());
         }
+        if progress {
+            let ready = found.iter().filter(|f| f.is_some()).count();
+            let now: Vec<&str> = states
+                .iter()
+                .map(String::as_str)
+                .filter(|s| !s.is_empty())
+                .collect();
+            eprint!(
+                "\r\x1b[2K{} waiting for {what}s to be {want}: {ready}/{} ({}) {:.0}s",
+                spinner[tick % spinner.len()],
+                ids.len(),
+                now.join(", "),
+                started.elapsed().as_secs_f64()
+            );
+            tick += 1;
+        }
         if Instant::now() >= deadline {
+            clear(progress);
             let pending = ids
                 .iter()
                 .zip(&found)
