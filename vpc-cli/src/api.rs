@@ -18,7 +18,7 @@ use tonic::{
 use tonic_types::StatusExt;
 use vpc_proto::v1 as pb;
 
-use crate::{compute, hosts, lb, network, security};
+use crate::{compute, hosts, lb, manifest, network, security};
 
 /// Exit codes of the API commands (also in `vpc --help`).
 pub const EXIT_HELP: &str = "\
@@ -133,6 +133,12 @@ pub enum ApiCommand {
     /// Tags of any object (API).
     #[command(subcommand)]
     Tags(hosts::TagsCommand),
+    /// Create or converge the resources of manifest files (kubectl apply style).
+    Apply(manifest::FileArgs),
+    /// Show what `apply` would change (exit 0: nothing, 1: changes, 2: errors).
+    Diff(manifest::FileArgs),
+    /// Delete the resources of manifest files (`vpc delete -f FILE`), in reverse order.
+    Delete(manifest::FileArgs),
 }
 
 /// Runs an API command and exits with its status (see [`EXIT_HELP`]).
@@ -172,6 +178,9 @@ async fn run(args: &ApiArgs, cmd: ApiCommand) -> Result<(), CliError> {
         ApiCommand::TargetGroups(c) => lb::target_groups(&api, c).await,
         ApiCommand::Hosts(c) => hosts::hosts(&api, c).await,
         ApiCommand::Tags(c) => hosts::tags(&api, c).await,
+        ApiCommand::Apply(f) => manifest::apply(&api, f).await,
+        ApiCommand::Diff(f) => manifest::diff(&api, f).await,
+        ApiCommand::Delete(f) => manifest::delete(&api, f).await,
     }
 }
 

@@ -11,6 +11,7 @@ mod api;
 mod compute;
 mod hosts;
 mod lb;
+mod manifest;
 mod network;
 mod security;
 
