@@ -448,7 +448,16 @@ fn tg_changes(s: &TargetGroupSpec, t: &pb::TargetGroup, cur: &Current) -> Vec<Ch
     if health.is_some() || delay.is_some() {
         let mut text = Vec::new();
         if let Some(h) = &health {
-            text.push(format!("spec.healthCheck: {h:?}"));
+            text.push(format!(
+                "spec.healthCheck: {} port {} path {:?} interval {}s timeout {}s thresholds {}/{}",
+                h.protocol,
+                h.port,
+                h.path,
+                h.interval_seconds,
+                h.timeout_seconds,
+                h.healthy_threshold,
+                h.unhealthy_threshold
+            ));
         }
         if let Some(d) = delay {
             text.push(format!(
