@@ -23,7 +23,7 @@ use vpc_proto::v1 as pb;
 use crate::{
     compute,
     config::{self, Settings},
-    hosts, lb, network, ops, output, security,
+    hosts, lb, manifest, network, ops, output, security,
 };
 
 /// Exit codes of the API commands (also in `vpc --help`).
@@ -153,6 +153,12 @@ pub enum ApiCommand {
     Status,
     /// What the hosts' datapaths are dropping now, by host, hook and reason (API).
     Drops(ops::DropsArgs),
+    /// Create or converge the resources of manifest files (kubectl apply style).
+    Apply(manifest::FileArgs),
+    /// Show what `apply` would change (exit 0: nothing, 1: changes, 2: errors).
+    Diff(manifest::FileArgs),
+    /// Delete the resources of manifest files (`vpc delete -f FILE`), in reverse order.
+    Delete(manifest::FileArgs),
 }
 
 /// Runs an API command and exits with its status (see [`EXIT_HELP`]).
@@ -207,6 +213,9 @@ async fn run(settings: &Settings, cmd: ApiCommand) -> Result<(), CliError> {
         ApiCommand::Status => ops::status(&api).await,
         ApiCommand::Drops(a) => ops::drops(&api, a).await,
         ApiCommand::Tags(c) => hosts::tags(&api, c).await,
+        ApiCommand::Apply(f) => manifest::apply(&api, f).await,
+        ApiCommand::Diff(f) => manifest::diff(&api, f).await,
+        ApiCommand::Delete(f) => manifest::delete(&api, f).await,
     }
 }
 

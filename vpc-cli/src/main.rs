@@ -15,6 +15,7 @@ mod compute;
 mod config;
 mod hosts;
 mod lb;
+mod manifest;
 mod network;
 mod ops;
 mod output;
