@@ -451,6 +451,11 @@ impl Cluster {
             .with_context(|| format!("running vpc {args:?}"))
     }
 
+    /// A command run in the fabric namespace (where the control plane listens).
+    pub fn fabric_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        self.fabric.command(program)
+    }
+
     /// Tenant A's channel.
     pub async fn tenant_a(&self) -> Result<Authed> {
         channel(&self.fabric.path(), &self.url(), TOKEN_A).await

@@ -30,6 +30,8 @@ const APT_RUNTIME: &[&str] = &[
     "mount",
     "e2fsprogs",
     "curl",
+    // The README walkthrough's web servers (`python3 -m http.server` in the instances).
+    "python3",
 ];
 /// The bpf-linker release series the eBPF build is verified with.
 const BPF_LINKER_SERIES: &str = "0.13";

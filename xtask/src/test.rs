@@ -27,6 +27,8 @@ pub const E2E_TESTS: &[&str] = &[
     "storage_volumes",
     "imds",
     "e2e_compute",
+    "e2e_manifest",
+    "e2e_walkthrough",
 ];
 /// The datapath test targets of vpc-tests, run by `--tier datapath`.
 const DATAPATH_TESTS: &[&str] = &[
