@@ -851,6 +851,7 @@ message_json! {
     }
     pb::Host { host_id, underlay_ip, connected, applied_revision, last_error, instance_count, counters, recent_drops, recent_seconds }
     pb::DatapathCounter { hook, name, drop, packets, bytes }
+    pb::TargetHealthDescription { target_id, port, state, reason, host_id }
     pb::GetProgrammingLatencyResponse { samples, p50_ms, p99_ms, max_ms, last_ms }
 }
 

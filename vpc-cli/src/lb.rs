@@ -107,6 +107,35 @@ pub enum TargetGroupsCommand {
         #[arg(required = true, value_parser = parse_target)]
         targets: Vec<pb::Target>,
     },
+    /// Each target's health, per host checking it (the hosts running the group's load
+    /// balancers), as aws elbv2 describe-target-health.
+    Health {
+        target_group: String,
+        /// Wait until every target is healthy on every host checking it.
+        #[arg(long)]
+        wait: bool,
+        /// Seconds --wait waits at most.
+        #[arg(long, default_value_t = 120, requires = "wait")]
+        wait_timeout: u64,
+    },
+}
+
+fn health_table(items: &[pb::TargetHealthDescription]) -> Table {
+    let mut t = Table::new(&["TARGET", "PORT", "HOST", "STATE", "REASON"]);
+    for h in items {
+        t.row(vec![
+            h.target_id.clone(),
+            h.port.to_string(),
+            if h.host_id.is_empty() {
+                "-".into()
+            } else {
+                h.host_id.clone()
+            },
+            h.state.clone(),
+            h.reason.clone(),
+        ]);
+    }
+    t
 }
 
 /// Health check flags (0 / absent: the API's default).
@@ -380,6 +409,52 @@ pub async fn target_groups(api: &Api, cmd: TargetGroupsCommand) -> Result<(), Cl
                 })
                 .await?;
             show_done(api, &what, "registered", revision(&r));
+        }
+        TargetGroupsCommand::Health {
+            target_group,
+            wait,
+            wait_timeout,
+        } => {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait_timeout);
+            let progress = wait && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let items = loop {
+                let items = c
+                    .describe_target_health(pb::DescribeTargetHealthRequest {
+                        target_group_id: target_group.clone(),
+                    })
+                    .await?
+                    .into_inner()
+                    .targets;
+                let healthy = items.iter().filter(|h| h.state == "healthy").count();
+                if !wait || (!items.is_empty() && healthy == items.len()) {
+                    break items;
+                }
+                if std::time::Instant::now() >= deadline {
+                    if progress {
+                        eprint!("\r\x1b[2K");
+                    }
+                    let pending: Vec<String> = items
+                        .iter()
+                        .filter(|h| h.state != "healthy")
+                        .map(|h| format!("{} on {} ({})", h.target_id, h.host_id, h.state))
+                        .collect();
+                    return Err(CliError::Local(anyhow::anyhow!(
+                        "timed out after {wait_timeout}s waiting for the targets of {target_group} to be healthy: {}",
+                        pending.join(", ")
+                    )));
+                }
+                if progress {
+                    eprint!(
+                        "\r\x1b[2Kwaiting for targets to be healthy: {healthy}/{}",
+                        items.len()
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            };
+            if progress {
+                eprint!("\r\x1b[2K");
+            }
+            show_list(api, "targets", &items, false, health_table);
         }
         TargetGroupsCommand::Deregister {
             target_group,

@@ -1354,6 +1354,7 @@ mod tests {
                         revision: rev,
                         error: String::new(),
                         counters: vec![],
+                        target_health: vec![],
                         instances: instances
                             .iter()
                             .map(|(id, state, reason)| pb::InstanceStatus {

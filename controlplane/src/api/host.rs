@@ -196,6 +196,9 @@ impl HostService for Hosts {
         let id = host_id(&req.host_id)?;
         self.api.programming.report(&id, req.revision, &req.error);
         self.api.programming.counters(&id, req.counters.clone());
+        self.api
+            .programming
+            .target_health(&id, req.target_health.clone());
         super::lifecycle::observe(&self.api, &id, &req).await?;
         Ok(Response::new(pb::ReportAppliedResponse {}))
     }

@@ -1014,6 +1014,50 @@ impl LoadBalancerService for LoadBalancers {
         Ok(LoadBalancers::register_targets(self, account, r.into_inner()).await?)
     }
 
+    async fn describe_target_health(
+        &self,
+        r: Request<pb::DescribeTargetHealthRequest>,
+    ) -> Result<Response<pb::DescribeTargetHealthResponse>, Status> {
+        let account = self.api.auth.account(r.metadata())?;
+        let id = validate::id("target_group_id", kind::TG, &r.get_ref().target_group_id)?;
+        let tx = self.api.read(&account).await?;
+        let tg: TgRec = tx.must(kind::TG, "target group", &id).await?;
+        let hosts = self.api.programming.hosts();
+        let mut targets = Vec::new();
+        for t in &tg.targets {
+            let port = u32::from(t.port.unwrap_or(tg.port));
+            let mut seen = false;
+            for (host, live) in &hosts {
+                for h in live
+                    .target_health
+                    .iter()
+                    .filter(|h| h.target_group_id == id && h.target_id == t.id && h.port == port)
+                {
+                    seen = true;
+                    targets.push(pb::TargetHealthDescription {
+                        target_id: t.id.clone(),
+                        port,
+                        state: h.state.clone(),
+                        reason: h.reason.clone(),
+                        host_id: host.clone(),
+                    });
+                }
+            }
+            if !seen {
+                targets.push(pb::TargetHealthDescription {
+                    target_id: t.id.clone(),
+                    port,
+                    state: "unused".into(),
+                    reason: "no host checks it yet: the group is behind no listener, or its \
+                             load balancer's hosts have not reported"
+                        .into(),
+                    host_id: String::new(),
+                });
+            }
+        }
+        Ok(Response::new(pb::DescribeTargetHealthResponse { targets }))
+    }
+
     async fn deregister_targets(
         &self,
         r: Request<pb::DeregisterTargetsRequest>,

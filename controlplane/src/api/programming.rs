@@ -29,6 +29,8 @@ pub struct HostLive {
     pub recent_seconds: f64,
     /// When `counters` arrived.
     pub counters_at: Option<Instant>,
+    /// Its load balancers' targets as its checks see them, last report.
+    pub target_health: Vec<vpc_proto::v1::TargetHealthReport>,
 }
 
 #[derive(Debug, Default)]
@@ -143,6 +145,15 @@ impl Programming {
         }
         h.counters = counters;
         h.counters_at = Some(now);
+    }
+
+    /// A host's target health arrived.
+    pub fn target_health(&self, host: &str, health: Vec<vpc_proto::v1::TargetHealthReport>) {
+        self.lock()
+            .hosts
+            .entry(host.to_owned())
+            .or_default()
+            .target_health = health;
     }
 
     /// Hosts seen by this replica.

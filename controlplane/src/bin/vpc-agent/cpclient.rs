@@ -150,6 +150,8 @@ pub struct Report {
     pub observed: crate::workloads::Observed,
     /// The datapath's counters.
     pub counters: Vec<pb::DatapathCounter>,
+    /// Load-balancer targets as this host's checks see them.
+    pub target_health: Vec<pb::TargetHealthReport>,
 }
 
 /// Sends a report (best effort: a lost report is repeated by the next one). Returns whether
@@ -164,6 +166,7 @@ pub async fn report(client: &mut Client, host: &str, r: Report) -> bool {
             volumes: r.observed.volumes,
             snapshots: r.observed.snapshots,
             counters: r.counters,
+            target_health: r.target_health,
         })
         .await
     {

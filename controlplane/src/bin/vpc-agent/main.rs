@@ -387,7 +387,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     }
                 };
                 if let Some(tx) = &cp_report {
-                    let _ = tx.send(cpclient::Report { revision, error, observed: r.observed.clone(), counters: datapath_counters(&maps) });
+                    let _ = tx.send(cpclient::Report { revision, error, observed: r.observed.clone(), counters: datapath_counters(&maps), target_health: r.target_health.clone() });
                 }
             }
             _ = poll.tick(), if overlay.as_ref().is_some_and(|r| r.has_state()) => {
@@ -401,7 +401,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     } else if let (Some(tx), Some(a)) = (&cp_report, &cp_applied) {
                         // Instances and volumes may have moved on without a new revision.
                         let revision = *a.borrow();
-                        let _ = tx.send(cpclient::Report { revision, error: String::new(), observed: r.observed.clone(), counters: datapath_counters(&maps) });
+                        let _ = tx.send(cpclient::Report { revision, error: String::new(), observed: r.observed.clone(), counters: datapath_counters(&maps), target_health: r.target_health.clone() });
                     }
                 }
             }

@@ -66,6 +66,8 @@ pub struct Reconciler {
     workloads: Option<crate::workloads::Workloads>,
     /// What they observed in the last pass.
     pub observed: crate::workloads::Observed,
+    /// Load-balancer targets as this host's checks saw them in the last pass.
+    pub target_health: Vec<vpc_proto::v1::TargetHealthReport>,
 }
 
 impl Reconciler {
@@ -93,6 +95,7 @@ impl Reconciler {
             compute: compute.map(|c| (c, BTreeMap::new())),
             workloads,
             observed: crate::workloads::Observed::default(),
+            target_health: Vec::new(),
             last_map_changes: 0,
             host: host.to_owned(),
             router_mac,
@@ -382,6 +385,16 @@ impl Reconciler {
             }
         }
         self.lb.publish(&targets);
+        self.target_health = targets
+            .iter()
+            .map(|t| vpc_proto::v1::TargetHealthReport {
+                target_group_id: t.group.clone(),
+                target_id: t.endpoint.clone(),
+                port: u32::from(t.port),
+                state: t.state.name().into(),
+                reason: t.reason.clone().unwrap_or_default(),
+            })
+            .collect();
         self.plan = plan;
         self.first = false;
         self.seen = stamp;
