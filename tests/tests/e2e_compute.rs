@@ -409,6 +409,40 @@ async fn instances_run_talk_read_metadata_stop_start_terminate() -> Result<()> {
             .any(|x| x["reason"].as_str().is_some_and(|r| r.starts_with("sg_")))),
         "vpc drops: {v}"
     );
+    // A connection held open shows as a tracked flow of this VPC in `vpc flows` (the
+    // hosts report their conntrack tables at each GC, every 10 s).
+    exec_ok(
+        &c,
+        1,
+        &cl,
+        &format!("setsid iperf3 -c {sip} -p 8080 -t 40 -b 1M >/dev/null 2>&1 &"),
+    )?;
+    eventually(
+        Duration::from_secs(40),
+        "the VPC's flows in `vpc flows`",
+        || {
+            let out = c.cli(&["flows", "-o", "json"]);
+            let vpc = vpc.clone();
+            async move {
+                let v: serde_json::Value = serde_json::from_slice(&out?.stdout)?;
+                let flows: u64 = v["hosts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|h| {
+                        h["conntrack"]["perVni"]
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default()
+                    })
+                    .filter(|f| f["vpcId"] == vpc.as_str())
+                    .map(|f| f["flows"].as_u64().unwrap_or(0))
+                    .sum();
+                Ok((flows >= 1).then_some(()))
+            }
+        },
+    )
+    .await?;
     let out = c.cli(&["status", "-o", "json"])?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     ensure!(

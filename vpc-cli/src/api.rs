@@ -153,6 +153,8 @@ pub enum ApiCommand {
     Status,
     /// What the hosts' datapaths are dropping now, by host, hook and reason (API).
     Drops(ops::DropsArgs),
+    /// Tracked flows per host and per VPC (yours), and each host's table pressure (API).
+    Flows,
     /// Create or converge the resources of manifest files (kubectl apply style).
     Apply(manifest::FileArgs),
     /// Show what `apply` would change (exit 0: nothing, 1: changes, 2: errors).
@@ -212,6 +214,7 @@ async fn run(settings: &Settings, cmd: ApiCommand) -> Result<(), CliError> {
         ApiCommand::Hosts(c) => hosts::hosts(&api, c).await,
         ApiCommand::Status => ops::status(&api).await,
         ApiCommand::Drops(a) => ops::drops(&api, a).await,
+        ApiCommand::Flows => ops::flows(&api).await,
         ApiCommand::Tags(c) => hosts::tags(&api, c).await,
         ApiCommand::Apply(f) => manifest::apply(&api, f).await,
         ApiCommand::Diff(f) => manifest::diff(&api, f).await,
@@ -849,7 +852,9 @@ message_json! {
         target_group_id, name, vpc_id, protocol, port, health_check,
         deregistration_delay_seconds, targets, load_balancer_ids, owner_id, tags,
     }
-    pb::Host { host_id, underlay_ip, connected, applied_revision, last_error, instance_count, counters, recent_drops, recent_seconds }
+    pb::Host { host_id, underlay_ip, connected, applied_revision, last_error, instance_count, counters, recent_drops, recent_seconds, conntrack }
+    pb::ConntrackSummary { entries, capacity, per_vni }
+    pb::VniFlows { vni, flows, vpc_id }
     pb::DatapathCounter { hook, name, drop, packets, bytes }
     pb::TargetHealthDescription { target_id, port, state, reason, host_id }
     pb::GetProgrammingLatencyResponse { samples, p50_ms, p99_ms, max_ms, last_ms }

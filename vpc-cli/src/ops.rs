@@ -190,3 +190,71 @@ pub async fn drops(api: &Api, a: DropsArgs) -> Result<(), CliError> {
     );
     Ok(())
 }
+
+/// `vpc flows`.
+pub async fn flows(api: &Api) -> Result<(), CliError> {
+    let mut c = HostServiceClient::new(api.channel.clone());
+    let r = c
+        .describe_hosts(pb::DescribeHostsRequest {})
+        .await?
+        .into_inner();
+    api.emit(
+        || {
+            json!({
+                "hosts": r.hosts.iter().map(|h| json!({
+                    "hostId": h.host_id,
+                    "conntrack": h.conntrack.as_ref().map(ToJson::to_json),
+                })).collect::<Vec<_>>(),
+            })
+        },
+        |wide| {
+            let mut t = Table::new(&["HOST ID", "VPC", "VNI", "FLOWS", "TABLE", "PRESSURE"]);
+            for h in &r.hosts {
+                let Some(ct) = &h.conntrack else {
+                    t.row(vec![
+                        h.host_id.clone(),
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
+                        "(not reported yet)".into(),
+                        "-".into(),
+                    ]);
+                    continue;
+                };
+                let table = format!("{}/{}", ct.entries, ct.capacity);
+                let pressure = if ct.capacity > 0 {
+                    format!("{:.2}%", ct.entries as f64 * 100.0 / ct.capacity as f64)
+                } else {
+                    "-".into()
+                };
+                if ct.per_vni.is_empty() {
+                    t.row(vec![
+                        h.host_id.clone(),
+                        "-".into(),
+                        "-".into(),
+                        "0".into(),
+                        table,
+                        pressure,
+                    ]);
+                    continue;
+                }
+                for f in &ct.per_vni {
+                    t.row(vec![
+                        h.host_id.clone(),
+                        if f.vpc_id.is_empty() {
+                            "-".into()
+                        } else {
+                            f.vpc_id.clone()
+                        },
+                        f.vni.to_string(),
+                        f.flows.to_string(),
+                        table.clone(),
+                        pressure.clone(),
+                    ]);
+                }
+            }
+            t.print_as(wide);
+        },
+    );
+    Ok(())
+}

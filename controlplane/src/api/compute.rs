@@ -1355,6 +1355,7 @@ mod tests {
                         error: String::new(),
                         counters: vec![],
                         target_health: vec![],
+                        conntrack: None,
                         instances: instances
                             .iter()
                             .map(|(id, state, reason)| pb::InstanceStatus {

@@ -199,6 +199,7 @@ impl HostService for Hosts {
         self.api
             .programming
             .target_health(&id, req.target_health.clone());
+        self.api.programming.conntrack(&id, req.conntrack.clone());
         super::lifecycle::observe(&self.api, &id, &req).await?;
         Ok(Response::new(pb::ReportAppliedResponse {}))
     }
@@ -213,6 +214,17 @@ impl HostService for Hosts {
             super::auth::Principal::Account(_)
         );
         let live = self.api.programming.hosts();
+        // Tenants see flow counts of their own VPCs only.
+        let own_vpcs: Option<std::collections::BTreeMap<u32, String>> =
+            match self.api.auth.principal(r.metadata())? {
+                super::auth::Principal::Account(account) => {
+                    let tx = self.api.read(&account).await?;
+                    let vpcs: Vec<super::records::VpcRec> =
+                        tx.all(super::records::kind::VPC).await?;
+                    Some(vpcs.into_iter().map(|v| (v.vni, v.meta.id)).collect())
+                }
+                _ => None,
+            };
         let d = self.api.desired.borrow().clone();
         let hosts = d
             .hosts
@@ -233,6 +245,15 @@ impl HostService for Hosts {
                     counters: l.counters,
                     recent_drops: l.recent_drops,
                     recent_seconds: l.recent_seconds,
+                    conntrack: l.conntrack.map(|mut ct| {
+                        if let Some(own) = &own_vpcs {
+                            ct.per_vni.retain(|f| own.contains_key(&f.vni));
+                            for f in &mut ct.per_vni {
+                                f.vpc_id = own.get(&f.vni).cloned().unwrap_or_default();
+                            }
+                        }
+                        ct
+                    }),
                 }
             })
             .collect();

@@ -31,6 +31,8 @@ pub struct HostLive {
     pub counters_at: Option<Instant>,
     /// Its load balancers' targets as its checks see them, last report.
     pub target_health: Vec<vpc_proto::v1::TargetHealthReport>,
+    /// Its connection-tracking table, last report.
+    pub conntrack: Option<vpc_proto::v1::ConntrackSummary>,
 }
 
 #[derive(Debug, Default)]
@@ -145,6 +147,17 @@ impl Programming {
         }
         h.counters = counters;
         h.counters_at = Some(now);
+    }
+
+    /// A host's conntrack summary arrived.
+    pub fn conntrack(&self, host: &str, summary: Option<vpc_proto::v1::ConntrackSummary>) {
+        if summary.is_some() {
+            self.lock()
+                .hosts
+                .entry(host.to_owned())
+                .or_default()
+                .conntrack = summary;
+        }
     }
 
     /// A host's target health arrived.

@@ -152,6 +152,8 @@ pub struct Report {
     pub counters: Vec<pb::DatapathCounter>,
     /// Load-balancer targets as this host's checks see them.
     pub target_health: Vec<pb::TargetHealthReport>,
+    /// The conntrack table at the last GC.
+    pub conntrack: Option<pb::ConntrackSummary>,
 }
 
 /// Sends a report (best effort: a lost report is repeated by the next one). Returns whether
@@ -167,6 +169,7 @@ pub async fn report(client: &mut Client, host: &str, r: Report) -> bool {
             snapshots: r.observed.snapshots,
             counters: r.counters,
             target_health: r.target_health,
+            conntrack: r.conntrack,
         })
         .await
     {

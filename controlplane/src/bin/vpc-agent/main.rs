@@ -344,6 +344,8 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut lb_results = overlay.as_mut().and_then(|r| r.take_lb_results());
     let mut drain = tokio::time::interval(Duration::from_millis(500));
     let mut sigterm = signal(SignalKind::terminate())?;
+    // The conntrack table at the last GC (reported to the control plane: `vpc flows`).
+    let mut last_ct: Option<vpc_proto::v1::ConntrackSummary> = None;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut ticker = tokio::time::interval(Duration::from_secs(args.stats_interval.max(1)));
     ticker.tick().await;
@@ -358,7 +360,17 @@ async fn run(args: RunArgs) -> Result<()> {
             }
             _ = ticker.tick(), if args.stats_interval > 0 => log_stats(&maps),
             _ = gc.tick() => {
-                conntrack_gc(&policy_maps);
+                if let Some(s) = conntrack_gc(&policy_maps) {
+                    last_ct = Some(vpc_proto::v1::ConntrackSummary {
+                        entries: s.entries as u64,
+                        capacity: u64::from(s.capacity),
+                        per_vni: s
+                            .per_vni
+                            .iter()
+                            .map(|(vni, n)| vpc_proto::v1::VniFlows { vni: *vni, flows: *n as u64, vpc_id: String::new() })
+                            .collect(),
+                    });
+                }
                 if let Some(r) = overlay.as_ref() {
                     lb_gc(r.lb_maps(), &policy_maps);
                 }
@@ -387,7 +399,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     }
                 };
                 if let Some(tx) = &cp_report {
-                    let _ = tx.send(cpclient::Report { revision, error, observed: r.observed.clone(), counters: datapath_counters(&maps), target_health: r.target_health.clone() });
+                    let _ = tx.send(cpclient::Report { revision, error, observed: r.observed.clone(), counters: datapath_counters(&maps), target_health: r.target_health.clone(), conntrack: last_ct.clone() });
                 }
             }
             _ = poll.tick(), if overlay.as_ref().is_some_and(|r| r.has_state()) => {
@@ -401,7 +413,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     } else if let (Some(tx), Some(a)) = (&cp_report, &cp_applied) {
                         // Instances and volumes may have moved on without a new revision.
                         let revision = *a.borrow();
-                        let _ = tx.send(cpclient::Report { revision, error: String::new(), observed: r.observed.clone(), counters: datapath_counters(&maps), target_health: r.target_health.clone() });
+                        let _ = tx.send(cpclient::Report { revision, error: String::new(), observed: r.observed.clone(), counters: datapath_counters(&maps), target_health: r.target_health.clone(), conntrack: last_ct.clone() });
                     }
                 }
             }
@@ -508,8 +520,9 @@ pub(crate) fn say(line: std::fmt::Arguments<'_>) {
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
-/// Deletes expired conntrack entries and logs the table's pressure and per-VPC counts.
-fn conntrack_gc(maps: &PolicyMaps) {
+/// Deletes expired conntrack entries and logs the table's pressure and per-VPC counts;
+/// returns the table's summary.
+fn conntrack_gc(maps: &PolicyMaps) -> Option<controlplane::datapath::policy_maps::CtSummary> {
     let now = controlplane::datapath::policy_maps::now_ns();
     match maps.ct_sweep(now, true) {
         Ok(s) => {
@@ -532,8 +545,12 @@ fn conntrack_gc(maps: &PolicyMaps) {
                     "conntrack table nearly full: the oldest flows are being evicted (raise --conntrack-max)"
                 );
             }
+            Some(s)
         }
-        Err(e) => warn!(error = %e, "conntrack gc"),
+        Err(e) => {
+            warn!(error = %e, "conntrack gc");
+            None
+        }
     }
 }
 
