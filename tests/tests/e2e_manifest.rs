@@ -5,7 +5,8 @@
 //!
 //! Checks: apply of a two-tier manifest creates everything (seen with `list -o json`);
 //! re-apply is all `unchanged` and writes nothing (store revision); an edited rule makes
-//! only its group `configured`; diff's exit codes; immutable fields; invalid files' messages;
+//! only its group `configured`, an edited network ACL entry only the ACL (entries and the
+//! subnet association checked); diff's exit codes; immutable fields; invalid files' messages;
 //! delete removes everything, then reports `not found`; apply after delete creates again.
 
 use std::{
@@ -111,6 +112,17 @@ spec:
   ingress: [ { protocol: tcp, port: 5432, sourceGroup: web, description: from web } ]
   egress: [ { protocol: tcp, port: 443, cidr: 10.0.0.0/8 } ]
 ---
+kind: NetworkAcl
+name: private-acl
+spec:
+  vpc: two-tier
+  subnets: [private]
+  inbound:
+    - { rule: 100, protocol: tcp, port: 5432, cidr: 10.0.1.0/24, action: allow }
+    - { rule: 200, protocol: all, cidr: 0.0.0.0/0, action: deny }
+  outbound:
+    - { rule: 100, protocol: tcp, port: "1024-65535", cidr: 10.0.1.0/24, action: allow }
+---
 kind: Instance
 name: web-1
 spec: { subnet: public, securityGroups: [web], instanceType: t3.micro, command: "sleep 1000" }
@@ -139,12 +151,13 @@ spec:
   listeners: [ { protocol: tcp, port: 80, targetGroup: web } ]
 "##;
 
-const KINDS: [&str; 10] = [
+const KINDS: [&str; 11] = [
     "vpc/two-tier",
     "subnet/public",
     "subnet/private",
     "securitygroup/web",
     "securitygroup/db",
+    "networkacl/private-acl",
     "instance/web-1",
     "instance/web-2",
     "instance/db-1",
@@ -329,6 +342,16 @@ fn manifests_apply_diff_delete() -> Result<()> {
             .any(|t| t["key"] == "vpc:managed-by" && t["value"] == "apply"),
         "{db}"
     );
+    let v = vpc.json(&["subnets", "list", "--vpc", &vpc_id])?;
+    let private = named(&v, "subnets", "private")?["subnetId"]
+        .as_str()
+        .context("id")?
+        .to_owned();
+    let v = vpc.json(&["network-acls", "list", "--vpc", &vpc_id])?;
+    let acl = named(&v, "networkAcls", "private-acl")?;
+    let acl_id = acl["networkAclId"].as_str().context("id")?.to_owned();
+    ensure!(acl["entries"].as_array().map(Vec::len) == Some(3), "{acl}");
+    ensure!(acl["subnetIds"] == serde_json::json!([private]), "{acl}");
     let v = vpc.json(&["instances", "list"])?;
     ensure!(v["instances"].as_array().map(Vec::len) == Some(3), "{v}");
     let web1 = named(&v, "instances", "web-1")?;
@@ -424,6 +447,60 @@ fn manifests_apply_diff_delete() -> Result<()> {
     let out = vpc.ok(&["apply", "-f", &edited])?;
     expect_lines(&out, |_| "unchanged")?;
 
+    // Edit one ACL entry: only the ACL is configured (the entry deleted and re-created).
+    let acl_edit = write(
+        dir.path(),
+        "acl.yaml",
+        &TWO_TIER
+            .replace("port: 80, cidr: 0.0.0.0/0", "port: 8080, cidr: 0.0.0.0/0")
+            .replace(
+                "{ rule: 100, protocol: tcp, port: 5432,",
+                "{ rule: 100, protocol: tcp, port: 5433,",
+            ),
+    )?;
+    let (code, out, err) = vpc.code(&["diff", "-f", &acl_edit])?;
+    ensure!(code == 1, "diff exit {code}: {out}{err}");
+    ensure!(out.contains("~ networkacl/private-acl (update)"), "{out}");
+    ensure!(
+        out.contains("- 100 allow tcp 5432 10.0.1.0/24")
+            && out.contains("+ 100 allow tcp 5433 10.0.1.0/24"),
+        "{out}"
+    );
+    let out = vpc.ok(&["apply", "-f", &acl_edit])?;
+    expect_lines(&out, |k| {
+        if k == "networkacl/private-acl" {
+            "configured"
+        } else {
+            "unchanged"
+        }
+    })?;
+    let v = vpc.json(&["network-acls", "describe", &acl_id])?;
+    let entries = v["networkAcls"][0]["entries"]
+        .as_array()
+        .context("entries")?;
+    ensure!(entries.len() == 3, "{v}");
+    ensure!(
+        entries
+            .iter()
+            .any(|e| e["ruleNumber"] == 100 && e["fromPort"] == 5433 && e["egress"] != true),
+        "{v}"
+    );
+    ensure!(
+        v["networkAcls"][0]["subnetIds"] == serde_json::json!([private]),
+        "{v}"
+    );
+    let out = vpc.ok(&["apply", "-f", &acl_edit])?;
+    expect_lines(&out, |_| "unchanged")?;
+    // Back as in the edited file.
+    let out = vpc.ok(&["apply", "-f", &edited])?;
+    expect_lines(&out, |k| {
+        if k == "networkacl/private-acl" {
+            "configured"
+        } else {
+            "unchanged"
+        }
+    })?;
+
     // Immutable fields: an error naming the resource and field, nothing changed (exit 2).
     let moved = write(
         dir.path(),
@@ -464,7 +541,7 @@ fn manifests_apply_diff_delete() -> Result<()> {
         (
             "dup.yaml",
             format!("{TWO_TIER}---\nkind: Subnet\nname: public\nspec: {{vpc: two-tier, cidrBlock: 10.0.3.0/24}}\n"),
-            "dup.yaml: document 11 (Subnet/public): name: duplicate: Subnet/public is also",
+            "dup.yaml: document 12 (Subnet/public): name: duplicate: Subnet/public is also",
         ),
         (
             "ref.yaml",

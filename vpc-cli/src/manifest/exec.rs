@@ -80,6 +80,12 @@ pub async fn current(c: &mut Clients) -> Result<Current, Status> {
             DescribeSecurityGroupsRequest,
             security_groups
         ),
+        acls: all_pages!(
+            c.sec,
+            describe_network_acls,
+            DescribeNetworkAclsRequest,
+            network_acls
+        ),
         instances: all_pages!(
             c.inst,
             describe_instances,
@@ -130,6 +136,12 @@ pub async fn create(c: &mut Clients, r: &Resource, cur: &mut Current) -> Result<
                 let v = x.into_inner().security_group.unwrap_or_default();
                 let id = v.group_id.clone();
                 cur.groups.push(v);
+                Some(id)
+            }),
+            Create::NetworkAcl(q) => c.sec.create_network_acl(q).await.map(|x| {
+                let v = x.into_inner().network_acl.unwrap_or_default();
+                let id = v.network_acl_id.clone();
+                cur.acls.push(v);
                 Some(id)
             }),
             Create::Instance(q) => c.inst.run_instances(q).await.map(|x| {
@@ -223,6 +235,64 @@ pub async fn change(c: &mut Clients, r: &Resource, id: &str, op: &Op) -> Result<
                 c.sec.authorize_security_group_ingress(q).await.map(drop)
             }
         }
+        Op::DeleteAclEntries {
+            egress,
+            rule_numbers,
+        } => {
+            let mut res = Ok(());
+            for rule_number in rule_numbers {
+                res = c
+                    .sec
+                    .delete_network_acl_entry(pb::DeleteNetworkAclEntryRequest {
+                        network_acl_id: id.to_owned(),
+                        rule_number,
+                        egress,
+                    })
+                    .await
+                    .map(drop);
+                if res.is_err() {
+                    break;
+                }
+            }
+            res
+        }
+        Op::CreateAclEntries(entries) => {
+            let mut res = Ok(());
+            for entry in entries {
+                res = c
+                    .sec
+                    .create_network_acl_entry(pb::CreateNetworkAclEntryRequest {
+                        network_acl_id: id.to_owned(),
+                        entry: Some(entry),
+                    })
+                    .await
+                    .map(drop);
+                if res.is_err() {
+                    break;
+                }
+            }
+            res
+        }
+        Op::Associate {
+            subnet_ids,
+            network_acl_id,
+        } => {
+            let mut res = Ok(());
+            for subnet_id in subnet_ids {
+                res = c
+                    .sec
+                    .replace_network_acl_association(pb::ReplaceNetworkAclAssociationRequest {
+                        subnet_id,
+                        network_acl_id: network_acl_id.clone(),
+                    })
+                    .await
+                    .map(drop);
+                if res.is_err() {
+                    break;
+                }
+            }
+            res
+        }
         Op::ModifyTargetGroup {
             health_check,
             deregistration_delay_seconds,
@@ -293,6 +363,13 @@ pub async fn delete(c: &mut Clients, kind: Kind, id: &str) -> Result<(), Status>
             .delete_security_group(pb::DeleteSecurityGroupRequest { group_id: id })
             .await
             .map(drop),
+        Kind::NetworkAcl => {
+            release_acl(c, &id).await?;
+            c.sec
+                .delete_network_acl(pb::DeleteNetworkAclRequest { network_acl_id: id })
+                .await
+                .map(drop)
+        }
         Kind::Instance => c
             .inst
             .terminate_instances(pb::TerminateInstancesRequest {
@@ -320,6 +397,56 @@ pub async fn delete(c: &mut Clients, kind: Kind, id: &str) -> Result<(), Status>
             .map(drop)
         }
     }
+}
+
+/// Associates the subnets of network ACL `id` with their VPC's default ACL (an ACL with
+/// subnets cannot be deleted). Subnets gone meanwhile are skipped.
+pub async fn release_acl(c: &mut Clients, id: &str) -> Result<(), Status> {
+    let acl = c
+        .sec
+        .describe_network_acls(pb::DescribeNetworkAclsRequest {
+            network_acl_ids: vec![id.to_owned()],
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .network_acls
+        .into_iter()
+        .next();
+    let Some(acl) = acl else { return Ok(()) };
+    if acl.subnet_ids.is_empty() {
+        return Ok(());
+    }
+    let default = c
+        .sec
+        .describe_network_acls(pb::DescribeNetworkAclsRequest {
+            vpc_id: acl.vpc_id.clone(),
+            page: page(""),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .network_acls
+        .into_iter()
+        .find(|a| a.is_default)
+        .ok_or_else(|| {
+            Status::failed_precondition(format!("VPC {} has no default network ACL", acl.vpc_id))
+        })?;
+    for subnet_id in acl.subnet_ids {
+        match c
+            .sec
+            .replace_network_acl_association(pb::ReplaceNetworkAclAssociationRequest {
+                subnet_id,
+                network_acl_id: default.network_acl_id.clone(),
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::NotFound => {}
+            Err(s) => return Err(s),
+        }
+    }
+    Ok(())
 }
 
 /// Revokes the rules of group `id` that reference one of `peers` (so the peers can go).

@@ -4,7 +4,8 @@
 //! list) of resources:
 //!
 //! ```yaml
-//! kind: Subnet          # Vpc, Subnet, SecurityGroup, Instance, Volume, TargetGroup, LoadBalancer
+//! kind: Subnet          # Vpc, Subnet, SecurityGroup, NetworkAcl, Instance, Volume,
+//!                       # TargetGroup, LoadBalancer
 //! name: public          # the identity: the object's `Name` tag, unique per kind in the account
 //! tags: { env: prod }   # optional, besides Name and vpc:managed-by=apply
 //! spec: { vpc: two-tier, cidrBlock: 10.0.1.0/24 }   # references by name
@@ -12,10 +13,11 @@
 //!
 //! apply creates what is missing (in dependency order, with client tokens derived from the
 //! kind, name, spec and parents), converges what can change in place (security group rules,
-//! target group targets and settings, listeners, tags) and refuses to touch a resource whose
+//! network ACL entries and subnet associations, target group targets and settings,
+//! listeners, tags) and refuses to touch a resource whose
 //! immutable fields differ. diff shows what apply would do (exit 0: nothing, 1: changes, 2:
 //! errors). delete removes the file's resources in reverse order, waiting for instances to
-//! terminate.
+//! terminate (a network ACL's subnets go back to their VPC's default ACL first).
 //!
 //! `model` parses and checks files, `plan` compares desired and current (pure), `exec`
 //! makes the API calls.

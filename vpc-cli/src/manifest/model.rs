@@ -14,6 +14,7 @@ pub enum Kind {
     Vpc,
     Subnet,
     SecurityGroup,
+    NetworkAcl,
     Instance,
     Volume,
     TargetGroup,
@@ -22,10 +23,11 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in creation order of their ranks.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Vpc,
         Kind::Subnet,
         Kind::SecurityGroup,
+        Kind::NetworkAcl,
         Kind::Instance,
         Kind::Volume,
         Kind::TargetGroup,
@@ -45,6 +47,7 @@ impl Kind {
             Kind::Vpc => "Vpc",
             Kind::Subnet => "Subnet",
             Kind::SecurityGroup => "SecurityGroup",
+            Kind::NetworkAcl => "NetworkAcl",
             Kind::Instance => "Instance",
             Kind::Volume => "Volume",
             Kind::TargetGroup => "TargetGroup",
@@ -62,7 +65,7 @@ impl Kind {
     pub fn rank(self) -> u8 {
         match self {
             Kind::Vpc => 0,
-            Kind::Subnet | Kind::SecurityGroup => 1,
+            Kind::Subnet | Kind::SecurityGroup | Kind::NetworkAcl => 1,
             Kind::Instance | Kind::Volume | Kind::TargetGroup => 2,
             Kind::LoadBalancer => 3,
         }
@@ -269,12 +272,47 @@ pub struct LoadBalancerSpec {
     pub listeners: Vec<ListenerSpec>,
 }
 
+/// One network ACL entry.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AclEntrySpec {
+    /// The rule number, 1-32766 (unique per direction; the lowest match wins).
+    #[serde(alias = "ruleNumber")]
+    pub rule: i64,
+    /// tcp, udp, icmp, all/-1 or a number.
+    pub protocol: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<PortSpec>,
+    #[serde(alias = "cidrBlock")]
+    pub cidr: String,
+    /// allow or deny.
+    #[serde(alias = "ruleAction")]
+    pub action: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NetworkAclSpec {
+    pub vpc: String,
+    /// The subnets (by name) associated with this ACL.
+    #[serde(default)]
+    pub subnets: Vec<String>,
+    #[serde(default)]
+    pub inbound: Vec<AclEntrySpec>,
+    #[serde(default)]
+    pub outbound: Vec<AclEntrySpec>,
+}
+
+/// The highest rule number of an ACL entry (32767 is the implicit final deny).
+pub const MAX_ACL_RULE: i64 = 32766;
+
 /// A resource's spec, by kind.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Spec {
     Vpc(VpcSpec),
     Subnet(SubnetSpec),
     SecurityGroup(SecurityGroupSpec),
+    NetworkAcl(NetworkAclSpec),
     Instance(InstanceSpec),
     Volume(VolumeSpec),
     TargetGroup(TargetGroupSpec),
@@ -288,6 +326,7 @@ impl Spec {
             Spec::Vpc(s) => serde_json::to_string(s),
             Spec::Subnet(s) => serde_json::to_string(s),
             Spec::SecurityGroup(s) => serde_json::to_string(s),
+            Spec::NetworkAcl(s) => serde_json::to_string(s),
             Spec::Instance(s) => serde_json::to_string(s),
             Spec::Volume(s) => serde_json::to_string(s),
             Spec::TargetGroup(s) => serde_json::to_string(s),
@@ -355,6 +394,13 @@ impl Resource {
                             ));
                         }
                     }
+                }
+            }
+            Spec::NetworkAcl(s) => {
+                out.push(r("spec.vpc".into(), Kind::Vpc, &s.vpc, true));
+                // Associations are converged once everything exists.
+                for (i, n) in s.subnets.iter().enumerate() {
+                    out.push(r(format!("spec.subnets[{i}]"), Kind::Subnet, n, false));
                 }
             }
             Spec::Instance(s) => {
@@ -484,6 +530,7 @@ pub fn resource(loc: Loc, v: Value) -> Result<Resource, Problem> {
         Kind::Vpc => spec_of(spec_v).map(Spec::Vpc),
         Kind::Subnet => spec_of(spec_v).map(Spec::Subnet),
         Kind::SecurityGroup => spec_of(spec_v).map(Spec::SecurityGroup),
+        Kind::NetworkAcl => spec_of(spec_v).map(Spec::NetworkAcl),
         Kind::Instance => spec_of(spec_v).map(Spec::Instance),
         Kind::Volume => spec_of(spec_v).map(Spec::Volume),
         Kind::TargetGroup => spec_of(spec_v).map(Spec::TargetGroup),
@@ -541,8 +588,16 @@ pub fn is_cidr(s: &str) -> bool {
 
 /// A rule's API protocol and ports.
 pub fn rule_ports(rule: &RuleSpec) -> Result<(String, i32, i32), (String, String)> {
-    let protocol = parse_protocol(&rule.protocol).map_err(|e| ("protocol".to_owned(), e))?;
-    let port = match &rule.port {
+    proto_ports(&rule.protocol, rule.port.as_ref())
+}
+
+/// The API protocol and ports of a protocol and port spec (errors: field, message).
+pub fn proto_ports(
+    protocol: &str,
+    port: Option<&PortSpec>,
+) -> Result<(String, i32, i32), (String, String)> {
+    let protocol = parse_protocol(protocol).map_err(|e| ("protocol".to_owned(), e))?;
+    let port = match port {
         None => None,
         Some(PortSpec::Number(n)) => {
             Some(parse_port_range(&n.to_string()).map_err(|e| ("port".to_owned(), e))?)
@@ -595,6 +650,46 @@ fn check_values(r: &Resource) -> Result<(), Problem> {
                 }
             }
         }
+        Spec::NetworkAcl(s) => {
+            let mut seen = Vec::new();
+            for (i, n) in s.subnets.iter().enumerate() {
+                if seen.contains(&n) {
+                    return Err(r.problem(
+                        &format!("spec.subnets[{i}]"),
+                        &format!("subnet {n:?} is listed twice"),
+                    ));
+                }
+                seen.push(n);
+            }
+            for (dir, entries) in [("inbound", &s.inbound), ("outbound", &s.outbound)] {
+                let mut numbers: Vec<i64> = Vec::new();
+                for (i, e) in entries.iter().enumerate() {
+                    let at = format!("spec.{dir}[{i}]");
+                    if !(1..=MAX_ACL_RULE).contains(&e.rule) {
+                        return Err(r.problem(
+                            &format!("{at}.rule"),
+                            &format!("{}: expected a rule number 1-{MAX_ACL_RULE}", e.rule),
+                        ));
+                    }
+                    if let Some(j) = numbers.iter().position(|n| *n == e.rule) {
+                        return Err(r.problem(
+                            &format!("{at}.rule"),
+                            &format!("rule {} is also {dir}[{j}]", e.rule),
+                        ));
+                    }
+                    numbers.push(e.rule);
+                    proto_ports(&e.protocol, e.port.as_ref())
+                        .map_err(|(f, m)| r.problem(&format!("{at}.{f}"), &m))?;
+                    cidr(&format!("{at}.cidr"), &e.cidr)?;
+                    if acl_action(&e.action).is_none() {
+                        return Err(r.problem(
+                            &format!("{at}.action"),
+                            &format!("{:?}: expected allow or deny", e.action),
+                        ));
+                    }
+                }
+            }
+        }
         Spec::Instance(s) => {
             if let Some(ip) = &s.private_ip
                 && ip.parse::<std::net::Ipv4Addr>().is_err()
@@ -639,8 +734,47 @@ fn check_values(r: &Resource) -> Result<(), Problem> {
     Ok(())
 }
 
-/// Duplicate kind/name pairs across the files.
+/// `allow` or `deny` (any case), as the API spells it.
+pub fn acl_action(s: &str) -> Option<&'static str> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "allow" => Some("allow"),
+        "deny" => Some("deny"),
+        _ => None,
+    }
+}
+
+/// Duplicate kind/name pairs across the files, and subnets two network ACLs claim.
 pub fn check_duplicates(all: &[Resource]) -> Vec<Problem> {
+    let mut out = check_names(all);
+    let mut claimed: BTreeMap<&str, &Resource> = BTreeMap::new();
+    for r in all {
+        let Spec::NetworkAcl(s) = &r.spec else {
+            continue;
+        };
+        for (i, n) in s.subnets.iter().enumerate() {
+            match claimed.get(n.as_str()) {
+                Some(first) if first.name != r.name => out.push(r.problem(
+                    &format!("spec.subnets[{i}]"),
+                    &format!(
+                        "subnet {n:?} is also associated with {} ({}: document {}); a subnet \
+                         has one network ACL",
+                        first.id(),
+                        first.loc.file,
+                        first.loc.index
+                    ),
+                )),
+                Some(_) => {}
+                None => {
+                    claimed.insert(n.as_str(), r);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Duplicate kind/name pairs across the files.
+fn check_names(all: &[Resource]) -> Vec<Problem> {
     let mut seen: BTreeMap<(Kind, &str), &Loc> = BTreeMap::new();
     let mut out = Vec::new();
     for r in all {

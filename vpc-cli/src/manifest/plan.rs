@@ -8,8 +8,8 @@ use vpc_proto::v1 as pb;
 
 use super::MANAGED_BY;
 use super::model::{
-    HealthSpec, Kind, Problem, Resource, RuleSpec, SecurityGroupSpec, Spec, TargetGroupSpec,
-    rule_ports,
+    AclEntrySpec, HealthSpec, Kind, NetworkAclSpec, Problem, Resource, RuleSpec, SecurityGroupSpec,
+    Spec, TargetGroupSpec, acl_action, proto_ports, rule_ports,
 };
 use crate::api::{name_tag, port_range_text, protocol_text};
 
@@ -19,6 +19,7 @@ pub struct Current {
     pub vpcs: Vec<pb::Vpc>,
     pub subnets: Vec<pb::Subnet>,
     pub groups: Vec<pb::SecurityGroup>,
+    pub acls: Vec<pb::NetworkAcl>,
     pub instances: Vec<pb::Instance>,
     pub volumes: Vec<pb::Volume>,
     pub target_groups: Vec<pb::TargetGroup>,
@@ -49,6 +50,7 @@ impl Current {
             Kind::Vpc => each(&self.vpcs, |x| (&x.vpc_id, &x.tags)),
             Kind::Subnet => each(&self.subnets, |x| (&x.subnet_id, &x.tags)),
             Kind::SecurityGroup => each(&self.groups, |x| (&x.group_id, &x.tags)),
+            Kind::NetworkAcl => each(&self.acls, |x| (&x.network_acl_id, &x.tags)),
             Kind::Instance => {
                 let live: Vec<&pb::Instance> = self.instances.iter().filter(|i| live(i)).collect();
                 live.into_iter()
@@ -101,6 +103,15 @@ impl Current {
     pub fn group(&self, id: &str) -> Option<&pb::SecurityGroup> {
         self.groups.iter().find(|x| x.group_id == id)
     }
+    pub fn acl(&self, id: &str) -> Option<&pb::NetworkAcl> {
+        self.acls.iter().find(|x| x.network_acl_id == id)
+    }
+    /// The default network ACL of VPC `vpc_id`.
+    pub fn default_acl(&self, vpc_id: &str) -> Option<&pb::NetworkAcl> {
+        self.acls
+            .iter()
+            .find(|x| x.vpc_id == vpc_id && x.is_default)
+    }
     pub fn instance(&self, id: &str) -> Option<&pb::Instance> {
         self.instances.iter().find(|x| x.instance_id == id)
     }
@@ -134,6 +145,46 @@ pub fn check_refs(all: &[Resource], cur: &Current) -> Vec<Problem> {
                 }
                 Ok(_) => {}
             }
+        }
+        if let Spec::NetworkAcl(s) = &r.spec {
+            out.extend(acl_subnet_vpcs(r, s, all, cur));
+        }
+    }
+    out
+}
+
+/// The subnets of a network ACL must be in its VPC.
+fn acl_subnet_vpcs(
+    r: &Resource,
+    s: &NetworkAclSpec,
+    all: &[Resource],
+    cur: &Current,
+) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let vpc_id = cur.id(Kind::Vpc, &s.vpc).ok().flatten();
+    for (i, n) in s.subnets.iter().enumerate() {
+        let in_file = all.iter().find_map(|x| match &x.spec {
+            Spec::Subnet(sub) if x.name == *n => Some(sub.vpc.clone()),
+            _ => None,
+        });
+        let wrong = match in_file {
+            Some(v) => (v != s.vpc).then_some(format!("VPC {v:?}")),
+            None => match (cur.id(Kind::Subnet, n).ok().flatten(), &vpc_id) {
+                (Some(sid), Some(vid)) => cur
+                    .subnet(&sid)
+                    .filter(|x| x.vpc_id != *vid)
+                    .map(|x| format!("VPC {}", x.vpc_id)),
+                _ => None,
+            },
+        };
+        if let Some(w) = wrong {
+            out.push(r.problem(
+                &format!("spec.subnets[{i}]"),
+                &format!(
+                    "subnet {n:?} is in {w}, not in {:?}; a subnet takes an ACL of its own VPC",
+                    s.vpc
+                ),
+            ));
         }
     }
     out
@@ -190,6 +241,18 @@ pub enum Op {
     Deregister(Vec<pb::Target>),
     Register(Vec<pb::Target>),
     DeleteListener(String),
+    /// Network ACL entries to delete, by rule number.
+    DeleteAclEntries {
+        egress: bool,
+        rule_numbers: Vec<u32>,
+    },
+    CreateAclEntries(Vec<pb::NetworkAclEntry>),
+    /// Subnets to associate with the network ACL `network_acl_id` (this one, or the VPC's
+    /// default for subnets no longer listed).
+    Associate {
+        subnet_ids: Vec<String>,
+        network_acl_id: String,
+    },
     CreateListener {
         protocol: String,
         port: u32,
@@ -582,6 +645,147 @@ fn lb_changes(
     out
 }
 
+/// `100 allow tcp 5432 10.0.1.0/24`.
+pub fn acl_entry_text(e: &pb::NetworkAclEntry) -> String {
+    // ICMP: the type (any code shows as -1).
+    let ports = if e.protocol == "icmp" && e.from_port != -1 && e.to_port == -1 {
+        e.from_port.to_string()
+    } else {
+        port_range_text(&e.protocol, e.from_port, e.to_port)
+    };
+    format!(
+        "{} {} {} {} {}",
+        e.rule_number,
+        e.rule_action,
+        protocol_text(&e.protocol),
+        ports,
+        e.cidr_block
+    )
+}
+
+/// The entries a spec asks for, as the API shows them.
+pub fn desired_entries(entries: &[AclEntrySpec], egress: bool) -> Vec<pb::NetworkAclEntry> {
+    entries
+        .iter()
+        .filter_map(|e| {
+            let (protocol, from_port, to_port) = proto_ports(&e.protocol, e.port.as_ref()).ok()?;
+            Some(pb::NetworkAclEntry {
+                rule_number: u32::try_from(e.rule).ok()?,
+                protocol,
+                rule_action: acl_action(&e.action)?.to_owned(),
+                egress,
+                cidr_block: e.cidr.trim().to_owned(),
+                from_port,
+                to_port,
+            })
+        })
+        .collect()
+}
+
+fn acl_changes(s: &NetworkAclSpec, a: &pb::NetworkAcl, cur: &Current) -> Vec<Change> {
+    let mut out = Vec::new();
+    for (egress, entries) in [(false, &s.inbound), (true, &s.outbound)] {
+        let dir = if egress { "outbound" } else { "inbound" };
+        let desired = desired_entries(entries, egress);
+        let current: Vec<&pb::NetworkAclEntry> =
+            a.entries.iter().filter(|e| e.egress == egress).collect();
+        // Entries whose number is gone or whose content differs go; missing ones come.
+        let stale: Vec<&pb::NetworkAclEntry> = current
+            .iter()
+            .copied()
+            .filter(|c| !desired.contains(c))
+            .collect();
+        let missing: Vec<pb::NetworkAclEntry> = desired
+            .iter()
+            .filter(|d| !current.contains(d))
+            .cloned()
+            .collect();
+        if !stale.is_empty() {
+            let text = stale
+                .iter()
+                .map(|e| format!("- {}", acl_entry_text(e)))
+                .collect::<Vec<_>>()
+                .join("; ");
+            out.push(Change {
+                text: format!("spec.{dir}: {text}"),
+                op: Op::DeleteAclEntries {
+                    egress,
+                    rule_numbers: stale.iter().map(|e| e.rule_number).collect(),
+                },
+            });
+        }
+        if !missing.is_empty() {
+            let text = missing
+                .iter()
+                .map(|e| format!("+ {}", acl_entry_text(e)))
+                .collect::<Vec<_>>()
+                .join("; ");
+            out.push(Change {
+                text: format!("spec.{dir}: {text}"),
+                op: Op::CreateAclEntries(missing),
+            });
+        }
+    }
+    let names: BTreeMap<String, String> = cur
+        .subnets
+        .iter()
+        .map(|x| (x.subnet_id.clone(), name_tag(&x.tags)))
+        .collect();
+    let show = |id: &String| match names.get(id) {
+        Some(n) if !n.is_empty() => n.clone(),
+        _ => id.clone(),
+    };
+    let want: Vec<String> = s
+        .subnets
+        .iter()
+        .map(|n| resolve(cur, Kind::Subnet, n))
+        .collect();
+    let extra: Vec<String> = a
+        .subnet_ids
+        .iter()
+        .filter(|x| !want.contains(x))
+        .cloned()
+        .collect();
+    if !extra.is_empty()
+        && let Some(d) = cur.default_acl(&a.vpc_id)
+    {
+        out.push(Change {
+            text: format!(
+                "spec.subnets: - {} (to the default ACL {})",
+                extra.iter().map(show).collect::<Vec<_>>().join(", - "),
+                d.network_acl_id
+            ),
+            op: Op::Associate {
+                subnet_ids: extra,
+                network_acl_id: d.network_acl_id.clone(),
+            },
+        });
+    }
+    let missing: Vec<(String, &String)> = want
+        .iter()
+        .zip(&s.subnets)
+        .filter(|(id, _)| !a.subnet_ids.contains(id))
+        .map(|(id, n)| (id.clone(), n))
+        .collect();
+    if !missing.is_empty() {
+        out.push(Change {
+            text: format!(
+                "spec.subnets: + {}",
+                missing
+                    .iter()
+                    .map(|(_, n)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", + ")
+            ),
+            op: Op::Associate {
+                subnet_ids: missing.into_iter().map(|(id, _)| id).collect(),
+                network_acl_id: a.network_acl_id.clone(),
+            },
+        });
+    }
+    out
+}
+
 /// The plan of every resource of the manifest (in manifest order).
 pub fn plan(all: &[Resource], cur: &Current) -> Vec<Step> {
     all.iter()
@@ -618,6 +822,13 @@ fn plan_existing(r: &Resource, id: &str, cur: &Current) -> Action {
             immutable(&mut imm, "spec.description", &g.description, desc);
             if imm.is_empty() {
                 changes = sg_changes(s, &g, cur);
+            }
+        }
+        Spec::NetworkAcl(s) => {
+            let a = cur.acl(id).cloned().unwrap_or_default();
+            immutable(&mut imm, "spec.vpc", &a.vpc_id, &res(Kind::Vpc, &s.vpc));
+            if imm.is_empty() {
+                changes = acl_changes(s, &a, cur);
             }
         }
         Spec::Instance(s) => {
@@ -742,6 +953,7 @@ pub enum Create {
     Vpc(pb::CreateVpcRequest),
     Subnet(pb::CreateSubnetRequest),
     SecurityGroup(pb::CreateSecurityGroupRequest),
+    NetworkAcl(pb::CreateNetworkAclRequest),
     Instance(pb::RunInstancesRequest),
     Volume(pb::CreateVolumeRequest),
     TargetGroup(pb::CreateTargetGroupRequest),
@@ -806,6 +1018,14 @@ pub fn create_request(r: &Resource, cur: &Current, generation: u32) -> Result<Cr
                 vpc_id: vpc,
                 group_name: r.name.clone(),
                 description: s.description.clone().unwrap_or_else(|| r.name.clone()),
+                tags,
+            })
+        }
+        Spec::NetworkAcl(s) => {
+            let vpc = need(Kind::Vpc, &s.vpc)?;
+            Create::NetworkAcl(pb::CreateNetworkAclRequest {
+                client_token: client_token(r, std::slice::from_ref(&vpc), generation),
+                vpc_id: vpc,
                 tags,
             })
         }

@@ -128,6 +128,13 @@ fn applied() -> Current {
                 ..Default::default()
             },
         ],
+        acls: vec![pb::NetworkAcl {
+            network_acl_id: "acl-def".into(),
+            vpc_id: "vpc-1".into(),
+            is_default: true,
+            subnet_ids: vec!["subnet-1".into()],
+            ..Default::default()
+        }],
         instances: vec![
             pb::Instance {
                 instance_id: "i-1".into(),
@@ -467,4 +474,237 @@ fn create_requests_and_tokens() {
     );
     // Parents must exist.
     assert!(create_request(&all[1], &Current::default(), 0).is_err());
+}
+
+const ACL: &str = r#"
+kind: NetworkAcl
+name: public-acl
+spec:
+  vpc: two-tier
+  subnets: [public]
+  inbound:
+    - { rule: 100, protocol: tcp, port: 80, cidr: 0.0.0.0/0, action: allow }
+    - { rule: 200, protocol: all, cidr: 0.0.0.0/0, action: Deny }
+  outbound:
+    - { rule: 100, protocol: tcp, port: "1024-65535", cidr: 0.0.0.0/0, action: allow }
+"#;
+
+fn entry(
+    rule: u32,
+    proto: &str,
+    from: i32,
+    to: i32,
+    action: &str,
+    egress: bool,
+) -> pb::NetworkAclEntry {
+    pb::NetworkAclEntry {
+        rule_number: rule,
+        protocol: proto.into(),
+        rule_action: action.into(),
+        egress,
+        cidr_block: "0.0.0.0/0".into(),
+        from_port: from,
+        to_port: to,
+    }
+}
+
+/// The account with the ACL of `ACL` applied.
+fn applied_acl() -> Current {
+    let mut cur = applied();
+    cur.acls[0].subnet_ids.clear();
+    cur.acls.push(pb::NetworkAcl {
+        network_acl_id: "acl-1".into(),
+        vpc_id: "vpc-1".into(),
+        entries: vec![
+            entry(100, "tcp", 80, 80, "allow", false),
+            entry(200, "-1", -1, -1, "deny", false),
+            entry(100, "tcp", 1024, 65535, "allow", true),
+        ],
+        subnet_ids: vec!["subnet-1".into()],
+        tags: tags("public-acl"),
+        ..Default::default()
+    });
+    cur
+}
+
+#[test]
+fn network_acls_parse_and_are_checked() {
+    let all = parse(&format!("{TWO_TIER}{ACL}"));
+    assert_eq!(all[7].kind, Kind::NetworkAcl);
+    assert_eq!(Kind::parse("networkacl"), Some(Kind::NetworkAcl));
+    assert!(check_refs(&all, &Current::default()).is_empty());
+    // Created after the VPC, with the security groups; subnets are soft references.
+    let order = creation_order(&all);
+    let pos = |i: usize| order.iter().position(|&j| j == i).unwrap();
+    assert!(pos(0) < pos(7) && pos(7) < pos(4));
+    assert!(
+        all[7]
+            .refs()
+            .iter()
+            .any(|r| r.kind == Kind::Subnet && !r.hard)
+    );
+    let bad = |from: &str, to: &str| errors(&ACL.replace(from, to));
+    let e = bad("rule: 200", "rule: 32767");
+    assert!(
+        e[0].contains("spec.inbound[1].rule: 32767: expected a rule number 1-32766"),
+        "{e:?}"
+    );
+    let e = bad("rule: 200", "rule: 0");
+    assert!(e[0].contains("spec.inbound[1].rule"), "{e:?}");
+    let e = bad("rule: 200", "rule: 100");
+    assert!(
+        e[0].contains("spec.inbound[1].rule: rule 100 is also inbound[0]"),
+        "{e:?}"
+    );
+    let e = bad("action: Deny", "action: reject");
+    assert!(
+        e[0].contains("spec.inbound[1].action: \"reject\": expected allow or deny"),
+        "{e:?}"
+    );
+    let e = bad("port: 80,", "port: http,");
+    assert!(e[0].contains("spec.inbound[0].port"), "{e:?}");
+    let e = bad(
+        "cidr: 0.0.0.0/0, action: Deny",
+        "cidr: 0.0.0.0, action: Deny",
+    );
+    assert!(e[0].contains("spec.inbound[1].cidr"), "{e:?}");
+    let e = bad("protocol: all", "protocol: gre");
+    assert!(e[0].contains("spec.inbound[1].protocol"), "{e:?}");
+    let e = bad("subnets: [public]", "subnets: [public, public]");
+    assert!(
+        e[0].contains("spec.subnets[1]: subnet \"public\" is listed twice"),
+        "{e:?}"
+    );
+    let e = bad("inbound:", "inboud:");
+    assert!(e[0].contains("unknown field `inboud`"), "{e:?}");
+    // Two ACLs claiming one subnet.
+    let two = format!("{ACL}---\n{}", ACL.replace("public-acl", "other-acl"));
+    let e = errors(&two);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].contains("(NetworkAcl/other-acl): spec.subnets[0]: subnet \"public\" is also associated with NetworkAcl/public-acl"), "{e:?}");
+    // References: an unknown subnet; a subnet of another VPC.
+    let one = parse(&ACL.replace("[public]", "[nope]"));
+    let p = check_refs(&one, &applied());
+    assert_eq!(p.len(), 1);
+    assert!(
+        p[0].0.contains("spec.subnets[0]: no Subnet named \"nope\""),
+        "{p:?}"
+    );
+    let mut cur = applied();
+    cur.vpcs.push(pb::Vpc {
+        vpc_id: "vpc-2".into(),
+        tags: tags("other"),
+        ..Default::default()
+    });
+    let other = parse(&ACL.replace("vpc: two-tier", "vpc: other"));
+    let p = check_refs(&other, &cur);
+    assert!(
+        p[0].0
+            .contains("spec.subnets[0]: subnet \"public\" is in VPC vpc-1"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn network_acls_converge() {
+    let all = parse(&format!("{TWO_TIER}{ACL}"));
+    // Created with no entries; entries and associations follow as changes.
+    let steps = plan(&all, &applied());
+    assert_eq!(steps[7].action, Action::Create);
+    let Create::NetworkAcl(req) = create_request(&all[7], &applied(), 0).unwrap() else {
+        panic!()
+    };
+    assert_eq!(req.vpc_id, "vpc-1");
+    assert!(req.client_token.starts_with("apply-networkacl-"));
+    let mut cur = applied();
+    cur.acls.push(pb::NetworkAcl {
+        network_acl_id: "acl-1".into(),
+        vpc_id: "vpc-1".into(),
+        tags: tags("public-acl"),
+        ..Default::default()
+    });
+    let Action::Update(ch) = &plan(&all, &cur)[7].action else {
+        panic!()
+    };
+    let ops: Vec<&Op> = ch.iter().map(|c| &c.op).collect();
+    assert!(
+        matches!(ops[0], Op::CreateAclEntries(e) if e.len() == 2 && e[1].protocol == "-1" && e[1].rule_action == "deny")
+    );
+    assert!(
+        matches!(ops[1], Op::CreateAclEntries(e) if e[0].egress && (e[0].from_port, e[0].to_port) == (1024, 65535))
+    );
+    assert_eq!(
+        ops[2],
+        &Op::Associate {
+            subnet_ids: vec!["subnet-1".into()],
+            network_acl_id: "acl-1".into()
+        }
+    );
+    // Applied: unchanged.
+    let steps = plan(&all, &applied_acl());
+    for s in &steps {
+        assert_eq!(s.action, Action::Unchanged, "{}", all[s.index].id());
+    }
+    // One entry changed, one gone, one new: deleted and re-created by number.
+    let text = format!("{TWO_TIER}{ACL}")
+        .replace("port: 80, cidr", "port: 443, cidr")
+        .replace(
+            "    - { rule: 200, protocol: all, cidr: 0.0.0.0/0, action: Deny }\n",
+            "    - { rule: 300, protocol: icmp, port: 8, cidr: 0.0.0.0/0, action: allow }\n",
+        );
+    let all2 = parse(&text);
+    let Action::Update(ch) = &plan(&all2, &applied_acl())[7].action else {
+        panic!()
+    };
+    assert_eq!(ch.len(), 2, "{ch:?}");
+    assert_eq!(
+        ch[0].op,
+        Op::DeleteAclEntries {
+            egress: false,
+            rule_numbers: vec![100, 200]
+        }
+    );
+    let Op::CreateAclEntries(e) = &ch[1].op else {
+        panic!()
+    };
+    assert_eq!((e[0].rule_number, e[0].from_port), (100, 443));
+    assert_eq!(
+        (e[1].protocol.as_str(), e[1].from_port, e[1].to_port),
+        ("icmp", 8, -1)
+    );
+    assert!(
+        ch[0]
+            .text
+            .starts_with("spec.inbound: - 100 allow tcp 80 0.0.0.0/0"),
+        "{}",
+        ch[0].text
+    );
+    assert!(
+        ch[1].text.contains("+ 300 allow icmp 8 0.0.0.0/0"),
+        "{}",
+        ch[1].text
+    );
+    // A subnet no longer listed goes back to the default ACL.
+    let none = parse(&format!("{TWO_TIER}{}", ACL.replace("[public]", "[]")));
+    let Action::Update(ch) = &plan(&none, &applied_acl())[7].action else {
+        panic!()
+    };
+    assert_eq!(
+        ch[0].op,
+        Op::Associate {
+            subnet_ids: vec!["subnet-1".into()],
+            network_acl_id: "acl-def".into()
+        }
+    );
+    assert!(
+        ch[0].text.contains("- public (to the default ACL acl-def)"),
+        "{}",
+        ch[0].text
+    );
+    // The VPC cannot change.
+    let mut cur = applied_acl();
+    cur.acls[1].vpc_id = "vpc-9".into();
+    assert!(
+        matches!(&plan(&all, &cur)[7].action, Action::Immutable(f) if f[0].starts_with("spec.vpc"))
+    );
 }
