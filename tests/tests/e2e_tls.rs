@@ -270,8 +270,24 @@ async fn mutual_tls_admits_only_clients_of_the_ca() -> Result<()> {
     let ca_file = dir.path().join("ca.pem").display().to_string();
     let url = format!("https://{addr}");
     let pins = BpffsDir::new("tlsag")?;
+    // The agents' compute and storage state stays in the test's directory and cgroups of
+    // its own (removed at the end, also on failure).
+    let cgroup = vpc_tests::netns::unique_name("tlscg");
+    let _cgroups = CgroupDirs(vec![format!("{cgroup}-a"), format!("{cgroup}-b")]);
+    let data = dir.path().display().to_string();
     let agent_args = |host: &str, with_cert: bool| -> Vec<String> {
+        let cg = if with_cert {
+            format!("{cgroup}-a")
+        } else {
+            format!("{cgroup}-b")
+        };
         let mut a: Vec<String> = [
+            "--data-dir",
+            &format!("{data}/{host}"),
+            "--snapshot-dir",
+            &format!("{data}/snapshots"),
+            "--cgroup-name",
+            &cg,
             "--host",
             host,
             "--control-plane",
@@ -331,4 +347,20 @@ async fn mutual_tls_admits_only_clients_of_the_ca() -> Result<()> {
 
     drop(cp);
     Ok(())
+}
+
+/// Removes the agents' per-host cgroup directories (empty once their instances are gone).
+struct CgroupDirs(Vec<String>);
+
+impl Drop for CgroupDirs {
+    fn drop(&mut self) {
+        let Ok(ctls) = std::fs::read_dir("/sys/fs/cgroup") else {
+            return;
+        };
+        for ctl in ctls.flatten() {
+            for name in &self.0 {
+                let _ = std::fs::remove_dir(ctl.path().join(name));
+            }
+        }
+    }
 }
