@@ -199,7 +199,7 @@ fn start_runs_the_command_in_its_own_namespaces() {
     assert!(shell_pid <= 3, "shell pid {shell_pid}:\n{console}");
     assert!(console.contains(&format!("host={HOSTNAME}")), "{console}");
     assert!(console.contains("vtveth7"), "{console}");
-    // The overlay root, not the fallback onto the host's root.
+    // The overlay root (no warning on the console; a failed overlay fails the launch).
     assert!(!console.contains("WARNING"), "{console}");
     let mounts = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
     assert!(

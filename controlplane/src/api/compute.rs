@@ -360,7 +360,7 @@ impl Instances {
                 let wanted = wanted.clone();
                 async move {
                     let mut out = Vec::new();
-                    let volumes: Vec<VolumeRec> = tx.all(kind::VOLUME).await?;
+                    let mut leaving = Vec::new();
                     for id in &wanted {
                         let mut i: InstanceRec = tx.must(kind::INSTANCE, "instance", id).await?;
                         let refuse = |why: &str| {
@@ -393,7 +393,7 @@ impl Instances {
                                 i.state = state::SHUTTING_DOWN.into();
                                 i.state_reason =
                                     "Client.UserInitiatedShutdown: User initiated shutdown".into();
-                                super::lifecycle::retire_instance(&mut tx, &i).await?;
+                                leaving.push(i.clone());
                             }
                         }
                         if i.state != before {
@@ -401,6 +401,9 @@ impl Instances {
                         }
                         out.push(i);
                     }
+                    let volumes =
+                        super::lifecycle::retire_instances(&mut tx, &leaving, &Default::default())
+                            .await?;
                     Ok((tx, (out, volumes)))
                 }
             })

@@ -140,29 +140,47 @@ impl Consoles {
     }
 }
 
-/// Releases what a leaving instance holds: its address, its subnet index entry, its target
-/// group registrations; its volumes start detaching.
-pub(super) async fn retire_instance(tx: &mut super::tx::Tx, i: &InstanceRec) -> ApiResult<()> {
+/// Releases what leaving instances hold: their addresses and subnet index entries, their
+/// target group registrations; their volumes start detaching. Volumes and target groups are
+/// read once and each changed record is written once (several writes of one key in a
+/// transaction would let a stale copy win, and etcd refuses them); volumes in `skip` were
+/// already written by the caller's transaction. Returns the account's volumes as they are
+/// after the change.
+pub(super) async fn retire_instances(
+    tx: &mut super::tx::Tx,
+    leaving: &[InstanceRec],
+    skip: &std::collections::BTreeSet<String>,
+) -> ApiResult<Vec<VolumeRec>> {
+    let mut volumes: Vec<VolumeRec> = tx.all(kind::VOLUME).await?;
+    if leaving.is_empty() {
+        return Ok(volumes);
+    }
     let acct = tx.account().to_owned();
-    tx.delete_raw(child_key(&acct, &i.subnet, kind::INSTANCE, &i.meta.id));
-    ipam::release(tx, &i.subnet, i.ip);
-    for mut v in tx.all::<VolumeRec>(kind::VOLUME).await? {
+    for i in leaving {
+        tx.delete_raw(child_key(&acct, &i.subnet, kind::INSTANCE, &i.meta.id));
+        ipam::release(tx, &i.subnet, i.ip);
+    }
+    let gone = |id: &str| leaving.iter().any(|i| i.meta.id == id);
+    for v in &mut volumes {
+        if skip.contains(&v.meta.id) {
+            continue;
+        }
         if let Some(a) = v.attachment.as_mut()
-            && a.instance == i.meta.id
+            && gone(&a.instance)
             && a.state != state::DETACHING
         {
             a.state = state::DETACHING.into();
-            tx.put(kind::VOLUME, &v.meta.id.clone(), &v)?;
+            tx.put(kind::VOLUME, &v.meta.id, &*v)?;
         }
     }
     for mut tg in tx.all::<TgRec>(kind::TG).await? {
         let before = tg.targets.len();
-        tg.targets.retain(|t| t.id != i.meta.id);
+        tg.targets.retain(|t| !gone(&t.id));
         if tg.targets.len() != before {
-            tx.put(kind::TG, &tg.meta.id.clone(), &tg)?;
+            tx.put(kind::TG, &tg.meta.id, &tg)?;
         }
     }
-    Ok(())
+    Ok(volumes)
 }
 
 /// Applies one host's report: console output, then the state changes it implies, one
@@ -223,6 +241,8 @@ pub async fn observe(api: &Api, host: &str, report: &pb::ReportAppliedRequest) -
                 let (list, host) = (&list, &host);
                 async move {
                     let mut changes = Vec::new();
+                    let mut failed = Vec::new();
+                    let mut touched = std::collections::BTreeSet::new();
                     for c in list {
                         match c {
                             Candidate::Instance(s) => {
@@ -239,7 +259,7 @@ pub async fn observe(api: &Api, host: &str, report: &pb::ReportAppliedRequest) -
                                     continue;
                                 };
                                 if s.state == "failed" {
-                                    retire_instance(&mut tx, &i).await?;
+                                    failed.push(i.clone());
                                     i.state_reason = format!("Server.LaunchFailed: {}", s.reason);
                                 } else if next == state::RUNNING {
                                     i.state_reason.clear();
@@ -260,6 +280,7 @@ pub async fn observe(api: &Api, host: &str, report: &pb::ReportAppliedRequest) -
                                 };
                                 match volume_next(&v, s) {
                                     Some(VolumeNext::Put(n)) => {
+                                        touched.insert(v.meta.id.clone());
                                         changes.push(format!(
                                             "volume {} {} -> {}",
                                             v.meta.id, v.state, n.state
@@ -267,6 +288,7 @@ pub async fn observe(api: &Api, host: &str, report: &pb::ReportAppliedRequest) -
                                         tx.put(kind::VOLUME, &v.meta.id, &n)?;
                                     }
                                     Some(VolumeNext::Delete) => {
+                                        touched.insert(v.meta.id.clone());
                                         changes.push(format!("volume {} deleted", v.meta.id));
                                         tx.delete(kind::VOLUME, &v.meta.id);
                                     }
@@ -297,6 +319,7 @@ pub async fn observe(api: &Api, host: &str, report: &pb::ReportAppliedRequest) -
                             }
                         }
                     }
+                    retire_instances(&mut tx, &failed, &touched).await?;
                     Ok((tx, changes))
                 }
             })

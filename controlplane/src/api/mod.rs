@@ -236,8 +236,3 @@ pub async fn claim_token(
     tx.put_raw(key, serde_json::to_vec(&rec)?);
     Ok(None)
 }
-
-/// The status a handler returns.
-pub fn status(e: ApiError) -> tonic::Status {
-    e.into()
-}

@@ -86,11 +86,6 @@ impl Tx {
         Ok(self.store.range(prefix, None, limit).await?.kvs)
     }
 
-    /// Whether anything exists under `prefix`.
-    pub async fn any(&self, prefix: &str) -> ApiResult<bool> {
-        Ok(!self.keys(prefix, 1).await?.is_empty())
-    }
-
     /// Writes an object of the account.
     pub fn put<T: Serialize>(&mut self, kind: &str, id: &str, value: &T) -> ApiResult<()> {
         let bytes = serde_json::to_vec(value)?;

@@ -3,9 +3,12 @@
 //! agents. The overlay part (`endpoints`) wires running instances into their VPC; this part
 //! says how to run them and which volumes and snapshots to keep.
 //!
-//! Deletions are explicit (`Intent::Terminate`, `delete: true`): an agent removes an
-//! instance's files or a volume only when the document says so, never because an object is
-//! merely missing from it, so a wrong or truncated document cannot destroy data.
+//! Data deletions are explicit (`delete: true`): an agent removes a volume's or snapshot's
+//! file only when the document says so, never because an object is merely missing from it,
+//! so a wrong or truncated document cannot destroy data. Instances are different: the
+//! control plane lists every instance until its host has reported it terminated, so an
+//! instance of this host that the document does not list is one whose termination the
+//! agent missed (it was down), and the agent removes it like `Intent::Terminate`.
 
 use std::net::Ipv4Addr;
 

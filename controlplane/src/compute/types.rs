@@ -97,6 +97,14 @@ pub fn lookup(name: &str) -> Option<&'static InstanceType> {
     TYPES.iter().find(|t| t.name == name)
 }
 
+/// The type called `name`, else the default one (a document from a newer control plane may
+/// name a type this agent does not know yet).
+pub fn lookup_or_default(name: &str) -> &'static InstanceType {
+    lookup(name)
+        .or_else(|| lookup(DEFAULT))
+        .expect("DEFAULT is one of TYPES (tested)")
+}
+
 /// The names, comma-separated (for error messages).
 pub fn names() -> String {
     TYPES.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")
@@ -112,6 +120,7 @@ mod tests {
         assert_eq!(lookup("c5.xlarge").unwrap().vcpus, 4);
         assert!(lookup("t3.huge").is_none());
         assert!(lookup(DEFAULT).is_some());
+        assert_eq!(lookup_or_default("t3.huge").name, DEFAULT);
         assert!(names().starts_with("t3.nano, t3.micro"));
     }
 

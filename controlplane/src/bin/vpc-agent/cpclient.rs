@@ -2,7 +2,7 @@
 //! (reconnecting with backoff: meanwhile the datapath keeps forwarding with what it has)
 //! and reports the revisions applied.
 
-use std::{path::PathBuf, time::Duration};
+use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
@@ -184,37 +184,52 @@ pub async fn report(client: &mut Client, host: &str, r: Report) -> bool {
 /// Reports over a lazily (re)connected client.
 pub async fn report_loop(cfg: CpConfig, mut rx: mpsc::UnboundedReceiver<Report>) {
     let mut client: Option<Client> = None;
+    // Console output not delivered yet (it is only sent when it grew, so a lost report
+    // would lose it).
+    let mut undelivered: HashMap<String, Vec<u8>> = HashMap::new();
     while let Some(mut r) = rx.recv().await {
         // Only the newest report matters (each carries everything observed), except for
-        // console output, which is only sent when it grew: keep the newest of each.
+        // console output: keep the newest of each instance.
         while let Ok(next) = rx.try_recv() {
-            let mut consoles: std::collections::HashMap<String, Vec<u8>> = r
-                .observed
-                .instances
-                .drain(..)
-                .filter(|i| !i.console.is_empty())
-                .map(|i| (i.instance_id, i.console))
-                .collect();
+            undelivered.extend(consoles(&mut r));
             r = next;
-            for i in &mut r.observed.instances {
-                if i.console.is_empty()
-                    && let Some(c) = consoles.remove(&i.instance_id)
-                {
-                    i.console = c;
-                }
+        }
+        for i in &mut r.observed.instances {
+            if i.console.is_empty()
+                && let Some(c) = undelivered.remove(&i.instance_id)
+            {
+                i.console = c;
             }
         }
         if client.is_none() {
             client = connect(&cfg).await.ok();
         }
         let revision = r.revision;
+        let pending: Vec<(String, Vec<u8>)> = r
+            .observed
+            .instances
+            .iter()
+            .filter(|i| !i.console.is_empty())
+            .map(|i| (i.instance_id.clone(), i.console.clone()))
+            .collect();
         let delivered = match client.as_mut() {
             Some(c) => report(c, &cfg.host_id, r).await,
             None => false,
         };
         if !delivered {
             warn!("control plane unreachable; report of revision {revision} dropped");
+            undelivered.extend(pending);
             client = None;
         }
     }
+}
+
+/// Takes the non-empty console outputs out of a report.
+fn consoles(r: &mut Report) -> HashMap<String, Vec<u8>> {
+    r.observed
+        .instances
+        .iter_mut()
+        .filter(|i| !i.console.is_empty())
+        .map(|i| (i.instance_id.clone(), std::mem::take(&mut i.console)))
+        .collect()
 }

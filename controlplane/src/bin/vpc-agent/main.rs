@@ -1,5 +1,8 @@
-//! `vpc-agent`: the host agent. Today it loads the datapath, attaches it to interfaces and
-//! keeps it running; later issues add the control-plane watch and the compute/storage agents.
+//! `vpc-agent`: the host agent. It loads the datapath and attaches it to interfaces, then
+//! applies the desired state: from a state file, or streamed by the control plane
+//! (`--control-plane`), in which case it also runs the compute and storage agents
+//! (`workloads`), serves `ExecInstance` (`exec`) and reports what it applied and observes
+//! (`cpclient`).
 //!
 //! The datapath outlives the agent: maps and links are pinned, so stopping (or crashing) the
 //! agent leaves packets flowing, and the next agent takes over the same links atomically.
@@ -399,7 +402,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     }
                 };
                 if let Some(tx) = &cp_report {
-                    let _ = tx.send(cpclient::Report { revision, error, observed: r.observed.clone(), counters: datapath_counters(&maps), target_health: r.target_health.clone(), conntrack: last_ct.clone() });
+                    let _ = tx.send(report(r, revision, error, &maps, &last_ct));
                 }
             }
             _ = poll.tick(), if overlay.as_ref().is_some_and(|r| r.has_state()) => {
@@ -413,7 +416,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     } else if let (Some(tx), Some(a)) = (&cp_report, &cp_applied) {
                         // Instances and volumes may have moved on without a new revision.
                         let revision = *a.borrow();
-                        let _ = tx.send(cpclient::Report { revision, error: String::new(), observed: r.observed.clone(), counters: datapath_counters(&maps), target_health: r.target_health.clone(), conntrack: last_ct.clone() });
+                        let _ = tx.send(report(r, revision, String::new(), &maps, &last_ct));
                     }
                 }
             }
@@ -450,6 +453,25 @@ async fn run(args: RunArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A report for the control plane: the revision applied (or why not), what the pass
+/// observed, and the datapath's counters, target health and conntrack summary.
+fn report(
+    r: &overlay::Reconciler,
+    revision: i64,
+    error: String,
+    maps: &PinnedMaps,
+    conntrack: &Option<vpc_proto::v1::ConntrackSummary>,
+) -> cpclient::Report {
+    cpclient::Report {
+        revision,
+        error,
+        observed: r.observed.clone(),
+        counters: datapath_counters(maps),
+        target_health: r.target_health.clone(),
+        conntrack: conntrack.clone(),
+    }
 }
 
 /// The datapath's non-zero counters, for the control plane (`vpc status`, `vpc drops`).

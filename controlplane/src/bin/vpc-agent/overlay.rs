@@ -374,15 +374,17 @@ impl Reconciler {
         if let Some(w) = self.workloads.as_mut() {
             let (n, observed) = w.wind_up(&doc).await;
             changes += n;
-            self.observed = observed;
-            // A failed launch leaves nothing behind: its network goes before it is reported.
+            // A failed launch leaves nothing behind: its network goes before it is reported
+            // (later passes do not make it again: `compute_pass` skips failed instances).
             if let Some((net, done)) = self.compute.as_mut() {
-                for id in w.failed().keys() {
-                    if done.remove(id).is_some() || net.existing().await?.contains(id) {
-                        net.remove(id).await?;
+                for id in w.take_newly_failed() {
+                    done.remove(&id);
+                    if let Err(e) = net.remove(&id).await {
+                        warn!(instance = %id, error = %e, "removing the network of a failed launch");
                     }
                 }
             }
+            self.observed = observed;
         }
         self.lb.publish(&targets);
         self.target_health = targets

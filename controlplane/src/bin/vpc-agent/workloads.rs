@@ -78,6 +78,12 @@ pub struct Workloads {
     failed: BTreeMap<String, String>,
     /// Console file length last reported per instance.
     console_seen: HashMap<String, u64>,
+    /// Instances whose launch failed in the last `wind_up` (their network must go before
+    /// the failure is reported).
+    newly_failed: Vec<String>,
+    /// Instances the last `wind_down` could not stop or remove, and why: reported as
+    /// `error` (which moves no state) instead of stopped or terminated.
+    wind_down_errors: BTreeMap<String, String>,
 }
 
 fn netns_path(prefix: &str, id: &str) -> PathBuf {
@@ -102,6 +108,8 @@ impl Workloads {
             grace: cfg.stop_grace,
             failed: BTreeMap::new(),
             console_seen: HashMap::new(),
+            newly_failed: Vec::new(),
+            wind_down_errors: BTreeMap::new(),
         })
     }
 
@@ -115,6 +123,11 @@ impl Workloads {
         &self.failed
     }
 
+    /// The instances whose launch failed in the last `wind_up` (taken once).
+    pub fn take_newly_failed(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.newly_failed)
+    }
+
     fn mine<'a>(&self, doc: &'a StateFile) -> impl Iterator<Item = &'a InstanceDoc> {
         let host = self.host.clone();
         doc.instances.iter().filter(move |i| i.host == host)
@@ -124,6 +137,7 @@ impl Workloads {
     /// the document does not know). Returns the number of instances changed.
     pub async fn wind_down(&mut self, doc: &StateFile) -> usize {
         let mut changes = 0;
+        self.wind_down_errors.clear();
         let known: BTreeMap<&str, Intent> =
             self.mine(doc).map(|i| (i.id.as_str(), i.intent)).collect();
         let mut ids: Vec<String> = match self.runtime.list() {
@@ -151,7 +165,11 @@ impl Workloads {
                             changes += 1;
                         }
                         Ok(false) => {}
-                        Err(e) => warn!(instance = %id, error = %e, "stopping"),
+                        Err(e) => {
+                            warn!(instance = %id, error = %e, "stopping");
+                            self.wind_down_errors
+                                .insert(id.clone(), format!("stopping: {e}"));
+                        }
                     }
                 }
                 Some(Intent::Terminate) | None => {
@@ -162,7 +180,11 @@ impl Workloads {
                             changes += 1;
                         }
                         Ok(false) => {}
-                        Err(e) => warn!(instance = %id, error = %e, "terminating"),
+                        Err(e) => {
+                            warn!(instance = %id, error = %e, "terminating");
+                            self.wind_down_errors
+                                .insert(id.clone(), format!("terminating: {e}"));
+                        }
                     }
                     self.failed.remove(&id);
                     self.console_seen.remove(&id);
@@ -220,6 +242,7 @@ impl Workloads {
                         // Leave nothing behind: the runtime undid its part; the network goes too.
                         let _ = self.runtime.destroy(&id, Duration::ZERO).await;
                         self.imds.remove(&id).await;
+                        self.newly_failed.push(id.clone());
                         self.failed.insert(id, reason);
                         changes += 1;
                     }
@@ -250,8 +273,11 @@ impl Workloads {
                         _ => ("pending", String::new()),
                     },
                 },
-                Intent::Stop => ("stopped", String::new()),
-                Intent::Terminate => ("terminated", String::new()),
+                Intent::Stop | Intent::Terminate => match self.wind_down_errors.get(&i.id) {
+                    Some(why) => ("error", why.clone()),
+                    None if i.intent == Intent::Stop => ("stopped", String::new()),
+                    None => ("terminated", String::new()),
+                },
             };
             let console = if i.intent == Intent::Terminate {
                 Vec::new()
@@ -274,17 +300,7 @@ impl Workloads {
     }
 
     fn spec(&self, i: &InstanceDoc) -> InstanceSpec {
-        let t = types::lookup(&i.instance_type)
-            .or_else(|| types::lookup(types::DEFAULT))
-            .copied();
-        let limits = t.map_or(
-            Limits {
-                cpu_millis: 1000,
-                memory_bytes: 1 << 30,
-                pids: types::PIDS_MAX,
-            },
-            |t| Limits::for_type(&t),
-        );
+        let limits = Limits::for_type(types::lookup_or_default(&i.instance_type));
         InstanceSpec {
             instance_id: i.id.clone(),
             netns_path: netns_path(&self.netns_prefix, &i.id),

@@ -353,14 +353,9 @@ fn boot(config: &LaunchConfig) -> Result<Booted, String> {
     let mut console = File::open(dir.join(layout::CONSOLE))
         .map_err(|e| format!("opening the console for reading: {e}"))?;
 
-    if let Err(e) = overlay_root(config) {
-        log!(
-            config,
-            "WARNING: no private root file system ({e}); the instance runs on the host's \
-             root file system, with its own /proc, /tmp and /run"
-        );
-        host_root(config)?;
-    }
+    // No private root, no instance: the host's own root would be writable and unmasked
+    // (credentials, other tenants' files), so a failed overlay fails the launch.
+    overlay_root(config).map_err(|e| format!("no private root file system: {e}"))?;
     chdir("/").map_err(|e| format!("chdir /: {e}"))?;
 
     let env = vec![
@@ -705,28 +700,4 @@ fn hide(config: &LaunchConfig, root: &Path) -> Result<(), String> {
         )?;
     }
     Ok(())
-}
-
-/// The fallback: the host's root, with the instance's own /proc, /tmp and /run (private mount
-/// namespace: the host does not see them) and the state dir hidden.
-fn host_root(config: &LaunchConfig) -> Result<(), String> {
-    let root = Path::new("/");
-    let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    mnt(
-        "proc",
-        &root.join("proc"),
-        Some("proc"),
-        nosuid_nodev | MsFlags::MS_NOEXEC,
-        None,
-    )?;
-    for (d, mode) in [("tmp", "mode=1777"), ("run", "mode=755")] {
-        mnt(
-            "tmpfs",
-            &root.join(d),
-            Some("tmpfs"),
-            nosuid_nodev,
-            Some(mode),
-        )?;
-    }
-    hide(config, root)
 }
