@@ -342,8 +342,7 @@ pub struct Api {
     /// The control plane's URL.
     pub endpoint: String,
     /// Whether the output format was chosen (flag, environment, config), not defaulted from
-    /// the terminal: commands whose natural output is raw bytes (`instances exec`,
-    /// `instances console`) print JSON only when it was asked for.
+    /// the terminal: see [`Api::emit_raw`].
     pub output_chosen: bool,
 }
 
@@ -419,6 +418,17 @@ impl Api {
     /// else its text form: `text(wide)` prints it (see [`output::emit`]).
     pub fn emit(&self, value: impl FnOnce() -> Value, text: impl FnOnce(bool)) {
         output::emit(self.output, self.query.as_deref(), value, text);
+    }
+
+    /// For commands whose natural output is raw (`instances exec`, `instances console`,
+    /// `apply`/`diff`/`delete`'s lines): `raw()` unless a format or `--query` was asked for
+    /// (not merely defaulted to because stdout is not a terminal), else as [`Api::emit`].
+    pub fn emit_raw(&self, value: impl FnOnce() -> Value, raw: impl FnOnce()) {
+        if self.output_chosen || self.query.is_some() {
+            self.emit(value, |_| raw());
+        } else {
+            raw();
+        }
     }
 }
 

@@ -502,22 +502,17 @@ pub async fn instances(api: &Api, cmd: InstancesCommand) -> Result<(), CliError>
                     write_stdout(&r.output);
                 }
             };
-            // Raw bytes unless JSON or YAML was asked for (not merely defaulted to because
-            // stdout is not a terminal): `vpc instances console i-... | grep` must work.
-            if api.output_chosen || api.query.is_some() {
-                api.emit(
-                    || {
-                        json!({
-                            "instanceId": r.instance_id,
-                            "output": base64(&r.output),
-                            "timestampMs": r.timestamp_ms,
-                        })
-                    },
-                    |_| raw(),
-                );
-            } else {
-                raw();
-            }
+            // `vpc instances console i-... | grep` must see the bytes.
+            api.emit_raw(
+                || {
+                    json!({
+                        "instanceId": r.instance_id,
+                        "output": base64(&r.output),
+                        "timestampMs": r.timestamp_ms,
+                    })
+                },
+                raw,
+            );
         }
         InstancesCommand::Exec {
             id,
@@ -550,21 +545,17 @@ pub async fn instances(api: &Api, cmd: InstancesCommand) -> Result<(), CliError>
                     eprintln!("error: the command was killed after {timeout} s");
                 }
             };
-            if api.output_chosen || api.query.is_some() {
-                api.emit(
-                    || {
-                        json!({
-                            "exitCode": r.exit_code,
-                            "stdout": base64(&r.stdout),
-                            "stderr": base64(&r.stderr),
-                            "timedOut": r.timed_out,
-                        })
-                    },
-                    |_| raw(),
-                );
-            } else {
-                raw();
-            }
+            api.emit_raw(
+                || {
+                    json!({
+                        "exitCode": r.exit_code,
+                        "stdout": base64(&r.stdout),
+                        "stderr": base64(&r.stderr),
+                        "timedOut": r.timed_out,
+                    })
+                },
+                raw,
+            );
             let code = if r.timed_out {
                 124
             } else {
@@ -577,24 +568,7 @@ pub async fn instances(api: &Api, cmd: InstancesCommand) -> Result<(), CliError>
             state,
             timeout,
         } => {
-            let want = state
-                .to_possible_value()
-                .map_or_else(String::new, |v| v.get_name().to_owned());
-            let done = wait_for("instance", &want, &ids, timeout.timeout, |id| {
-                let mut c = c.clone();
-                async move {
-                    let r = c
-                        .describe_instances(pb::DescribeInstancesRequest {
-                            instance_ids: vec![id.clone()],
-                            ..Default::default()
-                        })
-                        .await?;
-                    let i = need(r.into_inner().instances.pop(), "instance")?;
-                    Ok(instance_poll(i, state))
-                }
-            })
-            .await?;
-            let items: Vec<_> = done.into_iter().flatten().collect();
+            let items = wait_instances(&c, &ids, state, timeout.timeout).await?;
             show_list(api, "instances", &items, false, instance_table);
         }
     }
@@ -610,15 +584,27 @@ async fn finish(
     wait: WaitFlag,
     state: InstanceWaitState,
 ) -> Result<(), CliError> {
-    if !wait.wait {
-        show_list(api, "instances", &items, false, instance_table);
-        return Ok(());
-    }
-    let ids: Vec<String> = items.iter().map(|i| i.instance_id.clone()).collect();
+    let items = if wait.wait {
+        let ids: Vec<String> = items.iter().map(|i| i.instance_id.clone()).collect();
+        wait_instances(c, &ids, state, wait.wait_timeout).await?
+    } else {
+        items
+    };
+    show_list(api, "instances", &items, false, instance_table);
+    Ok(())
+}
+
+/// Waits until every instance of `ids` is in `state`; returns them.
+async fn wait_instances(
+    c: &InstanceServiceClient<crate::api::Authed>,
+    ids: &[String],
+    state: InstanceWaitState,
+    timeout: u64,
+) -> Result<Vec<pb::Instance>, CliError> {
     let want = state
         .to_possible_value()
         .map_or_else(String::new, |v| v.get_name().to_owned());
-    let done = wait_for("instance", &want, &ids, wait.wait_timeout, |id| {
+    let done = wait_for("instance", &want, ids, timeout, |id| {
         let mut c = c.clone();
         async move {
             let r = c
@@ -632,9 +618,7 @@ async fn finish(
         }
     })
     .await?;
-    let items: Vec<_> = done.into_iter().flatten().collect();
-    show_list(api, "instances", &items, false, instance_table);
-    Ok(())
+    Ok(done.into_iter().flatten().collect())
 }
 
 /// Where an instance stands for `instances wait --state want`: AWS's waiters fail on the

@@ -13,6 +13,7 @@ use serde_json::json;
 use vpc_proto::v1::{self as pb, host_service_client::HostServiceClient};
 
 use crate::api::{Api, CliError, Table, ToJson};
+use crate::output::write_stdout;
 
 /// `vpc drops` options.
 #[derive(clap::Args, Debug)]
@@ -69,12 +70,15 @@ pub async fn status(api: &Api) -> Result<(), CliError> {
             })
         },
         |wide| {
-            println!(
-                "control plane {}: reachable ({ms:.1} ms), store revision {}",
-                api.endpoint, r.revision
+            write_stdout(
+                format!(
+                    "control plane {}: reachable ({ms:.1} ms), store revision {}\n",
+                    api.endpoint, r.revision
+                )
+                .as_bytes(),
             );
             if r.hosts.is_empty() {
-                println!("no host is registered");
+                write_stdout(b"no host is registered\n");
                 return;
             }
             let mut t = Table::new(&[
@@ -165,13 +169,17 @@ pub async fn drops(api: &Api, a: DropsArgs) -> Result<(), CliError> {
         },
         |wide| {
             if rows.is_empty() {
-                println!(
-                    "no drops in the last interval{}",
-                    if a.all {
-                        ""
-                    } else {
-                        " (--all shows the totals)"
-                    }
+                let hint = if a.all {
+                    ""
+                } else {
+                    " (--all shows the totals)"
+                };
+                write_stdout(
+                    format!(
+                        "no drops in the last interval{hint}
+"
+                    )
+                    .as_bytes(),
                 );
                 return;
             }

@@ -96,11 +96,11 @@ struct Row {
     changes: Vec<String>,
 }
 
-/// kubectl's lines (`kind/name action`, or diff's `+ ~ =`), unless JSON or YAML was asked
-/// for (not merely defaulted to because stdout is not a terminal): then a list of
-/// `{kind, name, id, action[, changes]}`.
+/// kubectl's lines (`kind/name action`, or diff's `+ ~ =`), or with an asked-for format a
+/// list of `{kind, name, id, action[, changes]}` (see [`Api::emit_raw`]).
 fn show(api: &Api, rows: &[Row], diff: bool) {
     let text = || {
+        let mut out = String::new();
         for r in rows {
             if diff {
                 let sign = match r.action.as_str() {
@@ -109,20 +109,22 @@ fn show(api: &Api, rows: &[Row], diff: bool) {
                     "unchanged" => "=",
                     _ => "!",
                 };
-                println!("{sign} {}/{} ({})", r.kind.lower(), r.name, r.action);
+                out.push_str(&format!(
+                    "{sign} {}/{} ({})\n",
+                    r.kind.lower(),
+                    r.name,
+                    r.action
+                ));
                 for c in &r.changes {
-                    println!("    {c}");
+                    out.push_str(&format!("    {c}\n"));
                 }
             } else {
-                println!("{}/{} {}", r.kind.lower(), r.name, r.action);
+                out.push_str(&format!("{}/{} {}\n", r.kind.lower(), r.name, r.action));
             }
         }
+        crate::output::write_stdout(out.as_bytes());
     };
-    if !(api.output_chosen || api.query.is_some()) {
-        text();
-        return;
-    }
-    api.emit(
+    api.emit_raw(
         || {
             let v: Vec<Value> = rows
                 .iter()
@@ -141,7 +143,7 @@ fn show(api: &Api, rows: &[Row], diff: bool) {
                 .collect();
             Value::Array(v)
         },
-        |_| text(),
+        text,
     );
 }
 
