@@ -1944,4 +1944,65 @@ mod tests {
         e.report(&[], &[(vid, "deleted", "")], &[]).await;
         check("deleted", e.volume(vid).await, Code::NotFound, vid);
     }
+
+    /// Terminating several instances of one target group in one call removes them all from
+    /// it (each record is written once per transaction: a second, stale write of the group
+    /// used to put the first instance back).
+    #[tokio::test]
+    async fn terminating_several_targets_of_one_group_removes_all() {
+        use vpc_proto::v1::load_balancer_service_server::LoadBalancerService as _;
+        let e = env().await;
+        let lbs = crate::api::lb::LoadBalancers::new(e.api.clone());
+        let vpc = e.vpc(TOKEN, "10.0.0.0/16").await;
+        let s = e.subnet(TOKEN, &vpc.vpc_id, "10.0.1.0/24").await;
+        let a = e.run(TOKEN, &s.subnet_id, "").await.unwrap().instance_id;
+        let b = e.run(TOKEN, &s.subnet_id, "").await.unwrap().instance_id;
+        let tg = lbs
+            .create_target_group(req(
+                TOKEN,
+                pb::CreateTargetGroupRequest {
+                    name: "web".into(),
+                    vpc_id: vpc.vpc_id.clone(),
+                    protocol: "tcp".into(),
+                    port: 80,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .target_group
+            .unwrap()
+            .target_group_id;
+        lbs.register_targets(req(
+            TOKEN,
+            pb::RegisterTargetsRequest {
+                target_group_id: tg.clone(),
+                targets: [&a, &b]
+                    .iter()
+                    .map(|id| pb::Target {
+                        id: (*id).clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            },
+        ))
+        .await
+        .unwrap();
+        e.terminate(TOKEN, &[&a, &b]).await.unwrap();
+        let got = lbs
+            .describe_target_groups(req(
+                TOKEN,
+                pb::DescribeTargetGroupsRequest {
+                    target_group_ids: vec![tg],
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .target_groups
+            .remove(0);
+        assert!(got.targets.is_empty(), "{:?}", got.targets);
+    }
 }
