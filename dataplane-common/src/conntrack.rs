@@ -80,9 +80,59 @@ pub struct CtEntry {
     pub state: u32,
     /// `CT_*` flags.
     pub flags: u32,
+    /// Packets of the flow, both directions (atomically added by the datapath; since the
+    /// entry was created). Added in maps ABI v6: `vpc flows top` ranks flows by it.
+    pub packets: u64,
+    /// Bytes of the flow, both directions (frame length as the hook saw it).
+    pub bytes: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 32);
+
+/// The maps-ABI v5 layout of [`CtEntry`] (no counters), read by the v5 -> v6 migration.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtEntryV5 {
+    /// As [`CtEntry::last_seen_ns`].
+    pub last_seen_ns: u64,
+    /// As [`CtEntry::state`].
+    pub state: u32,
+    /// As [`CtEntry::flags`].
+    pub flags: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<CtEntryV5>() == 16);
+
+impl From<CtEntryV5> for CtEntry {
+    fn from(old: CtEntryV5) -> CtEntry {
+        CtEntry {
+            last_seen_ns: old.last_seen_ns,
+            state: old.state,
+            flags: old.flags,
+            packets: 0,
+            bytes: 0,
+        }
+    }
+}
+
+/// Value of `CT_BUDGET` (key: VNI): a VPC's share of `CONNTRACK` on this host.
+///
+/// The datapath refuses to track a new flow of the VPC once `count >= limit` (drop reason
+/// `CtBudgetExceeded`), so one tenant cannot fill the LRU table and evict the others' flows.
+/// `count` is added to atomically by the datapath on each insert; the agent's conntrack GC
+/// recounts the VPC's live entries and writes the true value back (evictions and expiries
+/// are only seen there), so between two GCs the count can only over-estimate.
+/// `limit` 0 means no budget.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtBudget {
+    /// Entries the VPC may hold; 0: unlimited.
+    pub limit: u32,
+    /// Entries the VPC holds (see above).
+    pub count: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<CtBudget>() == 8);
 
 /// Value of `CT_CONFIG` (index 0): idle timeouts in seconds. All zero (not yet written by the
 /// agent) means the defaults.
@@ -251,6 +301,8 @@ pub fn open(proto: u8, tcp: u8, from_lo: bool, now_ns: u64) -> CtEntry {
         last_seen_ns: now_ns,
         state: state as u32,
         flags: if from_lo { CT_OPENED_BY_LO } else { 0 },
+        packets: 0,
+        bytes: 0,
     }
 }
 

@@ -82,11 +82,14 @@ pub enum DropReason {
     LbNoListener = 26,
     /// A new flow to a listener whose target group has no registered target.
     LbNoTarget = 27,
+    /// A new flow of a VPC that already holds its share of the conntrack table on this host
+    /// (`CT_BUDGET`): one tenant cannot exhaust the table for the others.
+    CtBudgetExceeded = 28,
 }
 
 impl DropReason {
     /// Every reason, in number order.
-    pub const ALL: [DropReason; 27] = [
+    pub const ALL: [DropReason; 28] = [
         DropReason::Truncated,
         DropReason::MalformedIpv4,
         DropReason::MalformedIpv6,
@@ -114,6 +117,7 @@ impl DropReason {
         DropReason::CtInvalid,
         DropReason::LbNoListener,
         DropReason::LbNoTarget,
+        DropReason::CtBudgetExceeded,
     ];
 
     /// The stable number of this reason.
@@ -156,6 +160,7 @@ impl DropReason {
             DropReason::CtInvalid => "ct_invalid",
             DropReason::LbNoListener => "lb_no_listener",
             DropReason::LbNoTarget => "lb_no_target",
+            DropReason::CtBudgetExceeded => "ct_budget_exceeded",
         }
     }
 }

@@ -9,6 +9,8 @@
 //! - [`conntrack`], [`policy`]: connection tracking, security groups and network ACLs (map
 //!   layout and the per-packet verdict).
 //! - [`lb`]: network load balancers (map layout, flow hash).
+//! - [`flowlog`]: flow-log events (ring buffer records, per-endpoint flags, the deciding
+//!   rules); [`trace`]: packet-trace mode and its per-stage records.
 //! - [`packet`], [`parse`], [`verdict`], [`port`], [`underlay`]: the pure per-packet logic
 //!   (filter verdicts, instance-port forwarding, VXLAN receive), with the header builders
 //!   [`arp`], [`vxlan`], [`icmp`] and [`checksum`]. It is written against the
@@ -27,6 +29,7 @@ pub mod checksum;
 pub mod conntrack;
 pub mod drop_reason;
 pub mod filter;
+pub mod flowlog;
 pub mod icmp;
 pub mod lb;
 pub mod maps;
@@ -42,6 +45,7 @@ pub mod port;
 pub mod stats;
 #[cfg(any(test, feature = "testing"))]
 pub mod testpkt;
+pub mod trace;
 pub mod underlay;
 pub mod verdict;
 pub mod vxlan;

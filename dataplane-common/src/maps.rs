@@ -5,7 +5,12 @@
 //! never reuses an old pin with another layout (it starts a fresh set beside the old one).
 
 /// Version of the pinned-map layout; names the pin subdirectory.
-pub const MAPS_ABI: &str = "v5";
+pub const MAPS_ABI: &str = "v6";
+
+/// The previous layout an agent migrates from (`controlplane::datapath::migrate`): v6 added
+/// packet and byte counters to `CONNTRACK` values and the maps below marked "v6"; every
+/// other map kept its layout and is carried over as is.
+pub const PREVIOUS_MAPS_ABI: &str = "v5";
 
 /// Name of the per-CPU (hook, action) counter array.
 pub const ACTION_STATS: &str = "ACTION_STATS";
@@ -75,6 +80,21 @@ pub const POLICY_MAX_ENTRIES: u32 = 1 << 21;
 /// Capacity of `ENDPOINT_DROPS` (LRU: a full table forgets the stalest counter): ports per
 /// host times the port drop reasons.
 pub const ENDPOINT_DROPS_MAX_ENTRIES: u32 = 16_384;
+
+/// Name of the per-endpoint (direction, action) counters (v6).
+pub const ENDPOINT_STATS: &str = "ENDPOINT_STATS";
+/// Capacity of `ENDPOINT_STATS` (LRU per-CPU hash): ports x 2 directions x a few actions.
+pub const ENDPOINT_STATS_MAX_ENTRIES: u32 = 32_768;
+/// Name of the flow-log ring buffer (v6).
+pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+/// Name of the per-CPU count of flow-log events lost to a full ring buffer (v6, index 0).
+pub const FLOWLOG_LOST: &str = "FLOWLOG_LOST";
+/// Name of the packet-trace ring buffer (v6).
+pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
+/// Name of the per-VPC conntrack budget hash (v6).
+pub const CT_BUDGET: &str = "CT_BUDGET";
+/// Capacity of `CT_BUDGET`: VPCs on one host (as `VNIS`).
+pub const CT_BUDGET_MAX_ENTRIES: u32 = VNIS_MAX_ENTRIES;
 
 /// Name of the listener hash (`crate::lb`).
 pub const LB_SERVICES: &str = "LB_SERVICES";

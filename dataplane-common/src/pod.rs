@@ -55,3 +55,13 @@ unsafe impl aya::Pod for crate::lb::LbTuple {}
 unsafe impl aya::Pod for crate::lb::LbFlow {}
 // SAFETY: as above.
 unsafe impl aya::Pod for crate::lb::LbReverse {}
+// SAFETY: as above.
+unsafe impl aya::Pod for crate::conntrack::CtEntryV5 {}
+// SAFETY: as above.
+unsafe impl aya::Pod for crate::conntrack::CtBudget {}
+// SAFETY: as above.
+unsafe impl aya::Pod for crate::stats::EndpointStatsKey {}
+// SAFETY: as above (the `Decision` inside is `#[repr(C)]` integers with explicit padding).
+unsafe impl aya::Pod for crate::flowlog::FlowEvent {}
+// SAFETY: as above.
+unsafe impl aya::Pod for crate::trace::TraceEvent {}

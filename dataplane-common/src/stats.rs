@@ -168,6 +168,26 @@ pub struct EndpointDropKey {
 
 const _: () = assert!(core::mem::size_of::<EndpointDropKey>() == 8);
 
+/// Key of `ENDPOINT_STATS`: what the datapath did with one endpoint's traffic.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointStatsKey {
+    /// Host-side veth ifindex of the endpoint.
+    pub ifindex: u32,
+    /// [`DIR_INGRESS`] (toward the instance) or [`DIR_EGRESS`] (from it).
+    pub direction: u32,
+    /// An [`Action`] number (accepted traffic: `Redirect`, `Encap`, `Decap`; `Drop` for
+    /// drops, which `ENDPOINT_DROPS` splits by reason).
+    pub action: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<EndpointStatsKey>() == 12);
+
+/// [`EndpointStatsKey::direction`]: traffic delivered to the endpoint.
+pub const DIR_INGRESS: u32 = 0;
+/// [`EndpointStatsKey::direction`]: traffic the endpoint sent.
+pub const DIR_EGRESS: u32 = 1;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,6 +71,7 @@ impl From<dp::DropReason> for v1::DropReason {
             dp::DropReason::CtInvalid => v1::DropReason::CtInvalid,
             dp::DropReason::LbNoListener => v1::DropReason::LbNoListener,
             dp::DropReason::LbNoTarget => v1::DropReason::LbNoTarget,
+            dp::DropReason::CtBudgetExceeded => v1::DropReason::CtBudgetExceeded,
         }
     }
 }

@@ -796,6 +796,7 @@ fn established_entry(now: u64, opened_by_lo: bool) -> CtEntry {
         last_seen_ns: now,
         state: CtState::Established as u32,
         flags: CT_REPLIED | if opened_by_lo { CT_OPENED_BY_LO } else { 0 },
+        ..CtEntry::default()
     }
 }
 

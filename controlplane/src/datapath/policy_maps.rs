@@ -331,6 +331,7 @@ mod tests {
             last_seen_ns: at,
             state: CtState::Open as u32,
             flags: 0,
+            ..CtEntry::default()
         };
         let s = 1_000_000_000;
         let entries = [
