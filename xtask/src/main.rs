@@ -22,6 +22,7 @@ mod build;
 mod lint;
 mod run;
 mod setup;
+mod previous;
 mod test;
 mod util;
 
@@ -54,6 +55,9 @@ enum Command {
     Bench(bench::Args),
     /// Check formatting and run clippy with warnings denied.
     Lint,
+    /// Build the previous release's agent (cached worktree under target/previous), as the
+    /// upgrade test does.
+    BuildPrevious,
 }
 
 fn main() -> ExitCode {
@@ -65,6 +69,9 @@ fn main() -> ExitCode {
         Command::Run(args) => run::main(args),
         Command::Bench(args) => bench::main(args),
         Command::Lint => lint::main(),
+        Command::BuildPrevious => previous::build().map(|bins| {
+            println!("{}\n{}", bins.agent.display(), bins.instance_init.display());
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,7 +9,7 @@ use std::{ffi::OsString, path::PathBuf, process::Command, time::Instant};
 
 use anyhow::{Result, bail};
 
-use crate::{setup, util};
+use crate::{previous, setup, util};
 
 /// The end-to-end test targets of vpc-tests (`tests/tests/<name>.rs`), run by `--tier e2e`.
 pub const E2E_TESTS: &[&str] = &[
@@ -30,6 +30,7 @@ pub const E2E_TESTS: &[&str] = &[
     "e2e_manifest",
     "e2e_walkthrough",
     "e2e_cli_ops",
+    "e2e_upgrade",
 ];
 /// The datapath test targets of vpc-tests, run by `--tier datapath`.
 const DATAPATH_TESTS: &[&str] = &[
@@ -112,6 +113,13 @@ pub fn main(args: &Args) -> Result<()> {
         let cli = existing(debug.join("vpc"))?;
         let controlplane = existing(debug.join("vpc-controlplane"))?;
         let init = existing(debug.join("vpc-instance-init"))?;
+        // The upgrade test starts hosts on the previous release's agent.
+        let prev = if matches!(args.tier, Tier::E2e | Tier::All) {
+            util::banner("previous release for the upgrade test");
+            Some(previous::build()?)
+        } else {
+            None
+        };
 
         let (title, targets): (&str, Vec<&str>) = match args.tier {
             Tier::Datapath => ("tier 2: datapath tests", DATAPATH_TESTS.to_vec()),
@@ -127,6 +135,10 @@ pub fn main(args: &Args) -> Result<()> {
             .env("VPC_CLI_BIN", cli)
             .env("VPC_CONTROLPLANE_BIN", controlplane)
             .env("VPC_INSTANCE_INIT_BIN", init);
+        if let Some(prev) = prev {
+            cmd.env("VPC_AGENT_PREV_BIN", prev.agent)
+                .env("VPC_INSTANCE_INIT_PREV_BIN", prev.instance_init);
+        }
         with_test_args(&mut cmd, &args.test_args);
         run_counted(&mut cmd, &mut counts)?;
         eprintln!("xtask: {title} passed in {}", util::elapsed(step));

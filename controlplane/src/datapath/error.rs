@@ -78,4 +78,12 @@ pub enum DatapathError {
         /// Why it failed.
         source: MapError,
     },
+    /// Migrating the pins of an older maps ABI failed (`migrate`).
+    #[error("migrating map `{map}`: {reason}")]
+    Migration {
+        /// Map name (empty when not about one map).
+        map: String,
+        /// What went wrong.
+        reason: String,
+    },
 }

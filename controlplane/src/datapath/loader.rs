@@ -6,7 +6,11 @@
 //!   swaps its freshly loaded program into the existing link with `BPF_LINK_UPDATE`, which
 //!   is atomic: there is no moment without a program on the interface;
 //! - a pinned link whose interface is gone (the update fails) is replaced by a new
-//!   attachment.
+//!   attachment;
+//! - pins of the previous maps ABI are migrated on load ([`super::migrate`]): unchanged maps
+//!   shared, changed ones converted, every old link moved and given the new program, all
+//!   before `load` returns, so old and new programs never run on different tables for
+//!   longer than the swap itself.
 
 use std::{io, path::Path};
 
@@ -22,7 +26,7 @@ use aya::{
 };
 use dataplane_common::maps::{self, programs};
 
-use super::{DatapathError, PinLayout};
+use super::{DatapathError, PinLayout, migrate};
 use crate::datapath::object::DATAPLANE_OBJECT;
 
 /// How to attach XDP.
@@ -90,6 +94,7 @@ pub struct Attachment {
 pub struct Datapath {
     ebpf: Ebpf,
     layout: PinLayout,
+    migration: Option<migrate::MigrationReport>,
 }
 
 impl Datapath {
@@ -102,6 +107,8 @@ impl Datapath {
     /// As [`Datapath::load`], for a given object.
     pub fn load_object(object: &[u8], options: &LoadOptions) -> Result<Self, DatapathError> {
         options.layout.prepare()?;
+        // Carried maps must be pinned at the new paths before the loader looks for them.
+        let pending = migrate::prepare(&options.layout, object)?;
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(options.layout.maps_dir())
@@ -129,10 +136,53 @@ impl Datapath {
             program: programs::XDP,
             source,
         })?;
-        Ok(Datapath {
+        let mut datapath = Datapath {
             ebpf,
             layout: options.layout.clone(),
-        })
+            migration: None,
+        };
+        if let Some(pending) = pending {
+            datapath.migration = Some(pending.finish(&mut datapath)?);
+        }
+        Ok(datapath)
+    }
+
+    /// What the load migrated from an older maps ABI, if anything.
+    pub fn migration(&self) -> Option<&migrate::MigrationReport> {
+        self.migration.as_ref()
+    }
+
+    /// Swaps this object's `program` into the link pinned for it on `iface` (no new
+    /// attachment). `None`: no usable pinned link (the interface is gone; the pin was
+    /// removed). Used by the migration, which knows links only by their pins.
+    pub(crate) fn replace_pinned(
+        &mut self,
+        iface: &str,
+        program_name: &str,
+    ) -> Result<Option<Attachment>, DatapathError> {
+        let (name, xdp) = match program_name {
+            programs::XDP => (programs::XDP, true),
+            programs::TC_INGRESS => (programs::TC_INGRESS, false),
+            programs::TC_EGRESS => (programs::TC_EGRESS, false),
+            programs::PORT => (programs::PORT, false),
+            _ => return Ok(None),
+        };
+        let pin = self.layout.link(iface, name);
+        let link = if xdp {
+            let prog: &mut Xdp = program(&mut self.ebpf, name)?;
+            swap_into_pinned_link(&pin, |link: XdpLink| {
+                let id = prog.attach_to_link(link)?;
+                prog.take_link(id)
+            })?
+        } else {
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+            swap_into_pinned_link(&pin, |link: SchedClassifierLink| {
+                let id = prog.attach_to_link(link)?;
+                prog.take_link(id)
+            })?
+        };
+        link.map(|link| attachment(iface, name, AttachOutcome::Replaced, &link, None))
+            .transpose()
     }
 
     /// The aya object (for BPF_PROG_TEST_RUN in tests and benchmarks).

@@ -9,6 +9,8 @@
 //! - [`policy_sync`]: installing compiled policy under ids (build new, switch, retire old).
 //! - [`lb_maps`]: the pinned load-balancer maps and their reconciler (tables written beside
 //!   the old ones, then switched).
+//! - [`migrate`]: moving the pins of the previous maps ABI to this one (carry, convert,
+//!   swap links), while traffic flows.
 //! - [`object`]: the embedded eBPF object.
 
 pub mod bpffs;
@@ -16,6 +18,7 @@ mod error;
 pub mod lb_maps;
 pub mod loader;
 mod map_io;
+pub mod migrate;
 pub mod object;
 pub mod overlay_maps;
 pub mod pinned;
