@@ -184,6 +184,8 @@ pub struct Cluster {
     dir: TempDir,
     store_args: Vec<String>,
     listen: String,
+    /// Agent binary per host (`None`: this build's, `VPC_AGENT_BIN`).
+    agent_bins: Vec<Option<PathBuf>>,
 }
 
 impl Cluster {
@@ -201,6 +203,24 @@ impl Cluster {
 
     /// As [`Cluster::start`] with other store arguments.
     pub fn start_with(n: usize, dir: TempDir, store_args: Vec<String>) -> Result<Cluster> {
+        Self::start_with_agents(dir, store_args, vec![None; n])
+    }
+
+    /// As [`Cluster::start`], host `i` running the agent binary `agent_bins[i]` (`None`:
+    /// this build's). The upgrade test starts hosts on the previous release's agent.
+    pub fn start_agents(agent_bins: Vec<Option<PathBuf>>) -> Result<Cluster> {
+        let dir = TempDir::new("cp")?;
+        let store = dir.path().join("store.redb");
+        let store_args = vec!["--store".into(), format!("redb:{}", store.display())];
+        Self::start_with_agents(dir, store_args, agent_bins)
+    }
+
+    fn start_with_agents(
+        dir: TempDir,
+        store_args: Vec<String>,
+        agent_bins: Vec<Option<PathBuf>>,
+    ) -> Result<Cluster> {
+        let n = agent_bins.len();
         let fabric = NetNs::new("fab")?;
         fabric.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
         fabric.link_up(BRIDGE)?;
@@ -235,6 +255,7 @@ impl Cluster {
             dir,
             store_args,
             listen: "10.200.0.254:7420".into(),
+            agent_bins,
         };
         c.start_control_plane()?;
         for i in 0..n {
@@ -327,10 +348,20 @@ impl Cluster {
             "2".into(),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let agent = Agent::start_with(&self.hosts[i], self.pins[i].path(), &[UNDERLAY_IF], &args)
-            .with_context(|| format!("starting the agent of host {i}"))?;
+        let (ns, pins) = (&self.hosts[i], self.pins[i].path());
+        let agent = match &self.agent_bins[i] {
+            Some(bin) => Agent::start_bin(bin, ns, pins, &[UNDERLAY_IF], &args),
+            None => Agent::start_with(ns, pins, &[UNDERLAY_IF], &args),
+        }
+        .with_context(|| format!("starting the agent of host {i}"))?;
         self.agents[i] = Some(agent);
         Ok(())
+    }
+
+    /// Sets the agent binary of host `i` for its next [`Cluster::start_agent`] (`None`: this
+    /// build's).
+    pub fn set_agent_bin(&mut self, i: usize, bin: Option<PathBuf>) {
+        self.agent_bins[i] = bin;
     }
 
     /// Host `i`'s compute and storage data directory.

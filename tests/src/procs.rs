@@ -59,7 +59,20 @@ impl Agent {
         ifaces: &[&str],
         extra: &[&str],
     ) -> Result<Agent> {
-        let mut cmd = Command::new(workspace_bin("VPC_AGENT_BIN", "vpc-agent")?);
+        let bin = workspace_bin("VPC_AGENT_BIN", "vpc-agent")?;
+        Self::start_bin(&bin, ns, pin_dir, ifaces, extra)
+    }
+
+    /// As [`Agent::start_with`], running the agent binary `bin` (e.g. the previous
+    /// release's, in the upgrade test).
+    pub fn start_bin(
+        bin: &Path,
+        ns: &NetNs,
+        pin_dir: &Path,
+        ifaces: &[&str],
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let mut cmd = Command::new(bin);
         cmd.arg("--pin-dir")
             .arg(pin_dir)
             .args(["--stats-interval", "0"])

@@ -20,9 +20,9 @@
 mod bench;
 mod build;
 mod lint;
+mod previous;
 mod run;
 mod setup;
-mod previous;
 mod test;
 mod util;
 

@@ -3,10 +3,9 @@
 //!
 //! The release is checked out once in a `git worktree` under `target/previous/<commit>/src`
 //! and built (debug) with its own target directory beside it, reused on later runs: only
-//! the first build costs anything. That target directory starts as hard links to this
-//! workspace's `target/debug` and `target/ebpf`, so dependencies that did not change between
-//! the two commits are not compiled again (cargo rewrites what differs; hard links are never
-//! written through, artifacts are replaced).
+//! the first build costs anything. That target directory is seeded from this workspace's
+//! (see [`seed`]), so dependencies that did not change between the two commits are not
+//! compiled again.
 
 use std::path::{Path, PathBuf};
 
@@ -49,7 +48,12 @@ pub fn build() -> Result<PreviousBins> {
         // A worktree whose directory was deleted is still registered: forget it first.
         util::run(util::command("git").args(["worktree", "prune"]))?;
         std::fs::create_dir_all(&base)?;
-        util::run(util::command("git").args(["worktree", "add", "--detach", "--force"]).arg(&src).arg(PREVIOUS_RELEASE))?;
+        util::run(
+            util::command("git")
+                .args(["worktree", "add", "--detach", "--force"])
+                .arg(&src)
+                .arg(PREVIOUS_RELEASE),
+        )?;
     }
     if !target.exists() {
         seed(&util::target_dir()?, &target)?;
@@ -80,22 +84,88 @@ pub fn build() -> Result<PreviousBins> {
     Ok(bins)
 }
 
-/// Hard-links this workspace's compiled dependencies into a fresh target directory.
+/// Packages of this workspace: their artifacts are never shared with the seed (cargo
+/// rebuilds them there from the other commit's sources).
+const WORKSPACE_PACKAGES: &[&str] = &[
+    "controlplane",
+    "dataplane-common",
+    "dataplane-ebpf",
+    "dataplane",
+    "vpc-cli",
+    "vpc-proto",
+    "vpc-store",
+    "vpc-tests",
+    "xtask",
+];
+
+/// Seeds a fresh target directory with this workspace's compiled dependencies.
+///
+/// Only compiler outputs (`deps/`) are hard links: rustc and the linkers replace those files
+/// rather than write into them. Fingerprints and build-script outputs are written in place
+/// by cargo and build scripts, and cargo's hashes of workspace packages do not depend on the
+/// checkout's location: shared, a build of the other commit would write through the link
+/// into this workspace's target (an agent embedding the old eBPF object). So `.fingerprint/`
+/// and `build/` are copied, and everything of the workspace's own packages is left out.
 fn seed(ours: &Path, target: &Path) -> Result<()> {
     let partial = target.with_extension("partial");
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial)?;
-    for dir in ["debug", "ebpf"] {
-        let from = ours.join(dir);
-        if from.is_dir() {
-            // Best effort: a failed seed only costs build time.
-            let _ = util::run(util::command("cp").arg("-al").arg(&from).arg(partial.join(dir)));
+    for profile_dir in ["debug", "ebpf/release", "ebpf/bpfel-unknown-none/release"] {
+        let (from, to) = (ours.join(profile_dir), partial.join(profile_dir));
+        if !from.join("deps").is_dir() {
+            continue;
         }
-    }
-    // Binaries of this build must never be taken for the previous release's.
-    for bin in ["vpc-agent", "vpc-instance-init", "vpc-controlplane", "vpc"] {
-        let _ = std::fs::remove_file(partial.join("debug").join(bin));
+        std::fs::create_dir_all(&to)?;
+        // Best effort: a failed seed only costs build time.
+        let _ = util::run(
+            util::command("cp")
+                .arg("-al")
+                .arg(from.join("deps"))
+                .arg(&to),
+        );
+        for copied in [".fingerprint", "build"] {
+            if from.join(copied).is_dir() {
+                let _ = util::run(
+                    util::command("cp")
+                        .args(["-a", "--reflink=auto"])
+                        .arg(from.join(copied))
+                        .arg(&to),
+                );
+            }
+        }
+        for sub in ["deps", ".fingerprint", "build"] {
+            remove_workspace_entries(&to.join(sub))?;
+        }
     }
     std::fs::rename(&partial, target)
         .with_context(|| format!("renaming {} to {}", partial.display(), target.display()))
+}
+
+/// Removes the entries of `dir` that belong to a workspace package (`<name>-<hash>...` or
+/// `lib<name>-<hash>...`, dashes as underscores in library names).
+fn remove_workspace_entries(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = WORKSPACE_PACKAGES.iter().any(|p| {
+            let lib = p.replace('-', "_");
+            [p.to_string(), lib.clone(), format!("lib{lib}")]
+                .iter()
+                .any(|prefix| {
+                    name.strip_prefix(prefix.as_str())
+                        .is_some_and(|rest| rest.starts_with('-') || rest.starts_with('.'))
+                })
+        });
+        if ours {
+            let path = entry.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+    }
+    Ok(())
 }

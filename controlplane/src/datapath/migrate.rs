@@ -549,6 +549,16 @@ mod tests {
         }
     }
 
+    #[test]
+    fn converted_conntrack_matches_the_object_layout() {
+        let object = object_maps(super::super::object::DATAPLANE_OBJECT).unwrap();
+        let (_, key, value) = object[maps::CONNTRACK];
+        assert_eq!(
+            (key as usize, value as usize),
+            (size_of::<CtKey>(), size_of::<CtEntry>())
+        );
+    }
+
     fn key(port: u16) -> CtKey {
         CtKey {
             lo_port: port,

@@ -223,6 +223,17 @@ async fn run(args: RunArgs) -> Result<()> {
         lb_table_slots: Some(args.lb_table_slots),
     })
     .context("loading the datapath")?;
+    if let Some(m) = datapath.migration() {
+        say(format_args!(
+            "migrated pins from {}: {} maps carried, converted {:?}, {} new, {} links swapped, in {:.1} ms",
+            m.from,
+            m.carried.len(),
+            m.converted,
+            m.fresh.len(),
+            m.links,
+            m.duration.as_secs_f64() * 1e3
+        ));
+    }
     // The logger owns the log ring buffer's fd: it must live as long as the programs run.
     let logger = aya_log::EbpfLogger::init(datapath.ebpf_mut()).context("starting aya-log")?;
     // SAFETY: the logger owns its ring-buffer fd (a `RingBuf<MapData>`), which stays open and
