@@ -15,7 +15,7 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
         Arc,
@@ -189,6 +189,25 @@ fn tracked_streams(c: &Cluster, i: usize) -> Result<Vec<(u64, u64)>> {
         .collect())
 }
 
+/// Leaves the pin tree under `root` as a new agent killed mid-migration would: `FILTER` and
+/// `ENDPOINTS` pinned in the new tree too (the same maps), the underlay's TC ingress link
+/// pinned in both trees.
+fn interrupt_migration(root: &std::path::Path) -> Result<()> {
+    use aya::{
+        maps::MapData,
+        programs::links::{FdLink, PinnedLink},
+    };
+    let (old, new) = (root.join(PREVIOUS_MAPS_ABI), root.join(MAPS_ABI));
+    std::fs::create_dir_all(new.join("maps"))?;
+    for map in ["FILTER", "ENDPOINTS"] {
+        MapData::from_pin(old.join("maps").join(map))?.pin(new.join("maps").join(map))?;
+    }
+    let link = Path::new("links").join("ul0").join("vpc_tc_ingress");
+    std::fs::create_dir_all(new.join(&link).parent().context("parent")?)?;
+    FdLink::from(PinnedLink::from_pin(old.join(&link))?).pin(new.join(&link))?;
+    Ok(())
+}
+
 /// Stops host `i`'s agent (SIGTERM: the datapath stays) and starts `bin` (`None`: this
 /// build's) on the same pins and data directory. Returns how long the host had no agent.
 fn replace_agent(c: &mut Cluster, i: usize, bin: Option<PathBuf>) -> Result<Duration> {
@@ -327,8 +346,22 @@ async fn upgrade_and_restarts_lose_no_packet_and_break_no_connection() -> Result
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
 
-        // 2. Host 1: old -> new, while host 0 already runs the new agent.
-        let gap = replace_agent(&mut c, 1, None)?;
+        // 2. Host 1: old -> new, while host 0 already runs the new agent. Its old agent
+        // stops first and the tree is left as a new agent killed mid-migration would leave
+        // it: two maps already carried, the underlay's TC ingress link pinned in both trees.
+        let old = c.take_agent(1).context("no agent")?;
+        let t = Instant::now();
+        ensure!(old.stop()?, "the agent of host 1 did not exit cleanly");
+        interrupt_migration(c.pin_dir(1))?;
+        c.set_agent_bin(1, None);
+        c.start_agent(1)?;
+        let gap = t.elapsed();
+        ensure!(
+            c.agent_lines(1)
+                .iter()
+                .any(|l| l.starts_with("migrated pins from v5")),
+            "host 1 did not complete the interrupted migration"
+        );
         eprintln!("host 1 upgraded (no agent for {gap:?})");
         tokio::time::sleep(Duration::from_secs(2)).await;
 

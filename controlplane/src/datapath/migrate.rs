@@ -188,8 +188,13 @@ pub struct MigrationReport {
     pub fresh: Vec<String>,
     /// Links moved to the new tree and given the new programs.
     pub links: usize,
-    /// Wall time from the first pin to the old tree's removal.
+    /// Wall time from the first pin to the old tree's removal (includes loading and
+    /// verifying the new programs).
     pub duration: Duration,
+    /// Wall time of the switch itself: first conversion pass, link swaps, second pass. Only
+    /// in this window do old and new programs run side by side on different copies of a
+    /// converted map.
+    pub switch: Duration,
 }
 
 /// A migration between [`prepare`] (before the object loads) and [`Pending::finish`].
@@ -350,6 +355,7 @@ impl Pending {
         datapath: &mut super::Datapath,
     ) -> Result<MigrationReport, DatapathError> {
         let layout = datapath.layout().clone();
+        let switch = Instant::now();
         let mut converted: BTreeMap<&'static str, usize> = BTreeMap::new();
         for &(name, converter) in &self.plan.convert {
             *converted.entry(name).or_default() += convert(&self.old, &layout, name, converter)?;
@@ -366,6 +372,7 @@ impl Pending {
         for &(name, converter) in &self.plan.convert {
             *converted.entry(name).or_default() += convert(&self.old, &layout, name, converter)?;
         }
+        self.report.switch = switch.elapsed();
         remove_tree(&self.old.dir)?;
         self.report.converted = converted
             .into_iter()
@@ -380,6 +387,7 @@ impl Pending {
             fresh = ?self.report.fresh,
             links = self.report.links,
             duration_ms = self.report.duration.as_secs_f64() * 1e3,
+            switch_ms = self.report.switch.as_secs_f64() * 1e3,
             "migrated the pinned datapath; old pins removed"
         );
         Ok(self.report)

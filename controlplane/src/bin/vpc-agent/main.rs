@@ -225,13 +225,14 @@ async fn run(args: RunArgs) -> Result<()> {
     .context("loading the datapath")?;
     if let Some(m) = datapath.migration() {
         say(format_args!(
-            "migrated pins from {}: {} maps carried, converted {:?}, {} new, {} links swapped, in {:.1} ms",
+            "migrated pins from {}: {} maps carried, converted {:?}, {} new, {} links swapped, in {:.1} ms (switch {:.1} ms)",
             m.from,
             m.carried.len(),
             m.converted,
             m.fresh.len(),
             m.links,
-            m.duration.as_secs_f64() * 1e3
+            m.duration.as_secs_f64() * 1e3,
+            m.switch.as_secs_f64() * 1e3
         ));
     }
     // The logger owns the log ring buffer's fd: it must live as long as the programs run.
