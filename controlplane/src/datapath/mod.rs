@@ -11,10 +11,13 @@
 //!   the old ones, then switched).
 //! - [`migrate`]: moving the pins of the previous maps ABI to this one (carry, convert,
 //!   swap links), while traffic flows.
+//! - [`flow_maps`]: the flow-log and trace ring buffers, flow-log loss and per-endpoint
+//!   traffic counters.
 //! - [`object`]: the embedded eBPF object.
 
 pub mod bpffs;
 mod error;
+pub mod flow_maps;
 pub mod lb_maps;
 pub mod loader;
 mod map_io;
@@ -28,6 +31,7 @@ mod sys;
 
 pub use bpffs::PinLayout;
 pub use error::DatapathError;
+pub use flow_maps::{FlowCounters, FlowEvents, TraceEvents};
 pub use lb_maps::{LbMaps, LbSync};
 pub use loader::{AttachOutcome, Attachment, Datapath, LoadOptions, XdpAttachMode};
 pub use overlay_maps::OverlayMaps;
