@@ -18,13 +18,10 @@ use dataplane_common::{
 use super::{
     clock::MonoToWall,
     record::{self, FlowRecord},
+    rules::RuleBook,
     stats::FlowLogStats,
 };
 use crate::overlay::{OverlayState, flowlog::FlowLogDoc, statefile::StateFile};
-
-/// Names a security-group rule reference of an endpoint's policy: (port ifindex, egress,
-/// rule reference) -> text such as `sg-0abc ingress tcp 443 from 10.0.0.0/16`.
-pub type SgRuleNames = dyn Fn(u32, bool, u32) -> Option<String> + Send + Sync;
 
 /// A local endpoint inside at least one flow log.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,7 +32,7 @@ pub struct LocalEndpoint {
     pub subnet: String,
     /// VPC.
     pub vpc: String,
-    /// Its security groups (none: the VPC's default group).
+    /// Its security groups (the VPC's default group when it names none).
     pub groups: Vec<String>,
     /// Its subnet's network ACL.
     pub acl: Option<String>,
@@ -44,8 +41,9 @@ pub struct LocalEndpoint {
 }
 
 /// What the aggregator needs of the desired state: the flow logs and the logged local
-/// endpoints by port ifindex. Rebuilt by the agent after each pass.
-#[derive(Clone, Default)]
+/// endpoints by port ifindex, and the security groups to name rules. Rebuilt by the agent
+/// after each pass.
+#[derive(Clone, Debug, Default)]
 pub struct FlowContext {
     /// This host.
     pub host: String,
@@ -53,23 +51,14 @@ pub struct FlowContext {
     pub flow_logs: Vec<FlowLogDoc>,
     /// Logged local endpoints by host-side port ifindex.
     pub endpoints: HashMap<u32, LocalEndpoint>,
-    /// Security-group rule names (none: rules are shown by reference).
-    pub sg_rules: Option<Arc<SgRuleNames>>,
-}
-
-impl std::fmt::Debug for FlowContext {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FlowContext")
-            .field("host", &self.host)
-            .field("flow_logs", &self.flow_logs)
-            .field("endpoints", &self.endpoints)
-            .finish_non_exhaustive()
-    }
+    /// Security groups and members, to name the rule that admitted a flow.
+    pub rules: Arc<RuleBook>,
 }
 
 impl FlowContext {
     /// From the document and this host's view of it (local endpoints carry their ifindex).
     pub fn build(doc: &StateFile, state: &OverlayState, host: &str) -> Self {
+        let rules = RuleBook::build(doc);
         let mut endpoints = HashMap::new();
         for ep in &state.endpoints {
             let Some(ifindex) = ep.ifindex.filter(|_| ep.host == host) else {
@@ -88,12 +77,13 @@ impl FlowContext {
             if flow_logs.is_empty() || !ep.id.starts_with("i-") {
                 continue;
             }
-            let groups = doc
+            let own = doc
                 .endpoints
                 .iter()
                 .find(|d| d.id == ep.id)
                 .map(|d| d.security_groups.clone())
                 .unwrap_or_default();
+            let groups = rules.groups_of(&own, &subnet.vpc);
             endpoints.insert(
                 ifindex,
                 LocalEndpoint {
@@ -110,7 +100,7 @@ impl FlowContext {
             host: host.to_owned(),
             flow_logs: doc.flow_logs.clone(),
             endpoints,
-            sg_rules: None,
+            rules: Arc::new(rules),
         }
     }
 
@@ -265,14 +255,13 @@ impl Aggregator {
             } else {
                 (d.sg_in, d.acl_in)
             };
-            let icmp = is_icmp(ev.proto);
             let key = Key {
                 ifindex,
                 egress,
                 src: ev.src,
                 dst: ev.dst,
-                src_port: if icmp { 0 } else { ev.src_port },
-                dst_port: if icmp { 0 } else { ev.dst_port },
+                src_port: ev.src_port,
+                dst_port: ev.dst_port,
                 proto: ev.proto,
                 accepted,
                 tracked: d.tracked != 0,
@@ -412,8 +401,10 @@ fn build_record(
         interface_id: record::interface_id(&ep.instance),
         srcaddr: Ipv4Addr::from(v4(&k.src)).to_string(),
         dstaddr: Ipv4Addr::from(v4(&k.dst)).to_string(),
-        srcport: k.src_port,
-        dstport: k.dst_port,
+        // AWS reports no ports for ICMP (the type and code are in the key, so requests and
+        // replies stay apart).
+        srcport: if is_icmp(k.proto) { 0 } else { k.src_port },
+        dstport: if is_icmp(k.proto) { 0 } else { k.dst_port },
         protocol: k.proto,
         packets: v.packets,
         bytes: v.bytes,
@@ -446,7 +437,7 @@ fn build_record(
 fn rule_text(ctx: &FlowContext, ep: &LocalEndpoint, k: &Key) -> String {
     let dir = if k.egress { "egress" } else { "ingress" };
     let groups = if ep.groups.is_empty() {
-        "default security group".to_owned()
+        "security groups".to_owned()
     } else {
         ep.groups.join(",")
     };
@@ -473,10 +464,10 @@ fn rule_text(ctx: &FlowContext, ep: &LocalEndpoint, k: &Key) -> String {
     if k.tracked {
         parts.push("tracked".to_owned());
     } else if k.sg != DECISION_NONE {
+        let remote = Ipv4Addr::from(v4(if k.egress { &k.dst } else { &k.src }));
         let named = ctx
-            .sg_rules
-            .as_ref()
-            .and_then(|names| names(k.ifindex, k.egress, k.sg));
+            .rules
+            .admitting(&ep.groups, k.egress, remote, k.proto, k.dst_port);
         parts.push(named.unwrap_or_else(|| format!("{groups} {dir} rule #{}", k.sg)));
     }
     if k.acl != DECISION_NONE {

@@ -6,6 +6,7 @@
 //! - [`consumer`]: the dedicated thread draining it (never the reconcile loop).
 //! - [`aggregate`]: the pure aggregation and record building ([`FlowContext`] is what it
 //!   needs of the desired state).
+//! - [`rules`]: naming the security-group rule that admitted a flow.
 //! - [`record`]: the record and its formats. [`clock`]: CLOCK_MONOTONIC -> Unix time.
 //! - [`sink`]: the JSON-lines files. [`stats`]: counters (loss is never silent).
 
@@ -13,6 +14,7 @@ pub mod aggregate;
 pub mod clock;
 pub mod consumer;
 pub mod record;
+pub mod rules;
 pub mod sink;
 pub mod source;
 pub mod stats;

@@ -1,22 +1,13 @@
 //! Where events come from: the pinned `FLOW_EVENTS` ring buffer and the `FLOWLOG_LOST`
-//! counter (events the kernel could not queue), or anything else that implements
-//! [`EventSource`] (benches, tests).
+//! counter (events the kernel could not queue; handles in `datapath::flow_maps`), or
+//! anything else that implements [`EventSource`] (benches, tests).
 
-use aya::maps::{Map, MapData, PerCpuArray, RingBuf};
-use dataplane_common::{flowlog::FlowEvent, maps};
+use dataplane_common::flowlog::FlowEvent;
 
-use crate::datapath::PinLayout;
-
-/// Why the ring buffer could not be opened.
-#[derive(Debug, thiserror::Error)]
-#[error("flow-log map {map}: {source}")]
-pub struct SourceError {
-    /// The map.
-    pub map: &'static str,
-    /// Cause.
-    #[source]
-    pub source: aya::maps::MapError,
-}
+use crate::datapath::{
+    DatapathError, PinLayout,
+    flow_maps::{FlowCounters, FlowEvents},
+};
 
 /// A stream of flow events.
 pub trait EventSource {
@@ -28,71 +19,46 @@ pub trait EventSource {
     fn lost(&mut self) -> u64;
 }
 
-/// The datapath's ring buffer.
+/// The datapath's ring buffer and loss counter (one consumer per host: see
+/// `datapath::flow_maps`).
+#[derive(Debug)]
 pub struct RingSource {
-    ring: RingBuf<MapData>,
-    lost: PerCpuArray<MapData, u64>,
+    events: FlowEvents,
+    counters: FlowCounters,
     lost_base: Option<u64>,
-}
-
-impl std::fmt::Debug for RingSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RingSource").finish_non_exhaustive()
-    }
-}
-
-fn open(layout: &PinLayout, map: &'static str) -> Result<MapData, SourceError> {
-    MapData::from_pin(layout.map(map)).map_err(|source| SourceError { map, source })
+    last: u64,
 }
 
 impl RingSource {
     /// Opens the maps pinned under `layout`.
-    pub fn open(layout: &PinLayout) -> Result<Self, SourceError> {
-        let err = |map| move |source| SourceError { map, source };
+    pub fn open(layout: &PinLayout) -> Result<Self, DatapathError> {
         Ok(RingSource {
-            ring: RingBuf::try_from(Map::RingBuf(open(layout, maps::FLOW_EVENTS)?))
-                .map_err(err(maps::FLOW_EVENTS))?,
-            lost: PerCpuArray::try_from(Map::PerCpuArray(open(layout, maps::FLOWLOG_LOST)?))
-                .map_err(err(maps::FLOWLOG_LOST))?,
+            events: FlowEvents::open_flow_events(layout)?,
+            counters: FlowCounters::open(layout)?,
             lost_base: None,
+            last: 0,
         })
     }
-
-    fn lost_total(&self) -> u64 {
-        self.lost
-            .get(&0, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or_default()
-    }
-}
-
-/// Decodes one ring-buffer record (the kernel writes whole [`FlowEvent`]s).
-pub fn decode(bytes: &[u8]) -> Option<FlowEvent> {
-    if bytes.len() < core::mem::size_of::<FlowEvent>() {
-        return None;
-    }
-    // SAFETY: the length was checked; FlowEvent is repr(C), plain integers and arrays (every
-    // bit pattern is valid), and read_unaligned makes no alignment assumption.
-    Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<FlowEvent>()) })
 }
 
 impl EventSource for RingSource {
     fn drain(&mut self, max: usize, f: &mut dyn FnMut(&FlowEvent)) -> usize {
         let mut n = 0;
         while n < max {
-            let Some(item) = self.ring.next() else { break };
-            if let Some(ev) = decode(&item) {
-                f(&ev);
-            }
+            let Some(ev) = self.events.next() else { break };
+            f(&ev);
             n += 1;
         }
         n
     }
 
     fn lost(&mut self) -> u64 {
-        let now = self.lost_total();
-        let base = *self.lost_base.get_or_insert(now);
-        now.saturating_sub(base)
+        // A failed read (the map is pinned and typed: not expected) keeps the last total.
+        if let Ok(now) = self.counters.flowlog_lost() {
+            let base = *self.lost_base.get_or_insert(now);
+            self.last = now.saturating_sub(base);
+        }
+        self.last
     }
 }
 

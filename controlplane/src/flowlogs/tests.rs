@@ -51,14 +51,24 @@ fn context() -> FlowContext {
                 10,
                 ep("i-0000000000000000a", "subnet-1", &["sg-web"], vec![0, 1]),
             ),
-            (20, ep("i-0000000000000000b", "subnet-2", &[], vec![0])),
+            (
+                20,
+                ep("i-0000000000000000b", "subnet-2", &["sg-db"], vec![0]),
+            ),
         ]
         .into_iter()
         .collect(),
-        sg_rules: Some(Arc::new(|ifindex, egress, r| {
-            (ifindex == 20 && !egress && r == 7)
-                .then(|| "sg-db ingress tcp 5432 from 10.0.1.0/24".to_owned())
-        })),
+        rules: Arc::new(super::rules::RuleBook::build(
+            &serde_json::from_str(
+                r#"{"security_groups": [
+                    {"id": "sg-web", "vpc": "vpc-1"},
+                    {"id": "sg-db", "vpc": "vpc-1", "outbound": [], "inbound": [
+                        {"protocol": 6, "from_port": 5432, "to_port": 5432, "cidr": "10.0.1.0/24"}
+                    ]}
+                ]}"#,
+            )
+            .unwrap(),
+        )),
     }
 }
 
@@ -159,7 +169,7 @@ fn local_pair_gives_an_egress_and_an_ingress_record_with_their_rules() {
                 "i-0000000000000000a".into(),
                 "egress".into(),
                 1,
-                "sg-web egress rule #3; acl-subnet-1 rule 100 allow".into(),
+                "sg-web egress all to 0.0.0.0/0; acl-subnet-1 rule 100 allow".into(),
                 0x02
             ),
             (
@@ -267,7 +277,7 @@ fn rejects_name_the_rule_and_reason_on_the_side_that_dropped() {
             "egress",
             22,
             "ACCEPT",
-            "sg-web egress rule #3; acl-subnet-1 rule 100 allow",
+            "sg-web egress all to 0.0.0.0/0; acl-subnet-1 rule 100 allow",
             "",
         ),
         (
@@ -291,7 +301,7 @@ fn rejects_name_the_rule_and_reason_on_the_side_that_dropped() {
             "ingress",
             22,
             "REJECT",
-            "default security group ingress: no rule allows",
+            "sg-db ingress: no rule allows",
             "sg_ingress",
         ),
         (
