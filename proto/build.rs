@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/vpc/v1/common.proto",
         "proto/vpc/v1/compute.proto",
         "proto/vpc/v1/datapath.proto",
+        "proto/vpc/v1/flowlogs.proto",
         "proto/vpc/v1/host.proto",
         "proto/vpc/v1/lb.proto",
         "proto/vpc/v1/network.proto",

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod compute;
 pub mod datapath;
+pub mod flowlogs;
 pub mod fnv;
 pub mod host;
 pub mod lb;

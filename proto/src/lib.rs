@@ -3,7 +3,7 @@
 //!
 //! Services: `VpcService` (VPCs, subnets, route tables), `SecurityService` (security groups,
 //! network ACLs), `LoadBalancerService`, `InstanceService`, `VolumeService` and
-//! `HostService` (agents). Conventions are in `proto/vpc/v1/common.proto`.
+//! `HostService` (agents), `FlowLogService` (flow logs and their records). Conventions are in `proto/vpc/v1/common.proto`.
 
 /// `vpc.v1`, generated from `proto/vpc/v1/*.proto`.
 #[allow(missing_docs, clippy::all)]

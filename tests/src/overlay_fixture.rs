@@ -254,6 +254,7 @@ pub fn fixture_with(tag: &str, conntrack_max: Option<u32>) -> Fixture {
             ep("remote", "a1", "h1", [10, 0, 1, 30], REMOTE_MAC, None),
             ep("b", "b1", "h0", [10, 0, 1, 30], [2, 0, 0, 2, 0, 1], Some(b)),
         ],
+        flow_log_flags: Default::default(),
     };
     let ul0 = ifindex("ul0");
     let dp = LoadedDatapath::load_with(tag, conntrack_max).unwrap();

@@ -153,8 +153,12 @@ pub enum ApiCommand {
     Status,
     /// What the hosts' datapaths are dropping now, by host, hook and reason (API).
     Drops(ops::DropsArgs),
-    /// Tracked flows per host and per VPC (yours), and each host's table pressure (API).
-    Flows,
+    /// Tracked flows per host and per VPC (yours), and each host's table pressure; with
+    /// --follow, your flow-log records as they arrive (API).
+    Flows(crate::flowlogs::FlowsArgs),
+    /// Flow logs of VPCs and subnets (API; records: `vpc flows --follow`).
+    #[command(subcommand, name = "flow-logs")]
+    FlowLogs(crate::flowlogs::FlowLogsCommand),
     /// Create or converge the resources of manifest files (kubectl apply style).
     Apply(manifest::FileArgs),
     /// Show what `apply` would change (exit 0: nothing, 1: changes, 2: errors).
@@ -214,7 +218,9 @@ async fn run(settings: &Settings, cmd: ApiCommand) -> Result<(), CliError> {
         ApiCommand::Hosts(c) => hosts::hosts(&api, c).await,
         ApiCommand::Status => ops::status(&api).await,
         ApiCommand::Drops(a) => ops::drops(&api, a).await,
-        ApiCommand::Flows => ops::flows(&api).await,
+        ApiCommand::Flows(a) if a.follow => crate::flowlogs::follow(&api, a).await,
+        ApiCommand::Flows(_) => ops::flows(&api).await,
+        ApiCommand::FlowLogs(c) => crate::flowlogs::flow_logs(&api, c).await,
         ApiCommand::Tags(c) => hosts::tags(&api, c).await,
         ApiCommand::Apply(f) => manifest::apply(&api, f).await,
         ApiCommand::Diff(f) => manifest::diff(&api, f).await,

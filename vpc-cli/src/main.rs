@@ -13,6 +13,7 @@
 mod api;
 mod compute;
 mod config;
+mod flowlogs;
 mod hosts;
 mod lb;
 mod manifest;

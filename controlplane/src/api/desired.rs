@@ -66,6 +66,7 @@ enum Rec {
     Instance(InstanceRec),
     Volume(VolumeRec),
     Snapshot(SnapshotRec),
+    FlowLog(super::records::FlowLogRec),
     Host(HostRec),
     Other,
 }
@@ -86,6 +87,7 @@ fn parse(key: &str, value: &[u8]) -> Result<Rec, serde_json::Error> {
         kind::INSTANCE => Rec::Instance(serde_json::from_slice(value)?),
         kind::VOLUME => Rec::Volume(serde_json::from_slice(value)?),
         kind::SNAPSHOT => Rec::Snapshot(serde_json::from_slice(value)?),
+        kind::FLOW_LOG => Rec::FlowLog(serde_json::from_slice(value)?),
         _ => Rec::Other,
     })
 }
@@ -262,6 +264,14 @@ fn render(cache: &BTreeMap<String, Rec>, quotas: &Quotas, revision: i64) -> Desi
                     delete: sn.state == state::DELETING,
                 });
             }
+            Rec::FlowLog(f) => doc.flow_logs.push(crate::overlay::flowlog::FlowLogDoc {
+                id: f.meta.id.clone(),
+                account: f.meta.account.clone(),
+                resource: f.resource.clone(),
+                vpc: f.vpc.clone(),
+                traffic_type: f.traffic_type,
+                window_secs: f.interval_secs,
+            }),
             Rec::Host(h) => {
                 doc.hosts.push(HostDoc {
                     id: h.id.clone(),

@@ -5,7 +5,7 @@
 //! field details), `ids` (AWS-style ids), `records` (stored JSON records and the key
 //! layout), `tx` (account transactions with optimistic concurrency), `validate` (pure field
 //! checks), `ipam` (address allocation), one module per service (`network`, `security`,
-//! `lb`, `compute`, `host`), `desired` (store -> per-host desired-state document, the
+//! `lb`, `compute`, `host`, `flowlogs`), `desired` (store -> per-host desired-state document, the
 //! watch's source), `programming` (network programming latency), `server` (wiring: TLS,
 //! health, reflection).
 
@@ -14,6 +14,7 @@ pub mod compute;
 pub mod desired;
 pub mod error;
 pub mod exec;
+pub mod flowlogs;
 pub mod host;
 pub mod ids;
 pub mod ipam;
@@ -101,6 +102,8 @@ pub struct Api {
     pub consoles: Arc<lifecycle::Consoles>,
     /// The agents' exec channels.
     pub exec: Arc<exec::ExecHub>,
+    /// Flow-log records from the hosts, to followers.
+    pub flows: Arc<flowlogs::FlowHub>,
 }
 
 impl Api {

@@ -48,6 +48,8 @@ pub mod kind {
     pub const VOLUME: &str = "vol";
     /// Snapshot.
     pub const SNAPSHOT: &str = "snap";
+    /// Flow log.
+    pub const FLOW_LOG: &str = "fl";
 }
 
 /// Object key.
@@ -392,6 +394,21 @@ pub struct SnapshotRec {
     /// Free text.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
+}
+
+/// A flow log (indexed under its VPC or subnet).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowLogRec {
+    /// Common fields.
+    pub meta: Meta,
+    /// The VPC or subnet it covers.
+    pub resource: String,
+    /// The resource's VPC.
+    pub vpc: String,
+    /// Which traffic.
+    pub traffic_type: crate::overlay::flowlog::TrafficType,
+    /// Maximum aggregation interval, seconds.
+    pub interval_secs: u32,
 }
 
 /// A registered host.

@@ -6,7 +6,8 @@ use tokio::net::TcpListener;
 use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use vpc_proto::v1::{
-    host_service_server::HostServiceServer, instance_service_server::InstanceServiceServer,
+    flow_log_service_server::FlowLogServiceServer, host_service_server::HostServiceServer,
+    instance_service_server::InstanceServiceServer,
     load_balancer_service_server::LoadBalancerServiceServer,
     security_service_server::SecurityServiceServer, tag_service_server::TagServiceServer,
     volume_service_server::VolumeServiceServer, vpc_service_server::VpcServiceServer,
@@ -65,6 +66,7 @@ pub async fn api(store: Arc<dyn Store>, auth: Auth, quotas: Quotas) -> Result<Ap
         desired,
         consoles: Arc::default(),
         exec: Arc::default(),
+        flows: Arc::default(),
     };
     // Terminated instances stay visible for an hour, then go.
     let gc = api.clone();
@@ -137,6 +139,9 @@ pub async fn serve(
             api.clone(),
         )))
         .add_service(TagServiceServer::new(super::tags::Tags::new(api.clone())))
+        .add_service(FlowLogServiceServer::new(super::flowlogs::FlowLogs::new(
+            api.clone(),
+        )))
         .add_service(HostServiceServer::new(super::host::Hosts::new(api)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

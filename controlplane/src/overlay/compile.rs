@@ -114,7 +114,8 @@ pub struct EndpointEntry {
     pub policy: u32,
     /// Network ACL id (0: no ACL).
     pub acl: u32,
-    /// `EP_*` flags (set by the load-balancer layer).
+    /// `EP_*` flags (flow logging from the document, `EP_LB_CLIENT` by the load-balancer
+    /// layer).
     pub flags: u32,
 }
 
@@ -370,7 +371,7 @@ pub fn compile(
                 subnet_bits: subnet.cidr.prefix(),
                 policy: 0,
                 acl: 0,
-                flags: 0,
+                flags: state.flow_log_flags.get(&ep.id).copied().unwrap_or(0),
             };
             if maps.endpoints.insert(ifindex, entry).is_some() {
                 let other = state

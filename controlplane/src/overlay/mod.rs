@@ -4,6 +4,7 @@
 //!   endpoints), cluster-wide.
 //! - [`compile`]: a pure function from that state to what one host's maps must hold.
 //! - [`diff`]: the ordered map operations that move the maps from one content to another.
+//! - [`flowlog`]: flow logs in the document and the endpoint flags they set.
 //! - [`statefile`]: the JSON document the agent reads desired state from (until the
 //!   control plane streams it).
 //!
@@ -12,6 +13,7 @@
 
 pub mod compile;
 pub mod diff;
+pub mod flowlog;
 pub mod model;
 pub mod statefile;
 

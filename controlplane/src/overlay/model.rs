@@ -64,6 +64,9 @@ pub struct OverlayState {
     pub hosts: Vec<HostSpec>,
     /// Endpoints.
     pub endpoints: Vec<EndpointSpec>,
+    /// Flow-log flags (`EP_LOG_*`) of the endpoints inside a logged VPC or subnet, by
+    /// endpoint id (absent: not logged).
+    pub flow_log_flags: std::collections::BTreeMap<String, u32>,
 }
 
 /// The subnet's gateway (VPC router) address: the network address + 1, as in AWS.

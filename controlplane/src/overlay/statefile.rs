@@ -64,6 +64,9 @@ pub struct StateFile {
     /// Snapshots (storage agents).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<crate::compute::doc::SnapshotDoc>,
+    /// Flow logs (VPCs and subnets whose flows are logged).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flow_logs: Vec<super::flowlog::FlowLogDoc>,
 }
 
 /// Connection-tracking idle timeouts, in seconds.
@@ -398,6 +401,16 @@ impl StateFile {
                     vtep: h.vtep,
                 })
                 .collect(),
+            flow_log_flags: super::flowlog::endpoint_flags(
+                &self.flow_logs,
+                endpoints.iter().map(|e| (e.id.as_str(), e.subnet.as_str())),
+                |subnet| {
+                    self.subnets
+                        .iter()
+                        .find(|s| s.id == subnet)
+                        .map(|s| s.vpc.as_str())
+                },
+            ),
             endpoints,
         };
         Ok(HostView {

@@ -70,7 +70,26 @@ fn two_tenants() -> OverlayState {
             ep("eni-b2", "subnet-b1", "h2", "10.0.1.10", None),
             ep("eni-c1", "subnet-c1", "h2", "172.16.1.10", None),
         ],
+        flow_log_flags: Default::default(),
     }
+}
+
+#[test]
+fn flow_log_flags_reach_local_endpoint_entries() {
+    use dataplane_common::flowlog::{EP_LOG_ACCEPT, EP_LOG_REJECT};
+    let mut state = two_tenants();
+    state
+        .flow_log_flags
+        .insert("eni-a1".into(), EP_LOG_ACCEPT | EP_LOG_REJECT);
+    // A remote endpoint's flags change nothing on this host.
+    state.flow_log_flags.insert("eni-a3".into(), EP_LOG_REJECT);
+    let maps = compile(&state, "h1", ROUTER).unwrap();
+    assert_eq!(maps.endpoints[&11].flags, EP_LOG_ACCEPT | EP_LOG_REJECT);
+    assert_eq!(maps.endpoints[&12].flags, 0);
+    assert_eq!(
+        maps.endpoints[&11].value().flags,
+        EP_LOG_ACCEPT | EP_LOG_REJECT
+    );
 }
 
 fn key(ip: &str) -> [u8; 16] {

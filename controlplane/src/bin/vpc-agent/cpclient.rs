@@ -37,6 +37,12 @@ type Client = HostServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// A client with the agent's token on every call.
 pub async fn connect(cfg: &CpConfig) -> Result<Client> {
+    let (channel, bearer) = connect_channel(cfg).await?;
+    Ok(HostServiceClient::with_interceptor(channel, bearer))
+}
+
+/// A channel to the control plane and the agent's token (for any service's client).
+pub async fn connect_channel(cfg: &CpConfig) -> Result<(Channel, Bearer)> {
     let mut ep = Endpoint::from_shared(cfg.url.clone())
         .with_context(|| format!("control-plane URL {}", cfg.url))?
         .connect_timeout(Duration::from_secs(3))
@@ -63,7 +69,7 @@ pub async fn connect(cfg: &CpConfig) -> Result<Client> {
         .await
         .with_context(|| format!("connecting to {}", cfg.url))?;
     let bearer = Bearer::new(&cfg.token).context("the agent token is not valid header text")?;
-    Ok(HostServiceClient::with_interceptor(channel, bearer))
+    Ok((channel, bearer))
 }
 
 /// A desired state received.

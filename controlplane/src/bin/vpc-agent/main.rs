@@ -10,6 +10,7 @@
 
 mod cpclient;
 mod exec;
+mod flowlogs;
 mod lb;
 mod overlay;
 mod workloads;
@@ -271,6 +272,7 @@ async fn run(args: RunArgs) -> Result<()> {
         }
     }
     let mut cp_rx = None;
+    let mut flow_cp = None;
     let mut cp_report = None;
     let mut cp_applied = None;
     let mut overlay = match (&args.state, &args.control_plane, &args.host) {
@@ -302,6 +304,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 tls_identity: args.tls_cert.clone().zip(args.tls_key.clone()),
             };
             let exec_cfg = cfg.clone();
+            flow_cp = Some(cfg.clone());
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             let (applied_tx, applied_rx) = tokio::sync::watch::channel(0i64);
             tokio::spawn(cpclient::watch_loop(cfg.clone(), tx, applied_rx));
@@ -346,6 +349,17 @@ async fn run(args: RunArgs) -> Result<()> {
         }
         _ => None,
     };
+    if let (Some(r), Some(host)) = (overlay.as_mut(), &args.host) {
+        let dir = args
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/lib/vpc/agent").join(host))
+            .join("flowlogs");
+        match flowlogs::FlowLogAgent::start(&layout, dir, flow_cp) {
+            Ok(a) => r.set_flow_logs(a),
+            Err(e) => warn!(error = format!("{e:#}"), "flow logs are off"),
+        }
+    }
     say(format_args!(
         "ready: pins under {}",
         layout.root().display()
@@ -373,7 +387,16 @@ async fn run(args: RunArgs) -> Result<()> {
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
             }
-            _ = ticker.tick(), if args.stats_interval > 0 => log_stats(&maps),
+            _ = ticker.tick(), if args.stats_interval > 0 => {
+                log_stats(&maps);
+                if let Some(s) = overlay.as_ref().and_then(|r| r.flow_log_stats()) {
+                    let c = s.snapshot();
+                    if c.events > 0 || c.kernel_lost > 0 {
+                        info!(events = c.events, records = c.records, kernel_lost = c.kernel_lost,
+                            agent_dropped = c.agent_dropped, stream_dropped = c.stream_dropped, "flow logs");
+                    }
+                }
+            }
             _ = gc.tick() => {
                 if let Some(s) = conntrack_gc(&policy_maps) {
                     last_ct = Some(vpc_proto::v1::ConntrackSummary {

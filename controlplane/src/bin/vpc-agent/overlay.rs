@@ -68,6 +68,9 @@ pub struct Reconciler {
     pub observed: crate::workloads::Observed,
     /// Load-balancer targets as this host's checks saw them in the last pass.
     pub target_health: Vec<vpc_proto::v1::TargetHealthReport>,
+    /// Flow logs: the consumer and the context of the last good pass.
+    flow_logs: Option<crate::flowlogs::FlowLogAgent>,
+    flow_ctx: Option<controlplane::flowlogs::FlowContext>,
 }
 
 impl Reconciler {
@@ -96,6 +99,8 @@ impl Reconciler {
             workloads,
             observed: crate::workloads::Observed::default(),
             target_health: Vec::new(),
+            flow_logs: None,
+            flow_ctx: None,
             last_map_changes: 0,
             host: host.to_owned(),
             router_mac,
@@ -105,6 +110,21 @@ impl Reconciler {
             seen: None,
             first: true,
         })
+    }
+
+    /// The flow-log counters (none: flow logs are off on this host).
+    pub fn flow_log_stats(&self) -> Option<std::sync::Arc<controlplane::flowlogs::FlowLogStats>> {
+        self.flow_logs
+            .as_ref()
+            .map(|f| std::sync::Arc::clone(&f.stats))
+    }
+
+    /// Starts feeding the flow-log consumer (with the last pass's context at once).
+    pub fn set_flow_logs(&mut self, agent: crate::flowlogs::FlowLogAgent) {
+        if let Some(ctx) = &self.flow_ctx {
+            agent.update(ctx.clone());
+        }
+        self.flow_logs = Some(agent);
     }
 
     /// (modification time, length) of the document, if readable.
@@ -313,6 +333,11 @@ impl Reconciler {
                 .reconcile(&desired, &self.host, self.router_mac, full || self.first)?;
         changes += report.changes();
         self.last_map_changes = report.changes();
+        let flow_ctx = controlplane::flowlogs::FlowContext::build(&doc, &state, &self.host);
+        if let Some(f) = &self.flow_logs {
+            f.update(flow_ctx.clone());
+        }
+        self.flow_ctx = Some(flow_ctx);
         if self.maps.overlay_mut().config()? != config {
             self.maps.overlay_mut().set_config(&config)?;
             changes += 1;
