@@ -13,6 +13,7 @@ pub mod datapath;
 pub mod fnv;
 pub mod host;
 pub mod lb;
+pub mod metrics;
 pub mod overlay;
 pub mod policy;
 pub mod storage;

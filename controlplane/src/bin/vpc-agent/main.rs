@@ -11,6 +11,7 @@
 mod cpclient;
 mod exec;
 mod lb;
+mod metrics;
 mod overlay;
 mod workloads;
 
@@ -148,6 +149,17 @@ struct RunArgs {
     /// is created.
     #[arg(long, default_value_t = dataplane_common::maps::LB_MAGLEV_SLOTS)]
     lb_table_slots: u32,
+    /// Prometheus metrics endpoint (`GET /metrics`, plain HTTP, read from the pinned maps at
+    /// scrape time): ADDRESS:PORT, port 0 for any free port (the chosen address is printed:
+    /// `metrics on ADDR`), or `none` to disable. An address already in use is logged and
+    /// skipped: the datapath does not depend on it.
+    #[arg(
+        long,
+        env = "VPC_METRICS_ADDR",
+        default_value = controlplane::metrics::DEFAULT_AGENT_ADDR,
+        value_parser = controlplane::metrics::http::parse_addr
+    )]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn parse_mac(text: &str) -> Result<[u8; 6], String> {
@@ -334,6 +346,14 @@ async fn run(args: RunArgs) -> Result<()> {
         }
         _ => None,
     };
+    if let Some(host) = &args.host {
+        metrics::get().set_host(host);
+    }
+    if let Some(addr) = args.metrics_addr
+        && let Some(bound) = metrics::serve(addr, layout.clone()).await
+    {
+        say(format_args!("metrics on {bound}"));
+    }
     say(format_args!(
         "ready: pins under {}",
         layout.root().display()
@@ -364,6 +384,7 @@ async fn run(args: RunArgs) -> Result<()> {
             _ = ticker.tick(), if args.stats_interval > 0 => log_stats(&maps),
             _ = gc.tick() => {
                 if let Some(s) = conntrack_gc(&policy_maps) {
+                    metrics::get().set_conntrack(&s);
                     last_ct = Some(vpc_proto::v1::ConntrackSummary {
                         entries: s.entries as u64,
                         capacity: u64::from(s.capacity),
@@ -391,6 +412,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 let error = match result {
                     Ok((changes, maps)) => {
                         say(format_args!("applied revision {revision}: {changes} changes, {maps} map writes"));
+                        metrics::get().applied(revision);
                         if let Some(a) = &cp_applied {
                             a.send_replace(revision);
                         }
