@@ -15,6 +15,18 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Renders one scrape.
 pub type Render = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
 
+/// A `--metrics-addr` value: an address, or none (the endpoint disabled).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for MetricsAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        parse_addr(text).map(MetricsAddr)
+    }
+}
+
 /// Parses a `--metrics-addr` value: `none`, `off` or empty disable the endpoint.
 pub fn parse_addr(text: &str) -> Result<Option<SocketAddr>, String> {
     match text.trim() {
@@ -76,6 +88,7 @@ mod tests {
             Ok(Some("127.0.0.1:9464".parse().unwrap()))
         );
         assert!(parse_addr("localhost").is_err());
+        assert_eq!("none".parse::<MetricsAddr>(), Ok(MetricsAddr(None)));
     }
 
     #[tokio::test]

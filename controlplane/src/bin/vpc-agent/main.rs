@@ -157,9 +157,8 @@ struct RunArgs {
         long,
         env = "VPC_METRICS_ADDR",
         default_value = controlplane::metrics::DEFAULT_AGENT_ADDR,
-        value_parser = controlplane::metrics::http::parse_addr
     )]
-    metrics_addr: Option<std::net::SocketAddr>,
+    metrics_addr: controlplane::metrics::http::MetricsAddr,
 }
 
 fn parse_mac(text: &str) -> Result<[u8; 6], String> {
@@ -349,7 +348,7 @@ async fn run(args: RunArgs) -> Result<()> {
     if let Some(host) = &args.host {
         metrics::get().set_host(host);
     }
-    if let Some(addr) = args.metrics_addr
+    if let Some(addr) = args.metrics_addr.0
         && let Some(bound) = metrics::serve(addr, layout.clone()).await
     {
         say(format_args!("metrics on {bound}"));
@@ -678,4 +677,22 @@ fn default_route_iface() -> Result<String> {
         }
     }
     bail!("no IPv4 default route in /proc/net/route")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_addr_defaults_to_loopback_and_none_disables() {
+        let cli = Cli::try_parse_from(["vpc-agent"]).unwrap();
+        assert_eq!(
+            cli.run.metrics_addr.0,
+            Some(controlplane::metrics::DEFAULT_AGENT_ADDR.parse().unwrap())
+        );
+        let cli = Cli::try_parse_from(["vpc-agent", "--metrics-addr", "127.0.0.1:0"]).unwrap();
+        assert_eq!(cli.run.metrics_addr.0, Some("127.0.0.1:0".parse().unwrap()));
+        let cli = Cli::try_parse_from(["vpc-agent", "--metrics-addr", "none"]).unwrap();
+        assert_eq!(cli.run.metrics_addr.0, None);
+    }
 }

@@ -53,9 +53,8 @@ struct Cli {
         long,
         env = "VPC_METRICS_ADDR",
         default_value = controlplane::metrics::DEFAULT_CONTROL_PLANE_ADDR,
-        value_parser = controlplane::metrics::http::parse_addr
     )]
-    metrics_addr: Option<SocketAddr>,
+    metrics_addr: controlplane::metrics::http::MetricsAddr,
 }
 
 async fn open_store(spec: &str, etcd_prefix: &str) -> Result<Arc<dyn Store>> {
@@ -129,7 +128,7 @@ async fn run(cli: Cli) -> Result<()> {
         let _ = writeln!(out, "listening on {addr}").and_then(|()| out.flush());
     }
     let calls = Arc::new(controlplane::metrics::ApiMetrics::default());
-    if let Some(maddr) = cli.metrics_addr {
+    if let Some(maddr) = cli.metrics_addr.0 {
         let collector = Arc::new(
             controlplane::metrics::control_plane::ControlPlaneMetrics::new(
                 api.clone(),
@@ -150,4 +149,31 @@ async fn run(cli: Cli) -> Result<()> {
     info!(%addr, store = %cli.store, tls = tls.is_some(), "serving vpc.v1");
     server::serve(api, listener, tls, calls, shutdown).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_addr_defaults_to_loopback_and_none_disables() {
+        let cli = Cli::try_parse_from(["vpc-controlplane", "--credentials", "c.json"]).unwrap();
+        assert_eq!(
+            cli.metrics_addr.0,
+            Some(
+                controlplane::metrics::DEFAULT_CONTROL_PLANE_ADDR
+                    .parse()
+                    .unwrap()
+            )
+        );
+        let cli = Cli::try_parse_from([
+            "vpc-controlplane",
+            "--credentials",
+            "c.json",
+            "--metrics-addr",
+            "none",
+        ])
+        .unwrap();
+        assert_eq!(cli.metrics_addr.0, None);
+    }
 }
