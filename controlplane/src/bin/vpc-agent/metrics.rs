@@ -20,7 +20,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use controlplane::{
     datapath::{LbMaps, PinLayout, PinnedMaps, PolicyMaps, policy_maps::CtSummary},
     metrics::{Exposition, Kind, ProgrammingHistogram},
@@ -247,7 +246,7 @@ pub struct LbTargetFlows {
     pub flows: u64,
 }
 
-fn warn_once(what: &str, e: impl std::fmt::Display) {
+fn not_read(what: &str, e: impl std::fmt::Display) {
     tracing::debug!(map = what, error = %e, "metrics: map not read");
 }
 
@@ -256,52 +255,37 @@ fn read(layout: &PinLayout) -> Reading {
     let mut r = Reading::default();
     match PinnedMaps::open(layout).and_then(|m| m.stats()) {
         Ok(s) => r.stats = Some(s),
-        Err(e) => warn_once(maps::ACTION_STATS, e),
+        Err(e) => not_read(maps::ACTION_STATS, e),
     }
-    match PolicyMaps::open(layout).and_then(|m| m.endpoint_drops()) {
-        Ok(d) => r.endpoint_drops = Some(d),
-        Err(e) => warn_once(maps::ENDPOINT_DROPS, e),
-    }
-    let open = |name: &str| MapData::from_pin(layout.map(name));
-    match open(maps::ENDPOINT_STATS).and_then(|m| {
-        PerCpuHashMap::<_, EndpointStatsKey, Counter>::try_from(Map::PerCpuHashMap(m))
-    }) {
-        Ok(m) => {
-            let mut out = Vec::new();
-            for item in m.iter() {
-                match item {
-                    Ok((k, per_cpu)) => {
-                        let mut total = Counter::default();
-                        for c in per_cpu.iter() {
-                            total.add(c);
-                        }
-                        out.push((k, total));
-                    }
-                    Err(e) => {
-                        warn_once(maps::ENDPOINT_STATS, e);
-                        break;
-                    }
-                }
+    match PolicyMaps::open(layout) {
+        Ok(p) => {
+            match p.endpoint_drops() {
+                Ok(d) => r.endpoint_drops = Some(d),
+                Err(e) => not_read(maps::ENDPOINT_DROPS, e),
             }
-            r.endpoint_stats = Some(out);
+            match p.ct_budgets() {
+                Ok(b) => r.budgets = Some(b.into_iter().collect()),
+                Err(e) => not_read(maps::CT_BUDGET, e),
+            }
         }
-        Err(e) => warn_once(maps::ENDPOINT_STATS, e),
+        Err(e) => not_read(maps::ENDPOINT_DROPS, e),
     }
-    match open(maps::CT_BUDGET).and_then(|m| HashMap::<_, u32, CtBudget>::try_from(Map::HashMap(m)))
-    {
-        Ok(m) => r.budgets = Some(m.iter().filter_map(Result::ok).collect()),
-        Err(e) => warn_once(maps::CT_BUDGET, e),
-    }
-    match open(maps::FLOWLOG_LOST)
-        .and_then(|m| PerCpuArray::<_, u64>::try_from(Map::PerCpuArray(m)))
-        .and_then(|m| m.get(&0, 0))
-    {
-        Ok(v) => r.flowlog_lost = Some(v.iter().copied().fold(0u64, u64::wrapping_add)),
-        Err(e) => warn_once(maps::FLOWLOG_LOST, e),
+    match controlplane::datapath::flow_maps::FlowCounters::open(layout) {
+        Ok(f) => {
+            match f.endpoint_stats() {
+                Ok(m) => r.endpoint_stats = Some(m.into_iter().collect()),
+                Err(e) => not_read(maps::ENDPOINT_STATS, e),
+            }
+            match f.flowlog_lost() {
+                Ok(n) => r.flowlog_lost = Some(n),
+                Err(e) => not_read(maps::FLOWLOG_LOST, e),
+            }
+        }
+        Err(e) => not_read(maps::ENDPOINT_STATS, e),
     }
     match read_lb(layout) {
         Ok(t) => r.lb_targets = Some(t),
-        Err(e) => warn_once(maps::LB_FLOWS, e),
+        Err(e) => not_read(maps::LB_FLOWS, e),
     }
     r
 }
@@ -707,6 +691,7 @@ mod tests {
                     expired: 1,
                     capacity: 8,
                     per_vni: BTreeMap::from([(7, 3)]),
+                    ..CtSummary::default()
                 },
                 SystemTime::UNIX_EPOCH,
             )),
