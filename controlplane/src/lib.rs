@@ -14,6 +14,7 @@ pub mod flowlogs;
 pub mod fnv;
 pub mod host;
 pub mod lb;
+pub mod metrics;
 pub mod overlay;
 pub mod policy;
 pub mod storage;

@@ -482,6 +482,11 @@ impl Cluster {
             .with_context(|| format!("running vpc {args:?}"))
     }
 
+    /// The fabric namespace (where the control plane listens).
+    pub fn fabric(&self) -> &NetNs {
+        &self.fabric
+    }
+
     /// A command run in the fabric namespace (where the control plane listens).
     pub fn fabric_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         self.fabric.command(program)

@@ -32,6 +32,7 @@ pub const E2E_TESTS: &[&str] = &[
     "e2e_cli_ops",
     "e2e_upgrade",
     "e2e_flowlogs",
+    "e2e_metrics",
 ];
 /// The datapath test targets of vpc-tests, run by `--tier datapath`.
 const DATAPATH_TESTS: &[&str] = &[

@@ -91,6 +91,8 @@ pub struct LatencySummary {
 #[derive(Debug, Default)]
 pub struct Programming {
     inner: Mutex<Inner>,
+    /// Every latency sample, in seconds (the metrics endpoint's histogram).
+    histogram: crate::metrics::ProgrammingHistogram,
 }
 
 impl Programming {
@@ -119,7 +121,7 @@ impl Programming {
         } else {
             h.streams = h.streams.saturating_sub(1);
         }
-        complete(&mut g);
+        complete(&mut g, &self.histogram);
     }
 
     /// A host applied `revision` (or failed to, with `error`).
@@ -130,7 +132,7 @@ impl Programming {
         if error.is_empty() && revision > h.applied {
             h.applied = revision;
         }
-        complete(&mut g);
+        complete(&mut g, &self.histogram);
     }
 
     /// A host's datapath counters arrived: keeps them and the drops since the previous ones.
@@ -174,6 +176,11 @@ impl Programming {
         self.lock().hosts.clone()
     }
 
+    /// Every latency sample so far, in seconds, as a histogram.
+    pub fn histogram(&self) -> crate::metrics::HistogramSnapshot {
+        self.histogram.snapshot()
+    }
+
     /// Percentiles of the kept samples.
     pub fn summary(&self) -> LatencySummary {
         let g = self.lock();
@@ -197,7 +204,7 @@ impl Programming {
 }
 
 /// Turns writes every connected host has applied into samples.
-fn complete(g: &mut Inner) {
+fn complete(g: &mut Inner, histogram: &crate::metrics::Histogram) {
     let Some(min) = g
         .hosts
         .values()
@@ -221,6 +228,7 @@ fn complete(g: &mut Inner) {
         g.samples.push_back(ms);
         g.count += 1;
         g.last_ms = ms;
+        histogram.observe(ms / 1e3);
     }
 }
 
@@ -270,6 +278,7 @@ mod tests {
         assert_eq!(p.summary().samples, 0);
         p.report("b", 6, "");
         assert_eq!(p.summary().samples, 1);
+        assert_eq!(p.histogram().count, 1);
         // A failed apply does not count.
         p.acked(7);
         p.report("a", 7, "boom");

@@ -80,11 +80,13 @@ pub async fn api(store: Arc<dyn Store>, auth: Auth, quotas: Quotas) -> Result<Ap
     Ok(api)
 }
 
-/// Serves every service on `listener` until `shutdown` resolves.
+/// Serves every service on `listener` until `shutdown` resolves; every call's latency and
+/// code go to `calls` (the metrics endpoint).
 pub async fn serve(
     api: Api,
     listener: TcpListener,
     tls: Option<TlsFiles>,
+    calls: Arc<crate::metrics::ApiMetrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -121,6 +123,7 @@ pub async fn serve(
         builder = builder.tls_config(cfg)?;
     }
     builder
+        .layer(crate::metrics::ApiMetricsLayer::new(calls))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(VpcServiceServer::new(super::network::Network::new(

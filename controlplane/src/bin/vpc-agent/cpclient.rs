@@ -130,6 +130,7 @@ async fn watch_once(
     info!(url = %cfg.url, host = %cfg.host_id, "watching the desired state");
     while let Some(msg) = stream.next().await {
         let msg = msg.context("desired-state stream")?;
+        crate::metrics::get().received(msg.revision);
         if tx
             .send(Received {
                 revision: msg.revision,

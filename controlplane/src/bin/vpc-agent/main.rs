@@ -12,6 +12,7 @@ mod cpclient;
 mod exec;
 mod flowlogs;
 mod lb;
+mod metrics;
 mod overlay;
 mod workloads;
 
@@ -149,6 +150,16 @@ struct RunArgs {
     /// is created.
     #[arg(long, default_value_t = dataplane_common::maps::LB_MAGLEV_SLOTS)]
     lb_table_slots: u32,
+    /// Prometheus metrics endpoint (`GET /metrics`, plain HTTP, read from the pinned maps at
+    /// scrape time): ADDRESS:PORT, port 0 for any free port (the chosen address is printed:
+    /// `metrics on ADDR`), or `none` to disable. An address already in use is logged and
+    /// skipped: the datapath does not depend on it.
+    #[arg(
+        long,
+        env = "VPC_METRICS_ADDR",
+        default_value = controlplane::metrics::DEFAULT_AGENT_ADDR,
+    )]
+    metrics_addr: controlplane::metrics::http::MetricsAddr,
 }
 
 fn parse_mac(text: &str) -> Result<[u8; 6], String> {
@@ -360,6 +371,14 @@ async fn run(args: RunArgs) -> Result<()> {
             Err(e) => warn!(error = format!("{e:#}"), "flow logs are off"),
         }
     }
+    if let Some(host) = &args.host {
+        metrics::get().set_host(host);
+    }
+    if let Some(addr) = args.metrics_addr.0
+        && let Some(bound) = metrics::serve(addr, layout.clone()).await
+    {
+        say(format_args!("metrics on {bound}"));
+    }
     say(format_args!(
         "ready: pins under {}",
         layout.root().display()
@@ -399,6 +418,7 @@ async fn run(args: RunArgs) -> Result<()> {
             }
             _ = gc.tick() => {
                 if let Some(s) = conntrack_gc(&policy_maps) {
+                    metrics::get().set_conntrack(&s);
                     last_ct = Some(vpc_proto::v1::ConntrackSummary {
                         entries: s.entries as u64,
                         capacity: u64::from(s.capacity),
@@ -426,6 +446,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 let error = match result {
                     Ok((changes, maps)) => {
                         say(format_args!("applied revision {revision}: {changes} changes, {maps} map writes"));
+                        metrics::get().applied(revision);
                         if let Some(a) = &cp_applied {
                             a.send_replace(revision);
                         }
@@ -691,4 +712,22 @@ fn default_route_iface() -> Result<String> {
         }
     }
     bail!("no IPv4 default route in /proc/net/route")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_addr_defaults_to_loopback_and_none_disables() {
+        let cli = Cli::try_parse_from(["vpc-agent"]).unwrap();
+        assert_eq!(
+            cli.run.metrics_addr.0,
+            Some(controlplane::metrics::DEFAULT_AGENT_ADDR.parse().unwrap())
+        );
+        let cli = Cli::try_parse_from(["vpc-agent", "--metrics-addr", "127.0.0.1:0"]).unwrap();
+        assert_eq!(cli.run.metrics_addr.0, Some("127.0.0.1:0".parse().unwrap()));
+        let cli = Cli::try_parse_from(["vpc-agent", "--metrics-addr", "none"]).unwrap();
+        assert_eq!(cli.run.metrics_addr.0, None);
+    }
 }

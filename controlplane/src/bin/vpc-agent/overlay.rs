@@ -281,6 +281,13 @@ impl Reconciler {
     }
 
     pub async fn reconcile(&mut self, datapath: &mut Datapath, full: bool) -> Result<usize> {
+        let started = std::time::Instant::now();
+        let result = self.reconcile_pass(datapath, full).await;
+        crate::metrics::get().pass(started.elapsed(), result.is_ok());
+        result
+    }
+
+    async fn reconcile_pass(&mut self, datapath: &mut Datapath, full: bool) -> Result<usize> {
         let stamp = self.stamp();
         let mut doc = self.document()?;
         let plan = controlplane::lb::plan(&doc)?;
@@ -305,6 +312,7 @@ impl Reconciler {
         for id in &missing {
             warn!(endpoint = %id, "local endpoint has no interface yet; skipped this pass");
         }
+        crate::metrics::get().set_topology(&doc, &wanted);
         let Some(me) = state.hosts.iter().find(|h| h.id == self.host) else {
             bail!("host {} is not in the desired state", self.host);
         };
@@ -422,6 +430,7 @@ impl Reconciler {
                 reason: t.reason.clone().unwrap_or_default(),
             })
             .collect();
+        crate::metrics::get().set_targets(&self.target_health);
         self.plan = plan;
         self.first = false;
         self.seen = stamp;

@@ -46,6 +46,15 @@ struct Cli {
     /// CA (PEM) client certificates must chain to: mutual TLS.
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Prometheus metrics endpoint (`GET /metrics`, plain HTTP): ADDRESS:PORT, port 0 for
+    /// any free port (the chosen address is printed: `metrics on ADDR`), or `none` to
+    /// disable. An address already in use is logged and skipped, not fatal.
+    #[arg(
+        long,
+        env = "VPC_METRICS_ADDR",
+        default_value = controlplane::metrics::DEFAULT_CONTROL_PLANE_ADDR,
+    )]
+    metrics_addr: controlplane::metrics::http::MetricsAddr,
 }
 
 async fn open_store(spec: &str, etcd_prefix: &str) -> Result<Arc<dyn Store>> {
@@ -118,7 +127,53 @@ async fn run(cli: Cli) -> Result<()> {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on {addr}").and_then(|()| out.flush());
     }
+    let calls = Arc::new(controlplane::metrics::ApiMetrics::default());
+    if let Some(maddr) = cli.metrics_addr.0 {
+        let collector = Arc::new(
+            controlplane::metrics::control_plane::ControlPlaneMetrics::new(
+                api.clone(),
+                Arc::clone(&calls),
+            ),
+        );
+        let render: controlplane::metrics::http::Render = Arc::new(move || {
+            let c = Arc::clone(&collector);
+            Box::pin(async move { c.render().await })
+        });
+        if let Some(bound) = controlplane::metrics::http::spawn(maddr, render).await {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "metrics on {bound}").and_then(|()| out.flush());
+            info!(%bound, "serving metrics");
+        }
+    }
     info!(%addr, store = %cli.store, tls = tls.is_some(), "serving vpc.v1");
-    server::serve(api, listener, tls, shutdown).await?;
+    server::serve(api, listener, tls, calls, shutdown).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_addr_defaults_to_loopback_and_none_disables() {
+        let cli = Cli::try_parse_from(["vpc-controlplane", "--credentials", "c.json"]).unwrap();
+        assert_eq!(
+            cli.metrics_addr.0,
+            Some(
+                controlplane::metrics::DEFAULT_CONTROL_PLANE_ADDR
+                    .parse()
+                    .unwrap()
+            )
+        );
+        let cli = Cli::try_parse_from([
+            "vpc-controlplane",
+            "--credentials",
+            "c.json",
+            "--metrics-addr",
+            "none",
+        ])
+        .unwrap();
+        assert_eq!(cli.metrics_addr.0, None);
+    }
 }
