@@ -8,10 +8,12 @@
 //! agent leaves packets flowing, and the next agent takes over the same links atomically.
 //! `--detach-on-exit` (what `cargo xtask run` uses) removes everything on Ctrl-C instead.
 
+mod budget;
 mod cpclient;
 mod exec;
 mod lb;
 mod overlay;
+mod trace;
 mod workloads;
 
 use std::{path::PathBuf, time::Duration};
@@ -139,6 +141,10 @@ struct RunArgs {
     /// per-VPC counts logged).
     #[arg(long, default_value_t = 10)]
     ct_gc_interval: u64,
+    /// Share of the conntrack table (percent, 1-100) each VPC may fill on this host unless
+    /// the VPC sets its own (`conntrack_share_percent`); 100: no budget.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(1..=100))]
+    conntrack_vpc_share: u8,
     /// Capacity of the load balancers' flow and reverse-NAT tables (balanced flows per
     /// host). Takes effect when the tables are created.
     #[arg(long, default_value_t = dataplane_common::maps::LB_FLOWS_MAX_ENTRIES)]
@@ -261,6 +267,9 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut cp_rx = None;
     let mut cp_report = None;
     let mut cp_applied = None;
+    // Packet-trace hops from the exec channel (`vpc trace`), run here: this loop owns the
+    // datapath.
+    let mut trace_rx: Option<tokio::sync::mpsc::Receiver<trace::HopRequest>> = None;
     let mut overlay = match (&args.state, &args.control_plane, &args.host) {
         (Some(path), _, Some(host)) => {
             let mut r = overlay::Reconciler::new(
@@ -319,7 +328,9 @@ async fn run(args: RunArgs) -> Result<()> {
             };
             let w = workloads::Workloads::new(host, &args.netns_prefix, &wcfg)
                 .context("starting the compute and storage agents")?;
-            tokio::spawn(exec::exec_loop(exec_cfg, w.runtime()));
+            let (ttx, trx) = tokio::sync::mpsc::channel(8);
+            trace_rx = Some(trx);
+            tokio::spawn(exec::exec_loop(exec_cfg, w.runtime(), ttx));
             Some(overlay::Reconciler::new(
                 &datapath,
                 overlay::Source::Pushed(None),
@@ -341,6 +352,23 @@ async fn run(args: RunArgs) -> Result<()> {
 
     let maps = PinnedMaps::open(&layout)?;
     let policy_maps = PolicyMaps::open(&layout)?;
+    // Per-VPC conntrack budgets (absent from a datapath without CT_BUDGET: not enforced).
+    let mut budgets = match budget::Budgets::open(
+        &layout,
+        args.conntrack_vpc_share,
+        policy_maps
+            .conntrack_capacity()
+            .unwrap_or(args.conntrack_max),
+    ) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            warn!(
+                error = format!("{e:#}"),
+                "conntrack budgets are not enforced"
+            );
+            None
+        }
+    };
     let mut gc = tokio::time::interval(Duration::from_secs(args.ct_gc_interval.max(1)));
     let mut poll = tokio::time::interval(STATE_POLL);
     let mut ticks = 0u32;
@@ -362,17 +390,15 @@ async fn run(args: RunArgs) -> Result<()> {
                 guard.clear_ready();
             }
             _ = ticker.tick(), if args.stats_interval > 0 => log_stats(&maps),
+            Some((hop, reply)) = recv_bounded(&mut trace_rx) => {
+                let doc = overlay.as_ref().and_then(|r| r.document().ok());
+                let host = args.host.as_deref().unwrap_or_default();
+                let _ = reply.send(trace::run_hop(&datapath, doc.as_ref(), host, &ifaces[0], &hop));
+            }
             _ = gc.tick() => {
                 if let Some(s) = conntrack_gc(&policy_maps) {
-                    last_ct = Some(vpc_proto::v1::ConntrackSummary {
-                        entries: s.entries as u64,
-                        capacity: u64::from(s.capacity),
-                        per_vni: s
-                            .per_vni
-                            .iter()
-                            .map(|(vni, n)| vpc_proto::v1::VniFlows { vni: *vni, flows: *n as u64, vpc_id: String::new() })
-                            .collect(),
-                    });
+                    let doc = overlay.as_ref().and_then(|r| r.document().ok());
+                    last_ct = Some(budget_pass(&mut budgets, &policy_maps, &s, doc.as_ref(), args.host.as_deref().unwrap_or_default()));
                 }
                 if let Some(r) = overlay.as_ref() {
                     lb_gc(r.lb_maps(), &policy_maps);
@@ -383,6 +409,11 @@ async fn run(args: RunArgs) -> Result<()> {
                 let revision = got.revision;
                 let result = match serde_json::from_slice(&got.document) {
                     Ok(doc) => {
+                        if let Some(b) = budgets.as_mut()
+                            && let Err(e) = b.apply(&doc, args.host.as_deref().unwrap_or_default())
+                        {
+                            warn!(error = format!("{e:#}"), "writing conntrack budgets");
+                        }
                         r.set_pushed(revision, doc);
                         r.reconcile(&mut datapath, false).await.map(|n| (n, r.last_map_changes))
                     }
@@ -540,6 +571,48 @@ pub(crate) fn say(line: std::fmt::Arguments<'_>) {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
+/// After a conntrack GC: applies the VPCs' budgets, writes the recounted entries into them
+/// and builds the report's summary (per VPC: flows, budget, top sources and flows, budget
+/// drops).
+fn budget_pass(
+    budgets: &mut Option<budget::Budgets>,
+    maps: &PolicyMaps,
+    s: &controlplane::datapath::policy_maps::CtSummary,
+    doc: Option<&controlplane::overlay::statefile::StateFile>,
+    host: &str,
+) -> vpc_proto::v1::ConntrackSummary {
+    let mut current = std::collections::BTreeMap::new();
+    if let Some(b) = budgets.as_mut() {
+        if let Some(doc) = doc
+            && let Err(e) = b.apply(doc, host)
+        {
+            warn!(error = format!("{e:#}"), "writing conntrack budgets");
+        }
+        b.recount(&s.per_vni);
+        current = b.read();
+    }
+    // A second read of the table for the top lists (GC's read is inside ct_sweep).
+    let top = maps
+        .conntrack()
+        .map(|e| budget::top(&e, budget::TOP_N))
+        .unwrap_or_default();
+    let drops = match (doc, maps.endpoint_drops()) {
+        (Some(doc), Ok(d)) => budget::drops_per_vni(
+            &d,
+            &budget::port_vnis(doc, host, |n| nix::net::if_::if_nametoindex(n).ok()),
+        ),
+        _ => Default::default(),
+    };
+    budget::summary(
+        s.entries as u64,
+        u64::from(s.capacity),
+        &s.per_vni,
+        &current,
+        &top,
+        &drops,
+    )
 }
 
 /// Deletes expired conntrack entries and logs the table's pressure and per-VPC counts;
