@@ -1338,6 +1338,7 @@ mod tests {
             cidr_block: cidr.into(),
             tags,
             client_token: token.into(),
+            ..Default::default()
         };
         let first =
             VpcService::create_vpc(&e.net, req(TOKEN, create("10.0.0.0/16", "tok-1", vec![])))

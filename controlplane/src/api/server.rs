@@ -137,6 +137,11 @@ pub async fn serve(
             api.clone(),
         )))
         .add_service(TagServiceServer::new(super::tags::Tags::new(api.clone())))
+        .add_service(
+            vpc_proto::v1::trace_service_server::TraceServiceServer::new(super::trace::Trace::new(
+                api.clone(),
+            )),
+        )
         .add_service(HostServiceServer::new(super::host::Hosts::new(api)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

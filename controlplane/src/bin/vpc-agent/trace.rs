@@ -694,6 +694,7 @@ pub fn run_hop(
     doc: Option<&StateFile>,
     host: &str,
     underlay: &str,
+    router_mac: [u8; 6],
     hop: &pb::TraceHop,
 ) -> pb::TraceHopResult {
     let fail = |why: String| pb::TraceHopResult {
@@ -707,7 +708,16 @@ pub fn run_hop(
     let ifindex = |name: &str| nix::net::if_::if_nametoindex(name).ok();
     let names = Names::new(doc, host, ifindex);
     let (program, ifindex, frame, ctx) = if hop.underlay_frame.is_empty() {
-        let spec = match spec_from_hop(hop) {
+        let mut hop = hop.clone();
+        if hop.dst_mac.is_empty() {
+            // What the instance resolves its gateway to.
+            hop.dst_mac = router_mac
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
+        }
+        let spec = match spec_from_hop(&hop) {
             Ok(s) => s,
             Err(e) => return fail(e),
         };
