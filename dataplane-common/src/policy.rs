@@ -27,9 +27,10 @@
 use crate::{
     DropReason,
     conntrack::{
-        CT_OPENED_BY_LO, CtConfig, CtEntry, CtKey, advance, continues, flow, open,
+        CT_OPENED_BY_LO, CtBudget, CtConfig, CtEntry, CtKey, advance, continues, flow, open,
         tcp_flags_invalid,
     },
+    flowlog::Decision,
     overlay::{Endpoint, v4},
     packet::PacketView,
     parse::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IpPacket},
@@ -153,8 +154,12 @@ const _: () = assert!(core::mem::size_of::<AclVerdict>() == 8);
 pub trait CtSlot {
     /// The entry's current value.
     fn get(&self) -> CtEntry;
-    /// Replaces the entry's value.
+    /// Replaces the entry's state: `last_seen_ns`, `state` and `flags`. The counters are
+    /// left alone (other CPUs add to them concurrently; writing back a stale copy would
+    /// lose their packets).
     fn set(&self, entry: &CtEntry);
+    /// Adds one packet of `bytes` to the entry's counters (atomically in the kernel).
+    fn count(&self, bytes: u32);
 }
 
 /// The policy maps as the verdict logic reads them: the kernel implements it over the BPF
@@ -164,8 +169,9 @@ pub trait PolicyTables {
     type Slot: CtSlot;
     /// Longest-prefix match in `SG_ADDR`: the class of the remote address.
     fn sg_class(&self, key: &PolicyAddrKey) -> Option<u32>;
-    /// Whether any `SG_PORT` entry covers the key.
-    fn sg_port(&self, key: &PolicyPortKey) -> bool;
+    /// Longest-prefix match in `SG_PORT`: the rule reference of the entry covering the key
+    /// (nonzero: allowed; `None` or 0: no rule allows).
+    fn sg_port(&self, key: &PolicyPortKey) -> Option<u32>;
     /// Longest-prefix match in `ACL_ADDR`.
     fn acl_class(&self, key: &PolicyAddrKey) -> Option<u32>;
     /// Longest-prefix match in `ACL_PORT`.
@@ -174,6 +180,11 @@ pub trait PolicyTables {
     fn ct_get(&self, key: &CtKey) -> Option<Self::Slot>;
     /// Inserts (or replaces) an entry; a full table evicts the least recently used one.
     fn ct_create(&self, key: &CtKey, entry: &CtEntry);
+    /// `CT_BUDGET` of VPC `vni`, if it has one.
+    fn ct_budget(&self, vni: u32) -> Option<CtBudget>;
+    /// Adds one entry to the `count` of `CT_BUDGET[vni]` if it exists (atomically in the
+    /// kernel).
+    fn ct_budget_charge(&self, vni: u32);
     /// `CT_CONFIG` (all zero before the agent writes it).
     fn ct_config(&self) -> CtConfig;
 }
@@ -209,10 +220,30 @@ pub fn in_subnet(ep: &Endpoint, addr: &[u8; 16]) -> bool {
     (a ^ g) & mask == 0
 }
 
-/// Whether the security-group policy `policy` has a rule for `dir` admitting `remote`,
-/// `proto`, `port`. Never inlined: in the kernel it is a BPF subprogram, so its keys take
-/// stack only while it runs (the 512-byte limit covers the whole call chain).
+/// The rule of security-group policy `policy` for `dir` admitting `remote`, `proto`,
+/// `port`: its rule reference as stored in `SG_PORT` (nonzero), 0 when no rule does. Never
+/// inlined: in the kernel it is a BPF subprogram, so its keys take stack only while it runs
+/// (the 512-byte limit covers the whole call chain).
 #[inline(never)]
+pub fn sg_rule<T: PolicyTables>(
+    t: &T,
+    policy: u32,
+    dir: u32,
+    remote: &[u8; 16],
+    proto: u8,
+    port: u16,
+) -> u32 {
+    match t.sg_class(&PolicyAddrKey::new(policy, dir, *remote)) {
+        Some(class) => t
+            .sg_port(&PolicyPortKey::new(class, proto, port))
+            .unwrap_or(0),
+        None => 0,
+    }
+}
+
+/// Whether the security-group policy `policy` has a rule for `dir` admitting `remote`,
+/// `proto`, `port`.
+#[inline(always)]
 pub fn sg_allows<T: PolicyTables>(
     t: &T,
     policy: u32,
@@ -221,15 +252,33 @@ pub fn sg_allows<T: PolicyTables>(
     proto: u8,
     port: u16,
 ) -> bool {
-    match t.sg_class(&PolicyAddrKey::new(policy, dir, *remote)) {
-        Some(class) => t.sg_port(&PolicyPortKey::new(class, proto, port)),
-        None => false,
+    sg_rule(t, policy, dir, remote, proto, port) != 0
+}
+
+/// The verdict of ACL `acl` (nonzero) on this traffic in `dir`, packed as
+/// `action << 32 | rule` (a scalar, so the BPF subprogram returns it in a register): no
+/// matching entry is `0` (action 0, rule 0: the implicit deny). A BPF subprogram in the
+/// kernel, as [`sg_rule`].
+#[inline(never)]
+pub fn acl_verdict<T: PolicyTables>(
+    t: &T,
+    acl: u32,
+    dir: u32,
+    remote: &[u8; 16],
+    proto: u8,
+    port: u16,
+) -> u64 {
+    let Some(class) = t.acl_class(&PolicyAddrKey::new(acl, dir, *remote)) else {
+        return 0;
+    };
+    match t.acl_port(&PolicyPortKey::new(class, proto, port)) {
+        Some(v) => (u64::from(v.action) << 32) | u64::from(v.rule),
+        None => 0,
     }
 }
 
-/// Whether ACL `acl` (0: none, allow everything) lets this traffic through in `dir`. A BPF
-/// subprogram in the kernel, as [`sg_allows`].
-#[inline(never)]
+/// Whether ACL `acl` (0: none, allow everything) lets this traffic through in `dir`.
+#[inline(always)]
 pub fn acl_allows<T: PolicyTables>(
     t: &T,
     acl: u32,
@@ -238,23 +287,48 @@ pub fn acl_allows<T: PolicyTables>(
     proto: u8,
     port: u16,
 ) -> bool {
+    acl == 0 || acl_verdict(t, acl, dir, remote, proto, port) >> 32 == u64::from(ACL_ALLOW)
+}
+
+/// Applies ACL `acl` in `dir` unless it is 0 (no ACL): records the deciding rule number
+/// in `rule` and returns whether the traffic may pass.
+#[inline(always)]
+fn acl_stage<T: PolicyTables>(
+    t: &T,
+    acl: u32,
+    dir: u32,
+    remote: &[u8; 16],
+    ip: &IpPacket,
+    port: u16,
+    rule: &mut u32,
+) -> bool {
     if acl == 0 {
         return true;
     }
-    let Some(class) = t.acl_class(&PolicyAddrKey::new(acl, dir, *remote)) else {
-        return false;
-    };
-    matches!(
-        t.acl_port(&PolicyPortKey::new(class, proto, port)),
-        Some(v) if v.action == ACL_ALLOW
-    )
+    let v = acl_verdict(t, acl, dir, remote, ip.proto, port);
+    *rule = v as u32;
+    v >> 32 == u64::from(ACL_ALLOW)
+}
+
+/// Whether a VPC at `budget` may track one more flow: no budget, limit 0 (unlimited), or
+/// fewer entries than the limit.
+#[inline(always)]
+pub fn budget_admits(budget: Option<CtBudget>) -> bool {
+    match budget {
+        Some(b) => b.limit == 0 || b.count < b.limit,
+        None => true,
+    }
 }
 
 /// Applies the policy of the sending endpoint `out` (outbound rules; `None` when it lives on
 /// another host, which enforced them) and of the receiving endpoint `inb` (inbound rules;
-/// `None` when it lives elsewhere) to packet `ip` of VPC `vni`, and records the flow in
-/// conntrack. `now_ns` is `bpf_ktime_get_ns`.
+/// `None` when it lives elsewhere) to packet `ip` of VPC `vni` (`len` bytes), records the
+/// flow in conntrack (a new one only within the VPC's conntrack budget) and counts the
+/// packet in its entry. `now_ns` is `bpf_ktime_get_ns`. `d` receives what decided: the
+/// packet's TCP flags, whether it was tracked, and each stage's rule (stages that did not
+/// run keep [`crate::flowlog::DECISION_NONE`]; `d` should start as [`Decision::EMPTY`]).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate<P: PacketView, T: PolicyTables>(
     pkt: &P,
     ip: &IpPacket,
@@ -263,12 +337,15 @@ pub fn evaluate<P: PacketView, T: PolicyTables>(
     inb: Option<&Endpoint>,
     now_ns: u64,
     t: &T,
+    d: &mut Decision,
 ) -> Result<(), DropReason> {
+    let len = pkt.len() as u32;
     let tcp = if ip.proto == IPPROTO_TCP && ip.has_l4 {
         // Two bytes (data offset and flags): see `port.rs` on one-byte reads.
         let b: [u8; 2] = pkt
             .read(usize::from(ip.l4_offset) + 12)
             .ok_or(DropReason::Truncated)?;
+        d.tcp_flags = b[1];
         if tcp_flags_invalid(b[1]) {
             return Err(DropReason::CtInvalid);
         }
@@ -286,21 +363,30 @@ pub fn evaluate<P: PacketView, T: PolicyTables>(
             tracked = Some((slot, e, from_opener));
         }
     }
+    d.tracked = u8::from(tracked.is_some());
     let port = rule_port(ip);
     if let Some(o) = out {
-        if tracked.is_none() && !sg_allows(t, o.policy, EGRESS, &ip.dst, ip.proto, port) {
-            return Err(DropReason::SgEgress);
+        if tracked.is_none() {
+            d.sg_out = sg_rule(t, o.policy, EGRESS, &ip.dst, ip.proto, port);
+            if d.sg_out == 0 {
+                return Err(DropReason::SgEgress);
+            }
         }
-        if !in_subnet(o, &ip.dst) && !acl_allows(t, o.acl, EGRESS, &ip.dst, ip.proto, port) {
+        if !in_subnet(o, &ip.dst) && !acl_stage(t, o.acl, EGRESS, &ip.dst, ip, port, &mut d.acl_out)
+        {
             return Err(DropReason::AclEgress);
         }
     }
     if let Some(i) = inb {
-        if !in_subnet(i, &ip.src) && !acl_allows(t, i.acl, INGRESS, &ip.src, ip.proto, port) {
+        if !in_subnet(i, &ip.src) && !acl_stage(t, i.acl, INGRESS, &ip.src, ip, port, &mut d.acl_in)
+        {
             return Err(DropReason::AclIngress);
         }
-        if tracked.is_none() && !sg_allows(t, i.policy, INGRESS, &ip.src, ip.proto, port) {
-            return Err(DropReason::SgIngress);
+        if tracked.is_none() {
+            d.sg_in = sg_rule(t, i.policy, INGRESS, &ip.src, ip.proto, port);
+            if d.sg_in == 0 {
+                return Err(DropReason::SgIngress);
+            }
         }
     }
     match tracked {
@@ -308,8 +394,18 @@ pub fn evaluate<P: PacketView, T: PolicyTables>(
             if let Some(next) = advance(&e, ip.proto, tcp, from_opener, now_ns) {
                 slot.set(&next);
             }
+            slot.count(len);
         }
-        None => t.ct_create(&f.key, &open(ip.proto, tcp, f.from_lo, now_ns)),
+        None => {
+            if !budget_admits(t.ct_budget(vni)) {
+                return Err(DropReason::CtBudgetExceeded);
+            }
+            let mut e = open(ip.proto, tcp, f.from_lo, now_ns);
+            e.packets = 1;
+            e.bytes = u64::from(len);
+            t.ct_create(&f.key, &e);
+            t.ct_budget_charge(vni);
+        }
     }
     Ok(())
 }

@@ -6,8 +6,9 @@ use std::{collections::BTreeMap, rc::Rc, vec::Vec};
 
 use crate::{
     DropReason,
-    conntrack::{CtConfig, CtEntry, CtKey, CtState, tcp_flags::*},
+    conntrack::{CtBudget, CtConfig, CtEntry, CtKey, CtState, tcp_flags::*},
     filter::ipv4_mapped,
+    flowlog::{DECISION_NONE, Decision},
     overlay::Endpoint,
     packet::SlicePacket,
     parse::{Parsed, parse},
@@ -55,6 +56,7 @@ struct Tables {
     acl_addr: Vec<(u32, PolicyAddrKey, u32)>,
     acl_port: Vec<(u32, PolicyPortKey, AclVerdict)>,
     ct: Rc<RefCell<BTreeMap<CtKey, CtEntry>>>,
+    budgets: RefCell<BTreeMap<u32, CtBudget>>,
 }
 
 struct Slot(Rc<RefCell<BTreeMap<CtKey, CtEntry>>>, CtKey);
@@ -64,7 +66,17 @@ impl CtSlot for Slot {
         self.0.borrow()[&self.1]
     }
     fn set(&self, e: &CtEntry) {
-        self.0.borrow_mut().insert(self.1, *e);
+        let mut ct = self.0.borrow_mut();
+        let cur = ct.get_mut(&self.1).unwrap();
+        cur.last_seen_ns = e.last_seen_ns;
+        cur.state = e.state;
+        cur.flags = e.flags;
+    }
+    fn count(&self, bytes: u32) {
+        let mut ct = self.0.borrow_mut();
+        let cur = ct.get_mut(&self.1).unwrap();
+        cur.packets += 1;
+        cur.bytes += u64::from(bytes);
     }
 }
 
@@ -73,8 +85,8 @@ impl PolicyTables for Tables {
     fn sg_class(&self, key: &PolicyAddrKey) -> Option<u32> {
         lpm(&self.sg_addr, &addr_bytes(key), addr_bytes)
     }
-    fn sg_port(&self, key: &PolicyPortKey) -> bool {
-        lpm(&self.sg_port, &port_bytes(key), port_bytes).is_some()
+    fn sg_port(&self, key: &PolicyPortKey) -> Option<u32> {
+        lpm(&self.sg_port, &port_bytes(key), port_bytes)
     }
     fn acl_class(&self, key: &PolicyAddrKey) -> Option<u32> {
         lpm(&self.acl_addr, &addr_bytes(key), addr_bytes)
@@ -93,6 +105,14 @@ impl PolicyTables for Tables {
     }
     fn ct_config(&self) -> CtConfig {
         CtConfig::DEFAULT
+    }
+    fn ct_budget(&self, vni: u32) -> Option<CtBudget> {
+        self.budgets.borrow().get(&vni).copied()
+    }
+    fn ct_budget_charge(&self, vni: u32) {
+        if let Some(b) = self.budgets.borrow_mut().get_mut(&vni) {
+            b.count += 1;
+        }
     }
 }
 
@@ -234,11 +254,23 @@ fn eval(
     inb: Option<&Endpoint>,
     now: u64,
 ) -> Result<(), DropReason> {
+    eval_decision(t, frame, out, inb, now).0
+}
+
+fn eval_decision(
+    t: &Tables,
+    frame: &[u8],
+    out: Option<&Endpoint>,
+    inb: Option<&Endpoint>,
+    now: u64,
+) -> (Result<(), DropReason>, Decision) {
     let pkt = SlicePacket(frame);
     let Ok(Parsed::Ip(ip)) = parse(&pkt) else {
         panic!("test frame does not parse")
     };
-    evaluate(&pkt, &ip, VNI, out, inb, now, t)
+    let mut d = Decision::EMPTY;
+    let r = evaluate(&pkt, &ip, VNI, out, inb, now, t, &mut d);
+    (r, d)
 }
 
 fn tcp_frame(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
@@ -563,7 +595,203 @@ fn flows_of_different_vpcs_never_share_state() {
         panic!()
     };
     assert_eq!(
-        evaluate(&pkt, &ip, VNI + 1, None, Some(&other), 2, &t),
+        evaluate(&pkt, &ip, VNI + 1, None, Some(&other), 2, &t, &mut {
+            Decision::EMPTY
+        }),
         Err(DropReason::SgIngress)
+    );
+}
+
+/// The rule references of the SG_PORT entries of `tables()` (all 1) made distinct, so a
+/// decision names the entry that matched.
+fn tables_with_refs() -> Tables {
+    let mut t = tables();
+    for (i, e) in t.sg_port.iter_mut().enumerate() {
+        e.2 = 100 + i as u32;
+    }
+    t
+}
+
+#[test]
+fn decisions_name_the_rules_of_each_stage() {
+    let t = tables_with_refs();
+    let web = ep(WEB, SG_WEB, 0);
+    let db = ep(DB, SG_DB, ACL_DB);
+    let client = ep(CLIENT, SG_CLIENT, 0);
+    // client -> web:80, same subnet: client's outbound entry (index 4), web's inbound (0);
+    // no ACL stage.
+    let (r, d) = eval_decision(
+        &t,
+        &tcp_frame(CLIENT, WEB, 40000, 80, SYN),
+        Some(&client),
+        Some(&web),
+        1,
+    );
+    assert_eq!(r, Ok(()));
+    assert_eq!(
+        d,
+        Decision {
+            sg_out: 104,
+            acl_out: DECISION_NONE,
+            acl_in: DECISION_NONE,
+            sg_in: 100,
+            tcp_flags: SYN,
+            tracked: 0,
+            _pad: [0; 2],
+        }
+    );
+    // The reply is tracked: security groups skipped.
+    let (r, d) = eval_decision(
+        &t,
+        &tcp_frame(WEB, CLIENT, 80, 40000, SYN | ACK),
+        Some(&web),
+        Some(&client),
+        2,
+    );
+    assert_eq!(r, Ok(()));
+    assert_eq!(
+        (d.sg_out, d.sg_in, d.tracked),
+        (DECISION_NONE, DECISION_NONE, 1)
+    );
+    assert_eq!(d.tcp_flags, SYN | ACK);
+    // client -> db:5432 (remote sender): inbound ACL rule 100 denies; SG never runs.
+    let (r, d) = eval_decision(
+        &t,
+        &tcp_frame(CLIENT, DB, 40005, 5432, SYN),
+        None,
+        Some(&db),
+        3,
+    );
+    assert_eq!(r, Err(DropReason::AclIngress));
+    assert_eq!(
+        (d.acl_in, d.sg_in, d.sg_out),
+        (100, DECISION_NONE, DECISION_NONE)
+    );
+    // web -> db:5432: ACL 110 then db's inbound SG entry (index 2).
+    let (r, d) = eval_decision(
+        &t,
+        &tcp_frame(WEB, DB, 40004, 5432, SYN),
+        None,
+        Some(&db),
+        4,
+    );
+    assert_eq!(r, Ok(()));
+    assert_eq!((d.acl_in, d.sg_in), (110, 102));
+    // db -> web:80: outbound SG (index 3) allows, outbound ACL: implicit deny.
+    let (r, d) = eval_decision(&t, &tcp_frame(DB, WEB, 40007, 80, SYN), Some(&db), None, 5);
+    assert_eq!(r, Err(DropReason::AclEgress));
+    assert_eq!((d.sg_out, d.acl_out), (103, 32767));
+    // client -> web:22: no inbound rule, reference 0.
+    let (r, d) = eval_decision(
+        &t,
+        &tcp_frame(CLIENT, WEB, 40001, 22, SYN),
+        Some(&client),
+        Some(&web),
+        6,
+    );
+    assert_eq!(r, Err(DropReason::SgIngress));
+    assert_eq!((d.sg_out, d.sg_in), (104, 0));
+}
+
+#[test]
+fn conntrack_entries_count_packets_and_bytes_of_both_directions() {
+    let t = tables();
+    let web = ep(WEB, SG_WEB, 0);
+    let syn = tcp_frame(CLIENT, WEB, 40000, 80, SYN);
+    let synack = tcp_frame(WEB, CLIENT, 80, 40000, SYN | ACK);
+    let ack = tcp_frame(CLIENT, WEB, 40000, 80, ACK);
+    assert_eq!(eval(&t, &syn, None, Some(&web), 1), Ok(()));
+    assert_eq!(eval(&t, &synack, Some(&web), None, 2), Ok(()));
+    assert_eq!(eval(&t, &ack, None, Some(&web), 3), Ok(()));
+    // Within a millisecond: the state is not rewritten, the counters still grow.
+    assert_eq!(eval(&t, &ack, None, Some(&web), 4), Ok(()));
+    let e = *t.ct.borrow().values().next().unwrap();
+    assert_eq!(e.packets, 4);
+    assert_eq!(e.bytes, (syn.len() + synack.len() + 2 * ack.len()) as u64);
+    assert_eq!(e.state, CtState::Established as u32);
+    // A dropped packet is not counted.
+    assert_eq!(
+        eval(
+            &t,
+            &tcp_frame(CLIENT, WEB, 40000, 80, SYN | FIN),
+            None,
+            Some(&web),
+            5
+        ),
+        Err(DropReason::CtInvalid)
+    );
+    assert_eq!(t.ct.borrow().values().next().unwrap().packets, 4);
+}
+
+#[test]
+fn a_vpc_past_its_conntrack_budget_cannot_open_flows_others_can() {
+    let t = tables();
+    t.budgets
+        .borrow_mut()
+        .insert(VNI, CtBudget { limit: 2, count: 0 });
+    let web = ep(WEB, SG_WEB, 0);
+    for port in [40000, 40001] {
+        assert_eq!(
+            eval(
+                &t,
+                &tcp_frame(CLIENT, WEB, port, 80, SYN),
+                None,
+                Some(&web),
+                1
+            ),
+            Ok(())
+        );
+    }
+    assert_eq!(t.budgets.borrow()[&VNI].count, 2);
+    assert_eq!(
+        eval(
+            &t,
+            &tcp_frame(CLIENT, WEB, 40002, 80, SYN),
+            None,
+            Some(&web),
+            2
+        ),
+        Err(DropReason::CtBudgetExceeded)
+    );
+    // Tracked flows still pass.
+    assert_eq!(
+        eval(
+            &t,
+            &tcp_frame(CLIENT, WEB, 40000, 80, ACK),
+            None,
+            Some(&web),
+            3
+        ),
+        Ok(())
+    );
+    assert_eq!(t.ct.borrow().len(), 2);
+    // Another VPC (no budget) still tracks new flows.
+    let mut other = web;
+    other.vni = VNI + 1;
+    let frame = tcp_frame(CLIENT, WEB, 40002, 80, SYN);
+    let pkt = SlicePacket(&frame);
+    let Ok(Parsed::Ip(ip)) = parse(&pkt) else {
+        panic!()
+    };
+    assert_eq!(
+        evaluate(&pkt, &ip, VNI + 1, None, Some(&other), 4, &t, &mut {
+            Decision::EMPTY
+        }),
+        Ok(())
+    );
+    assert_eq!(t.ct.borrow().len(), 3);
+    // Limit 0 is unlimited; a recount below the limit admits again.
+    t.budgets
+        .borrow_mut()
+        .insert(VNI, CtBudget { limit: 0, count: 9 });
+    assert_eq!(
+        eval(
+            &t,
+            &tcp_frame(CLIENT, WEB, 40003, 80, SYN),
+            None,
+            Some(&web),
+            5
+        ),
+        Ok(())
     );
 }

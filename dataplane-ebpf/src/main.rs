@@ -5,8 +5,12 @@
 //! in `maps` and `tables`, counting only in `stats`. The per-packet decisions are the pure,
 //! host-tested code of `dataplane-common`.
 #![no_std]
+// BPF atomic adds (`tables::atomic_add`): the eBPF build runs on nightly or bootstrap.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 #![no_main]
 
+mod flowlog;
 mod forward;
 mod lb;
 mod maps;

@@ -7,21 +7,24 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use dataplane_common::{
     Counter, FilterKey, FilterValue,
-    conntrack::{CtConfig, CtEntry, CtKey},
+    conntrack::{CtBudget, CtConfig, CtEntry, CtKey},
+    flowlog::FLOW_EVENTS_BYTES,
     lb::{LbBackend, LbFlow, LbReverse, LbService, LbServiceKey, LbTuple},
     maps::{
-        CONNTRACK_MAX_ENTRIES, ENDPOINT_DROPS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES,
-        FILTER_MAX_ENTRIES, LB_BACKENDS_MAX_ENTRIES, LB_FLOWS_MAX_ENTRIES, LB_MAGLEV_SLOTS,
-        LB_SERVICES_MAX_ENTRIES, NEIGHBORS_MAX_ENTRIES, POLICY_MAX_ENTRIES, ROUTES_MAX_ENTRIES,
-        VNIS_MAX_ENTRIES, VTEPS_MAX_ENTRIES,
+        CONNTRACK_MAX_ENTRIES, CT_BUDGET_MAX_ENTRIES, ENDPOINT_DROPS_MAX_ENTRIES,
+        ENDPOINT_STATS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, FILTER_MAX_ENTRIES,
+        LB_BACKENDS_MAX_ENTRIES, LB_FLOWS_MAX_ENTRIES, LB_MAGLEV_SLOTS, LB_SERVICES_MAX_ENTRIES,
+        NEIGHBORS_MAX_ENTRIES, POLICY_MAX_ENTRIES, ROUTES_MAX_ENTRIES, VNIS_MAX_ENTRIES,
+        VTEPS_MAX_ENTRIES,
     },
     overlay::{Endpoint, Neighbor, NeighborKey, OverlayConfig, Route, RoutePrefix},
     policy::{AclVerdict, PolicyAddrKey, PolicyPortKey},
-    stats::{ACTION_STATS_ENTRIES, DROP_STATS_ENTRIES, EndpointDropKey},
+    stats::{ACTION_STATS_ENTRIES, DROP_STATS_ENTRIES, EndpointDropKey, EndpointStatsKey},
+    trace::TRACE_EVENTS_BYTES,
 };
 
 /// Packets and bytes by (hook, action). Key: `stats::action_index`; value: [`Counter`] per CPU.
@@ -55,8 +58,9 @@ pub static ENDPOINTS: HashMap<u32, Endpoint> =
     HashMap::pinned(ENDPOINTS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// Connection tracking. Key: [`CtKey`] (VNI, canonical 5-tuple); value: [`CtEntry`] (last
-/// seen, state, opener). Writers: `vpc_port` and TC ingress (create on admitted new flows,
-/// refresh in place); the agent deletes expired entries. Readers: the same programs (one
+/// seen, state, opener; packets and bytes of both directions, added atomically). Writers:
+/// `vpc_port` and TC ingress (create on admitted new flows within the VPC's `CT_BUDGET`,
+/// refresh and count in place); the agent deletes expired entries. Readers: the same programs (one
 /// lookup per IP packet), the agent (GC, pressure, per-VPC counts) and the CLI. Size: the
 /// loader's `conntrack_max` (default `CONNTRACK_MAX_ENTRIES`); LRU, so a full table evicts
 /// the stalest flow instead of failing.
@@ -76,7 +80,8 @@ pub static CT_CONFIG: Array<CtConfig> = Array::pinned(1, 0);
 pub static SG_ADDR: LpmTrie<PolicyAddrKey, u32> = LpmTrie::pinned(POLICY_MAX_ENTRIES, 0);
 
 /// Security groups, port stage. Key: [`PolicyPortKey`] (class, protocol, port block); value:
-/// 1 (present = allowed). Writer and readers as `SG_ADDR`. Size: `POLICY_MAX_ENTRIES`.
+/// the allowing rule's reference (policy-local, nonzero; 0 would deny), reported in flow
+/// logs and traces. Writer and readers as `SG_ADDR`. Size: `POLICY_MAX_ENTRIES`.
 #[map]
 pub static SG_PORT: LpmTrie<PolicyPortKey, u32> = LpmTrie::pinned(POLICY_MAX_ENTRIES, 0);
 
@@ -162,3 +167,45 @@ pub static LB_FLOWS: LruHashMap<LbTuple, LbFlow> = LruHashMap::pinned(LB_FLOWS_M
 /// balancers. Size: as `LB_FLOWS`.
 #[map]
 pub static LB_REVERSE: LruHashMap<LbTuple, LbReverse> = LruHashMap::pinned(LB_FLOWS_MAX_ENTRIES, 0);
+
+/// Traffic per endpoint, direction and action. Key: [`EndpointStatsKey`] (port ifindex,
+/// `DIR_INGRESS`/`DIR_EGRESS`, `Action` number); value: [`Counter`] per CPU. Writers:
+/// `vpc_port` (the sender's egress, the local receiver's ingress) and TC ingress
+/// (decapsulated deliveries), not in trace runs. Readers: the agent's metrics endpoint
+/// (`EndpointStatsMaps`, summing the CPUs). Size: `ENDPOINT_STATS_MAX_ENTRIES` (ports x 2
+/// directions x a few actions); LRU, so ports gone long ago are forgotten first.
+#[map]
+pub static ENDPOINT_STATS: LruPerCpuHashMap<EndpointStatsKey, Counter> =
+    LruPerCpuHashMap::pinned(ENDPOINT_STATS_MAX_ENTRIES, 0);
+
+/// Flow-log events. Records: `dataplane_common::flowlog::FlowEvent`, one per packet that
+/// reaches a policy check while either endpoint has `EP_LOG_ACCEPT`/`EP_LOG_REJECT` for
+/// the verdict. Writers: `vpc_port` and TC ingress (reserve, fill, submit; a failed reserve
+/// counts in `FLOWLOG_LOST`). Reader: the agent's flow-log consumer (one, which owns the
+/// consumer position), in submission order per producer. Size: `FLOW_EVENTS_BYTES` (4 MiB,
+/// ~40 000 records: a few ms of line-rate logging between two drains).
+#[map]
+pub static FLOW_EVENTS: RingBuf = RingBuf::pinned(FLOW_EVENTS_BYTES, 0);
+
+/// Flow-log events lost to a full `FLOW_EVENTS`, index 0: a `u64` per CPU. Writers: as
+/// `FLOW_EVENTS` (plain increments: per CPU). Reader: the agent, which sums the CPUs and
+/// reports loss. Size: 1.
+#[map]
+pub static FLOWLOG_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// Packet-trace events. Records: `dataplane_common::trace::TraceEvent`, one per stage of a
+/// run whose `skb->mark` is `TRACE_MARK` (only BPF_PROG_TEST_RUN sets it). Writers: the
+/// programs in trace runs. Reader: the agent that started the run
+/// (`controlplane::datapath::trace`), which drains it right after (runs are serialized).
+/// Size: `TRACE_EVENTS_BYTES` (64 KiB: a trace is a dozen 48-byte records).
+#[map]
+pub static TRACE_EVENTS: RingBuf = RingBuf::pinned(TRACE_EVENTS_BYTES, 0);
+
+/// Conntrack budget per VPC. Key: VNI; value: [`CtBudget`] (limit, count). Writers: the agent
+/// (limits from configuration; its conntrack GC writes the true count back) and the
+/// programs (atomic +1 on each new entry). Readers: `vpc_port` and TC ingress before
+/// creating a conntrack entry (over the limit: drop `CtBudgetExceeded`). Size:
+/// `CT_BUDGET_MAX_ENTRIES` (VPCs on one host); not preallocated.
+#[map]
+pub static CT_BUDGET: HashMap<u32, CtBudget> =
+    HashMap::pinned(CT_BUDGET_MAX_ENTRIES, BPF_F_NO_PREALLOC);

@@ -12,12 +12,15 @@ use dataplane_common::{
     overlay::EP_LB_CLIENT,
     packet::PacketView,
     parse::{Parsed, parse},
+    stats::DIR_INGRESS,
     underlay::{UnderlayAction, decide as overlay_decide},
     verdict::{Verdict, decide},
 };
 
 use crate::{
-    forward, lb, policy, stats,
+    forward, lb,
+    policy::{self, Sides},
+    stats,
     tables::{KernelTables, overlay_config},
 };
 
@@ -86,17 +89,19 @@ pub fn deliver<C: EbpfContext>(
                     Ok(())
                 }
             })
-            .and_then(|()| policy::check(pkt, None, Some(ep)))
+            .and_then(|()| policy::check(pkt, &Sides::new(None, 0, Some(ep), ifindex)))
             .and_then(|()| forward::to_port(ifindex)),
     };
     match result {
         Ok(rc) => {
             stats::count_action(Hook::TcIngress, Action::Decap, len);
+            stats::count_endpoint(ifindex, DIR_INGRESS, Action::Decap, len);
             Some(rc)
         }
         Err(reason) => {
             stats::count_and_log_drop(ctx, Hook::TcIngress, reason, len);
             stats::count_endpoint_drop(ifindex, reason, len);
+            stats::count_endpoint(ifindex, DIR_INGRESS, Action::Drop, len);
             None
         }
     }

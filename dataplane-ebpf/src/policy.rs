@@ -6,12 +6,52 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use dataplane_common::{
     DropReason,
+    flowlog::{Decision, EP_LOG_ACCEPT, EP_LOG_REJECT},
     overlay::Endpoint,
+    packet::PacketView,
     parse::{ETH_HLEN, Family, IpPacket, parse_ipv4},
     policy::evaluate,
 };
 
-use crate::{maps::ENDPOINTS, packet::TcPacket, tables::KernelTables};
+use crate::{flowlog, maps::ENDPOINTS, packet::TcPacket, tables::KernelTables};
+
+/// The endpoints a policy check applies to, with their ports (flow logs name them).
+pub struct Sides {
+    /// The sender, when it lives here (its outbound rules apply).
+    pub out: Option<&'static Endpoint>,
+    /// The receiver, when it lives here (its inbound rules apply).
+    pub inb: Option<&'static Endpoint>,
+    /// VNI of the VPC (of whichever endpoint is present).
+    pub vni: u32,
+    /// Host-side port of `out`, 0 without it.
+    pub out_ifindex: u32,
+    /// Host-side port of `inb`, 0 without it.
+    pub in_ifindex: u32,
+}
+
+impl Sides {
+    /// The sides `out` (port `out_ifindex`) and `inb` (port `in_ifindex`); missing ones'
+    /// ports are ignored.
+    #[inline(always)]
+    pub fn new(
+        out: Option<&'static Endpoint>,
+        out_ifindex: u32,
+        inb: Option<&'static Endpoint>,
+        in_ifindex: u32,
+    ) -> Sides {
+        let vni = match (out, inb) {
+            (Some(e), _) | (None, Some(e)) => e.vni,
+            (None, None) => 0,
+        };
+        Sides {
+            out,
+            inb,
+            vni,
+            out_ifindex: if out.is_some() { out_ifindex } else { 0 },
+            in_ifindex: if inb.is_some() { in_ifindex } else { 0 },
+        }
+    }
+}
 
 /// A parsed packet before parsing (every field written, for the verifier).
 pub const EMPTY_IP: IpPacket = IpPacket {
@@ -31,32 +71,52 @@ pub const EMPTY_IP: IpPacket = IpPacket {
 /// the flow. A BPF subprogram (the parsed headers live in its frame, not the caller's) whose
 /// parsing and verdict are sibling subprograms, so their frames are never live at once: the
 /// kernel's 512-byte stack limit covers the whole call chain.
+///
+/// When either endpoint logs flows with this verdict (`EP_LOG_ACCEPT`, `EP_LOG_REJECT`), the
+/// decision goes to the flow log; otherwise that costs one flag test.
 #[inline(never)]
-pub fn check(
-    pkt: &TcPacket,
-    out: Option<&Endpoint>,
-    inb: Option<&Endpoint>,
-) -> Result<(), DropReason> {
+pub fn check(pkt: &TcPacket, sides: &Sides) -> Result<(), DropReason> {
     let mut ip = EMPTY_IP;
     parse_ip(pkt, &mut ip)?;
-    verdict(pkt, &ip, out, inb)
+    verdict(pkt, &ip, sides)
 }
 
 /// The verdict on a parsed packet (a BPF subprogram).
 #[inline(never)]
-fn verdict(
-    pkt: &TcPacket,
-    ip: &IpPacket,
-    out: Option<&Endpoint>,
-    inb: Option<&Endpoint>,
-) -> Result<(), DropReason> {
-    let vni = match (out, inb) {
-        (Some(e), _) | (None, Some(e)) => e.vni,
-        (None, None) => return Ok(()),
-    };
+fn verdict(pkt: &TcPacket, ip: &IpPacket, sides: &Sides) -> Result<(), DropReason> {
+    // No endpoint here: nothing to apply. (Tested on the ports, which are nonzero exactly
+    // when their endpoint is present: the compiler turns a test of both pointers into an OR
+    // of pointers, which the verifier rejects.)
+    if sides.out_ifindex | sides.in_ifindex == 0 {
+        return Ok(());
+    }
     // SAFETY: a helper without arguments or side effects.
     let now = unsafe { bpf_ktime_get_ns() };
-    evaluate(pkt, ip, vni, out, inb, now, &KernelTables)
+    let mut d = Decision::EMPTY;
+    let r = evaluate(
+        pkt,
+        ip,
+        sides.vni,
+        sides.out,
+        sides.inb,
+        now,
+        &KernelTables,
+        &mut d,
+    );
+    let flags = sides.out.map_or(0, |e| e.flags) | sides.inb.map_or(0, |e| e.flags);
+    let want = if r.is_ok() {
+        EP_LOG_ACCEPT
+    } else {
+        EP_LOG_REJECT
+    };
+    if flags & want != 0 {
+        let reason = match r {
+            Ok(()) => 0,
+            Err(reason) => reason as u32,
+        };
+        flowlog::emit(ip, sides, &d, reason, pkt.len() as u32);
+    }
+    r
 }
 
 /// The frame's IPv4 headers: instance frames are untagged IPv4 once the port program (or

@@ -11,13 +11,15 @@ use dataplane_common::{
     packet::PacketView,
     parse::ETH_HLEN,
     port::{Forward, PortAction, decide},
+    stats::{DIR_EGRESS, DIR_INGRESS},
 };
 
 use crate::{
     forward::{self, Encap},
     lb,
     packet::TcPacket,
-    policy, stats,
+    policy::{self, Sides},
+    stats,
     tables::{KernelTables, overlay_config},
 };
 
@@ -28,12 +30,22 @@ pub fn run(ctx: &TcContext) -> i32 {
     let len = pkt.len();
     let port = pkt.ifindex();
     match forward(ctx, &pkt, port) {
-        Ok((action, rc)) => {
+        Ok((action, rc, receiver)) => {
             stats::count_action(Hook::Port, action, len);
+            stats::count_endpoint(port, DIR_EGRESS, action, len);
+            if receiver != 0 {
+                stats::count_endpoint(receiver, DIR_INGRESS, action, len);
+            }
             rc
         }
         Err((reason, charged)) => {
             stats::count_port_drop(Hook::Port, charged, reason, len);
+            let dir = if charged == port {
+                DIR_EGRESS
+            } else {
+                DIR_INGRESS
+            };
+            stats::count_endpoint(charged, dir, Action::Drop, len);
             TC_ACT_SHOT
         }
     }
@@ -42,12 +54,15 @@ pub fn run(ctx: &TcContext) -> i32 {
 /// A drop and the port whose endpoint it is charged to.
 type Dropped = (DropReason, u32);
 
+/// What was done, the TC action, and the local receiver's port (0: none here).
+type Forwarded = (Action, i32, u32);
+
 #[inline(always)]
-fn forward(ctx: &TcContext, pkt: &TcPacket, port: u32) -> Result<(Action, i32), Dropped> {
+fn forward(ctx: &TcContext, pkt: &TcPacket, port: u32) -> Result<Forwarded, Dropped> {
     let here = |reason| (reason, port);
     // Not copied, to keep this frame small (see the subprograms below); see
     // `policy::endpoint` on why the reference stays valid.
-    let ep: &Endpoint = policy::endpoint(port).ok_or(here(DropReason::UnknownPort))?;
+    let ep: &'static Endpoint = policy::endpoint(port).ok_or(here(DropReason::UnknownPort))?;
     let cfg = overlay_config();
     let mut action = classify(pkt, ep, &cfg);
     // Whose outbound policy is still to apply.
@@ -55,7 +70,7 @@ fn forward(ctx: &TcContext, pkt: &TcPacket, port: u32) -> Result<(Action, i32), 
     if action.forward == Forward::Balance {
         // The client's outbound rules see the VIP (as in AWS); then the packet goes to the
         // chosen target like any other, the target's inbound rules seeing the client.
-        policy::check(pkt, Some(ep), None).map_err(here)?;
+        policy::check(pkt, &Sides::new(Some(ep), port, None, 0)).map_err(here)?;
         lb::balance(pkt, ep).map_err(here)?;
         out = None;
         action = classify(pkt, ep, &cfg);
@@ -66,7 +81,7 @@ fn forward(ctx: &TcContext, pkt: &TcPacket, port: u32) -> Result<(Action, i32), 
         Forward::Balance => Err(here(DropReason::NoNeighbor)),
         Forward::ArpReply => {
             arp_reply(pkt, ep).map_err(here)?;
-            Ok((Action::Reply, forward::to_port(port).map_err(here)?))
+            Ok((Action::Reply, forward::to_port(port).map_err(here)?, 0))
         }
         Forward::Local => {
             let dst = policy::endpoint(action.ifindex).ok_or(here(DropReason::NoNeighbor))?;
@@ -81,24 +96,27 @@ fn forward(ctx: &TcContext, pkt: &TcPacket, port: u32) -> Result<(Action, i32), 
             if dst.flags & EP_LB_CLIENT != 0 && lb::is_reply(pkt, dst).map_err(here)? {
                 // A target's reply to a balanced flow: the target's rules see it as sent,
                 // the client's as it receives it (from the VIP).
-                if let Some(o) = out {
-                    policy::check(pkt, Some(o), None).map_err(charge)?;
+                if out.is_some() {
+                    policy::check(pkt, &Sides::new(out, port, None, 0)).map_err(charge)?;
                 }
                 lb::reverse(pkt, dst).map_err(here)?;
-                policy::check(pkt, None, Some(dst)).map_err(charge)?;
+                policy::check(pkt, &Sides::new(None, 0, Some(dst), action.ifindex))
+                    .map_err(charge)?;
             } else {
-                policy::check(pkt, out, Some(dst)).map_err(charge)?;
+                policy::check(pkt, &Sides::new(out, port, Some(dst), action.ifindex))
+                    .map_err(charge)?;
             }
             pkt.write(0, &action.mac).map_err(here)?;
             pkt.write(6, &ep.router_mac).map_err(here)?;
             Ok((
                 Action::Redirect,
                 forward::to_port(action.ifindex).map_err(here)?,
+                action.ifindex,
             ))
         }
         Forward::Remote => {
-            if let Some(o) = out {
-                policy::check(pkt, Some(o), None).map_err(here)?;
+            if out.is_some() {
+                policy::check(pkt, &Sides::new(out, port, None, 0)).map_err(here)?;
             }
             let e = Encap {
                 vtep: action.vtep,
@@ -111,13 +129,14 @@ fn forward(ctx: &TcContext, pkt: &TcPacket, port: u32) -> Result<(Action, i32), 
             Ok((
                 Action::Encap,
                 forward::encapsulate(ctx, pkt, &cfg, &e).map_err(here)?,
+                0,
             ))
         }
         Forward::FragNeeded => {
             // The packet itself is dropped (and counted so); the instance learns the MTU.
             stats::count_port_drop(Hook::Port, port, DropReason::MtuExceeded, pkt.len());
             frag_needed_reply(pkt, ep, action.mtu).map_err(here)?;
-            Ok((Action::Reply, forward::to_port(port).map_err(here)?))
+            Ok((Action::Reply, forward::to_port(port).map_err(here)?, 0))
         }
     }
 }

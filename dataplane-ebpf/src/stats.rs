@@ -4,10 +4,10 @@ use aya_ebpf::EbpfContext;
 use aya_log_ebpf::debug;
 use dataplane_common::{
     Action, Counter, DropReason, Hook,
-    stats::{EndpointDropKey, action_index, drop_index},
+    stats::{EndpointDropKey, EndpointStatsKey, action_index, drop_index},
 };
 
-use crate::maps::{ACTION_STATS, DROP_STATS, ENDPOINT_DROPS};
+use crate::maps::{ACTION_STATS, DROP_STATS, ENDPOINT_DROPS, ENDPOINT_STATS};
 
 #[inline(always)]
 fn bump(map: &aya_ebpf::maps::PerCpuArray<dataplane_common::Counter>, index: u32, bytes: usize) {
@@ -78,6 +78,32 @@ pub fn count_endpoint_drop(ifindex: u32, reason: DropReason, bytes: usize) {
             // Another CPU may insert first (its count wins for this packet); an LRU map
             // evicts rather than fails when full.
             let _ = ENDPOINT_DROPS.insert(key, first, 0);
+        }
+    }
+}
+
+/// Counts a packet of the endpoint on port `ifindex` in `direction` (`DIR_INGRESS`,
+/// `DIR_EGRESS`) under `action`.
+#[inline(always)]
+pub fn count_endpoint(ifindex: u32, direction: u32, action: Action, bytes: usize) {
+    let key = EndpointStatsKey {
+        ifindex,
+        direction,
+        action: action as u32,
+    };
+    match ENDPOINT_STATS.get_ptr_mut(key) {
+        // SAFETY: this CPU's slot of a per-CPU value, as in `bump`.
+        Some(counter) => unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += bytes as u64;
+        },
+        None => {
+            let first = Counter {
+                packets: 1,
+                bytes: bytes as u64,
+            };
+            // As in `count_endpoint_drop`.
+            let _ = ENDPOINT_STATS.insert(key, first, 0);
         }
     }
 }

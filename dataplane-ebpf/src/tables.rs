@@ -4,10 +4,12 @@
 //! BPF_MAP_UPDATE_ELEM each, so a concurrent update yields the old or the new value, both
 //! valid.
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::maps::lpm_trie::Key;
 use dataplane_common::{
     FilterKey, FilterValue,
-    conntrack::{CtConfig, CtEntry, CtKey},
+    conntrack::{CtBudget, CtConfig, CtEntry, CtKey},
     lb::{LbBackend, LbFlow, LbReverse, LbService, LbServiceKey, LbTables, LbTuple},
     overlay::{Neighbor, NeighborKey, OverlayConfig, OverlayTables, Route, RoutePrefix},
     policy::{AclVerdict, CtSlot, PolicyAddrKey, PolicyPortKey, PolicyTables},
@@ -15,8 +17,8 @@ use dataplane_common::{
 };
 
 use crate::maps::{
-    ACL_ADDR, ACL_PORT, CONNTRACK, CT_CONFIG, FILTER, LB_BACKENDS, LB_FLOWS, LB_MAGLEV, LB_REVERSE,
-    LB_SERVICES, NEIGHBORS, OVERLAY_CONFIG, ROUTES, SG_ADDR, SG_PORT, VNIS, VTEPS,
+    ACL_ADDR, ACL_PORT, CONNTRACK, CT_BUDGET, CT_CONFIG, FILTER, LB_BACKENDS, LB_FLOWS, LB_MAGLEV,
+    LB_REVERSE, LB_SERVICES, NEIGHBORS, OVERLAY_CONFIG, ROUTES, SG_ADDR, SG_PORT, VNIS, VTEPS,
 };
 
 /// All lookup tables of the datapath.
@@ -69,6 +71,19 @@ fn ct_config() -> CtConfig {
     CT_CONFIG.get(0).copied().unwrap_or_default()
 }
 
+/// Atomically adds `n` to `*dst` (a BPF atomic add; the result is unused, so no fetch
+/// variant is needed). `core::sync::atomic` offers no `fetch_add` on the BPF target.
+///
+/// # Safety
+/// `dst` must point to a live, aligned integer in a map value.
+#[inline(always)]
+unsafe fn atomic_add<T: Copy>(dst: *mut T, n: T) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        atomic_xadd::<T, T, { AtomicOrdering::Relaxed }>(dst, n);
+    }
+}
+
 /// A conntrack entry in the map, written in place.
 pub struct KernelCt(*mut CtEntry);
 
@@ -83,8 +98,22 @@ impl CtSlot for KernelCt {
 
     #[inline(always)]
     fn set(&self, entry: &CtEntry) {
-        // SAFETY: as in `get`.
-        unsafe { *self.0 = *entry }
+        // SAFETY: as in `get`. The counters are not written (see `CtSlot::set`).
+        unsafe {
+            (*self.0).last_seen_ns = entry.last_seen_ns;
+            (*self.0).state = entry.state;
+            (*self.0).flags = entry.flags;
+        }
+    }
+
+    #[inline(always)]
+    fn count(&self, bytes: u32) {
+        // SAFETY: as in `get`; the counters are 8-byte aligned `u64`s in the map value,
+        // only ever accessed atomically by the programs (user space reads them as a copy).
+        unsafe {
+            atomic_add(&raw mut (*self.0).packets, 1);
+            atomic_add(&raw mut (*self.0).bytes, u64::from(bytes));
+        }
     }
 }
 
@@ -99,10 +128,10 @@ impl PolicyTables for KernelTables {
     }
 
     #[inline(always)]
-    fn sg_port(&self, key: &PolicyPortKey) -> bool {
+    fn sg_port(&self, key: &PolicyPortKey) -> Option<u32> {
         SG_PORT
             .get(Key::new(PolicyPortKey::FULL_LEN, *key))
-            .is_some()
+            .copied()
     }
 
     #[inline(always)]
@@ -134,6 +163,24 @@ impl PolicyTables for KernelTables {
     #[inline(always)]
     fn ct_config(&self) -> CtConfig {
         ct_config()
+    }
+
+    #[inline(always)]
+    fn ct_budget(&self, vni: u32) -> Option<CtBudget> {
+        // SAFETY: see the module docs; `count` may be added to concurrently (a plain
+        // integer: any value read is a valid count).
+        unsafe { CT_BUDGET.get(vni).copied() }
+    }
+
+    #[inline(always)]
+    fn ct_budget_charge(&self, vni: u32) {
+        if let Some(b) = CT_BUDGET.get_ptr_mut(vni) {
+            // SAFETY: the pointer came from a successful lookup into a live element (RCU);
+            // `count` is a 4-byte aligned `u32` the programs only add to atomically.
+            unsafe {
+                atomic_add(&raw mut (*b).count, 1u32);
+            }
+        }
     }
 }
 

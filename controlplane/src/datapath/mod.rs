@@ -9,10 +9,13 @@
 //! - [`policy_sync`]: installing compiled policy under ids (build new, switch, retire old).
 //! - [`lb_maps`]: the pinned load-balancer maps and their reconciler (tables written beside
 //!   the old ones, then switched).
+//! - [`flow_maps`]: the flow-log and trace ring buffers, flow-log loss and per-endpoint
+//!   traffic counters.
 //! - [`object`]: the embedded eBPF object.
 
 pub mod bpffs;
 mod error;
+pub mod flow_maps;
 pub mod lb_maps;
 pub mod loader;
 mod map_io;
@@ -25,6 +28,7 @@ mod sys;
 
 pub use bpffs::PinLayout;
 pub use error::DatapathError;
+pub use flow_maps::{FlowCounters, FlowEvents, TraceEvents};
 pub use lb_maps::{LbMaps, LbSync};
 pub use loader::{AttachOutcome, Attachment, Datapath, LoadOptions, XdpAttachMode};
 pub use overlay_maps::OverlayMaps;

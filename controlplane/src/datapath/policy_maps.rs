@@ -7,12 +7,15 @@
 //! any address leads to it), endpoints then switch ids, and the old id's entries are removed
 //! afterwards. No packet sees a half-written rule set.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    sync::{Mutex, MutexGuard},
+};
 
-use aya::maps::{Array, LpmTrie, Map, MapData, PerCpuHashMap, lpm_trie::Key};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuHashMap, lpm_trie::Key};
 use dataplane_common::{
     Counter,
-    conntrack::{CtConfig, CtEntry, CtKey},
+    conntrack::{CT_OPENED_BY_LO, CtBudget, CtConfig, CtEntry, CtKey},
     maps,
     policy::{AclVerdict, PolicyAddrKey, PolicyPortKey},
     stats::EndpointDropKey,
@@ -60,6 +63,28 @@ pub struct CtSummary {
     pub capacity: u32,
     /// Live entries per VNI.
     pub per_vni: BTreeMap<u32, usize>,
+    /// Per VNI, the sources (the side that opened the flow, IPv4-mapped) holding the most
+    /// live entries, most first (at most [`TOP_N`]; ties by address).
+    pub top_sources: BTreeMap<u32, Vec<([u8; 16], usize)>>,
+    /// Per VNI, the live flows with the most bytes (both directions), most first (at most
+    /// [`TOP_N`]).
+    pub top_flows: BTreeMap<u32, Vec<TopFlow>>,
+}
+
+/// How many top sources and flows [`CtSummary`] keeps per VNI.
+pub const TOP_N: usize = 10;
+
+/// One of the largest flows of a VPC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TopFlow {
+    /// The flow.
+    pub key: CtKey,
+    /// The address of the side that opened it (IPv4-mapped).
+    pub opener: [u8; 16],
+    /// Packets, both directions.
+    pub packets: u64,
+    /// Bytes, both directions.
+    pub bytes: u64,
 }
 
 impl CtSummary {
@@ -82,6 +107,9 @@ pub struct PolicyMaps {
     ct_config: Array<MapData, CtConfig>,
     conntrack: MapData,
     endpoint_drops: PerCpuHashMap<MapData, EndpointDropKey, Counter>,
+    /// Behind a lock so the GC (`&self`) can write counts back: aya's `insert` takes
+    /// `&mut self`, while the kernel map itself needs no exclusion.
+    ct_budget: Mutex<HashMap<MapData, u32, CtBudget>>,
 }
 
 impl std::fmt::Debug for PolicyMaps {
@@ -131,6 +159,10 @@ impl PolicyMaps {
                 maps::ENDPOINT_DROPS,
             )?))
             .map_err(map_err(maps::ENDPOINT_DROPS))?,
+            ct_budget: Mutex::new(
+                HashMap::try_from(Map::HashMap(open(layout, maps::CT_BUDGET)?))
+                    .map_err(map_err(maps::CT_BUDGET))?,
+            ),
         })
     }
 
@@ -256,7 +288,9 @@ impl PolicyMaps {
         sys::update_batch(self.conntrack.fd().as_fd(), entries).map_err(batch_err(maps::CONNTRACK))
     }
 
-    /// Scans conntrack at `now_ns` (CLOCK_MONOTONIC); with `gc`, deletes expired entries.
+    /// Scans conntrack at `now_ns` (CLOCK_MONOTONIC); with `gc`, deletes expired entries
+    /// and writes each budgeted VPC's live entry count back into `CT_BUDGET` (the datapath
+    /// only ever adds to it; evictions and expiries are seen here).
     pub fn ct_sweep(&self, now_ns: u64, gc: bool) -> Result<CtSummary, DatapathError> {
         use std::os::fd::AsFd as _;
         let cfg = self.ct_config()?.or_default();
@@ -266,7 +300,53 @@ impl PolicyMaps {
             sys::delete_batch(self.conntrack.fd().as_fd(), &expired)
                 .map_err(batch_err(maps::CONNTRACK))?;
         }
+        if gc {
+            let mut budgets = self.budgets();
+            let current: Vec<(u32, CtBudget)> = budgets
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(map_err(maps::CT_BUDGET))?;
+            for (vni, mut budget) in current {
+                let live = summary.per_vni.get(&vni).copied().unwrap_or(0);
+                budget.count = u32::try_from(live).unwrap_or(u32::MAX);
+                budgets
+                    .insert(vni, budget, 0)
+                    .map_err(map_err(maps::CT_BUDGET))?;
+            }
+        }
         Ok(summary)
+    }
+
+    fn budgets(&self) -> MutexGuard<'_, HashMap<MapData, u32, CtBudget>> {
+        // A panic while holding it leaves the handle usable (it holds no invariant).
+        self.ct_budget.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The conntrack budgets in force, by VNI.
+    pub fn ct_budgets(&self) -> Result<BTreeMap<u32, CtBudget>, DatapathError> {
+        self.budgets()
+            .iter()
+            .map(|r| r.map_err(map_err(maps::CT_BUDGET)))
+            .collect()
+    }
+
+    /// Sets VPC `vni`'s conntrack budget to `limit` entries (0: unlimited), keeping the
+    /// current count (a new budget starts from `count`, e.g. the last GC's live count; the
+    /// next GC corrects it).
+    pub fn set_ct_budget(&self, vni: u32, limit: u32, count: u32) -> Result<(), DatapathError> {
+        let mut budgets = self.budgets();
+        let count = match budgets.get(&vni, 0) {
+            Ok(b) => b.count,
+            Err(_) => count,
+        };
+        budgets
+            .insert(vni, CtBudget { limit, count }, 0)
+            .map_err(map_err(maps::CT_BUDGET))
+    }
+
+    /// Removes VPC `vni`'s budget (its flows are then limited only by the table).
+    pub fn remove_ct_budget(&self, vni: u32) -> Result<(), DatapathError> {
+        removed(self.budgets().remove(&vni), maps::CT_BUDGET)
     }
 
     /// Drops per (endpoint ifindex, drop-reason number), summed over CPUs.
@@ -297,15 +377,59 @@ pub fn summarize(
         ..CtSummary::default()
     };
     let mut expired = Vec::new();
+    let mut sources: BTreeMap<(u32, [u8; 16]), usize> = BTreeMap::new();
+    let mut flows: BTreeMap<u32, Vec<TopFlow>> = BTreeMap::new();
     for (key, entry) in entries {
         if cfg.expired(key, entry, now_ns) {
             expired.push(*key);
-        } else {
-            *summary.per_vni.entry(key.vni).or_default() += 1;
+            continue;
         }
+        *summary.per_vni.entry(key.vni).or_default() += 1;
+        let opener = if entry.flags & CT_OPENED_BY_LO != 0 {
+            key.lo_addr
+        } else {
+            key.hi_addr
+        };
+        *sources.entry((key.vni, opener)).or_default() += 1;
+        let top = flows.entry(key.vni).or_default();
+        top.push(TopFlow {
+            key: *key,
+            opener,
+            packets: entry.packets,
+            bytes: entry.bytes,
+        });
+        // Bounded: trim to TOP_N whenever the list doubles (amortized O(n log N)).
+        if top.len() >= 2 * TOP_N {
+            sort_flows(top);
+            top.truncate(TOP_N);
+        }
+    }
+    for (vni, mut top) in flows {
+        sort_flows(&mut top);
+        top.truncate(TOP_N);
+        summary.top_flows.insert(vni, top);
+    }
+    let mut by_vni: BTreeMap<u32, Vec<([u8; 16], usize)>> = BTreeMap::new();
+    for ((vni, addr), n) in sources {
+        by_vni.entry(vni).or_default().push((addr, n));
+    }
+    for (vni, mut top) in by_vni {
+        top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        top.truncate(TOP_N);
+        summary.top_sources.insert(vni, top);
     }
     summary.expired = expired.len();
     (summary, expired)
+}
+
+/// Most bytes first; ties by packets, then key (deterministic).
+fn sort_flows(flows: &mut [TopFlow]) {
+    flows.sort_by(|a, b| {
+        b.bytes
+            .cmp(&a.bytes)
+            .then(b.packets.cmp(&a.packets))
+            .then(a.key.cmp(&b.key))
+    });
 }
 
 /// CLOCK_MONOTONIC now, in nanoseconds (the datapath's conntrack clock).
@@ -345,5 +469,81 @@ mod tests {
         assert_eq!(expired, vec![key(1, 2)]);
         assert_eq!(summary.per_vni, BTreeMap::from([(1, 1), (2, 1)]));
         assert!((summary.pressure() - 0.3).abs() < 1e-9);
+    }
+
+    #[test]
+    fn summary_ranks_sources_by_entries_and_flows_by_bytes_per_vpc_bounded() {
+        const NOW: u64 = 100 * 1_000_000_000;
+        let addr = |n: u8| dataplane_common::filter::ipv4_mapped([10, 0, 0, n]);
+        // Flow i of VNI 1: opened by 10.0.0.(i % 3 + 1) (the lo side, the other side is
+        // 10.0.0.200), i * 100 bytes; one expired flow with the most bytes of all.
+        let mut entries: Vec<(CtKey, CtEntry)> = (0..30u16)
+            .map(|i| {
+                (
+                    CtKey {
+                        vni: 1,
+                        lo_addr: addr((i % 3) as u8 + 1),
+                        hi_addr: addr(200),
+                        lo_port: 1000 + i,
+                        hi_port: 80,
+                        proto: 6,
+                        ..CtKey::default()
+                    },
+                    CtEntry {
+                        last_seen_ns: NOW,
+                        state: CtState::Established as u32,
+                        flags: CT_OPENED_BY_LO,
+                        packets: u64::from(i),
+                        bytes: u64::from(i) * 100,
+                    },
+                )
+            })
+            .collect();
+        // Opened by the hi side (10.0.0.200) in VNI 2.
+        entries.push((
+            CtKey {
+                vni: 2,
+                lo_addr: addr(1),
+                hi_addr: addr(200),
+                proto: 17,
+                ..CtKey::default()
+            },
+            CtEntry {
+                last_seen_ns: NOW,
+                state: CtState::Open as u32,
+                bytes: 5,
+                packets: 1,
+                ..CtEntry::default()
+            },
+        ));
+        entries.push((
+            CtKey {
+                vni: 1,
+                lo_addr: addr(9),
+                proto: 17,
+                ..CtKey::default()
+            },
+            CtEntry {
+                last_seen_ns: 0,
+                state: CtState::Open as u32,
+                flags: CT_OPENED_BY_LO,
+                bytes: u64::MAX,
+                ..CtEntry::default()
+            },
+        ));
+        let (s, expired) = summarize(&entries, &CtConfig::DEFAULT, NOW, 1000);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(s.per_vni, BTreeMap::from([(1, 30), (2, 1)]));
+        let top = &s.top_flows[&1];
+        assert_eq!(top.len(), TOP_N);
+        let bytes: Vec<u64> = top.iter().map(|f| f.bytes).collect();
+        assert_eq!(bytes, (20..30).rev().map(|i| i * 100).collect::<Vec<u64>>());
+        assert_eq!(top[0].opener, addr((29 % 3) as u8 + 1));
+        assert_eq!(
+            s.top_sources[&1],
+            vec![(addr(1), 10), (addr(2), 10), (addr(3), 10)]
+        );
+        assert_eq!(s.top_sources[&2], vec![(addr(200), 1)]);
+        assert_eq!(s.top_flows[&2][0].bytes, 5);
     }
 }

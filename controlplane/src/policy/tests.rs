@@ -246,6 +246,7 @@ impl dataplane_common::policy::CtSlot for NoCt {
         CtEntry::default()
     }
     fn set(&self, _: &CtEntry) {}
+    fn count(&self, _: u32) {}
 }
 
 impl PolicyTables for Sim {
@@ -253,8 +254,8 @@ impl PolicyTables for Sim {
     fn sg_class(&self, key: &PolicyAddrKey) -> Option<u32> {
         self.sg_addr.lookup(addr_bits(key)).copied()
     }
-    fn sg_port(&self, key: &PolicyPortKey) -> bool {
-        self.sg_port.lookup(port_bits(key)).is_some()
+    fn sg_port(&self, key: &PolicyPortKey) -> Option<u32> {
+        self.sg_port.lookup(port_bits(key)).map(|()| 1)
     }
     fn acl_class(&self, key: &PolicyAddrKey) -> Option<u32> {
         self.acl_addr.lookup(addr_bits(key)).copied()
@@ -269,6 +270,10 @@ impl PolicyTables for Sim {
     fn ct_config(&self) -> CtConfig {
         CtConfig::DEFAULT
     }
+    fn ct_budget(&self, _: u32) -> Option<dataplane_common::conntrack::CtBudget> {
+        None
+    }
+    fn ct_budget_charge(&self, _: u32) {}
 }
 
 /// A compiled policy installed on a host: ids assigned in key order from 1, every entry in
