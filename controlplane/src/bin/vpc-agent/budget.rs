@@ -4,10 +4,10 @@
 //! Each VPC with instances here may hold `share` percent of the table (`CT_BUDGET[vni].limit`,
 //! enforced by the datapath on insert: `ct_budget_exceeded`); the share is the VPC's
 //! `conntrack_share_percent` or the agent's `--conntrack-vpc-share`; 100 means no budget
-//! (no entry). After each conntrack GC the agent writes the recounted live entries of each
-//! budgeted VPC (`count`: the datapath only ever adds, so evictions and expiries are
-//! corrected here), and reports per VPC the usage, the top sources holding entries and the
-//! flows that carried the most bytes (`vpc flows top`).
+//! (no entry). The conntrack GC (`PolicyMaps::ct_sweep`) writes the recounted live entries of
+//! each budgeted VPC back (`count`: the datapath only ever adds) and ranks per VPC the
+//! sources holding entries and the flows that carried the most bytes; the agent reports
+//! them (`vpc conntrack top`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,12 +15,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, MapData};
-use controlplane::{datapath::PinLayout, overlay::statefile::StateFile};
-use dataplane_common::{
-    conntrack::{CT_OPENED_BY_LO, CtBudget, CtEntry, CtKey},
-    maps::CT_BUDGET,
+use controlplane::{
+    datapath::{
+        PolicyMaps,
+        policy_maps::{CtSummary, TopFlow},
+    },
+    overlay::statefile::StateFile,
 };
+use dataplane_common::conntrack::CtBudget;
 use vpc_proto::v1 as pb;
 
 /// Top sources and top flows reported per VPC.
@@ -93,15 +95,6 @@ pub fn plan(
     (puts, deletes)
 }
 
-/// Who holds a VPC's conntrack entries.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Top {
-    /// (address, flows) by flows, most first.
-    pub sources: Vec<(Ipv4Addr, u64)>,
-    /// The flows that carried the most bytes.
-    pub flows: Vec<pb::CtTopFlow>,
-}
-
 fn v4(a: &[u8; 16]) -> Ipv4Addr {
     Ipv4Addr::new(a[12], a[13], a[14], a[15])
 }
@@ -115,90 +108,65 @@ fn proto_name(p: u8) -> String {
     }
 }
 
-/// Per VNI, the sources that opened the most live flows and the flows with the most bytes
-/// (the opener is the source: `CT_OPENED_BY_LO` says which side of the canonical key).
-pub fn top(entries: &[(CtKey, CtEntry)], n: usize) -> BTreeMap<u32, Top> {
-    let mut sources: BTreeMap<u32, BTreeMap<Ipv4Addr, u64>> = BTreeMap::new();
-    let mut flows: BTreeMap<u32, Vec<(&CtKey, &CtEntry)>> = BTreeMap::new();
-    for (k, e) in entries {
-        let opener = if e.flags & CT_OPENED_BY_LO != 0 {
-            k.lo_addr
-        } else {
-            k.hi_addr
-        };
-        *sources
-            .entry(k.vni)
-            .or_default()
-            .entry(v4(&opener))
-            .or_default() += 1;
-        flows.entry(k.vni).or_default().push((k, e));
+/// A top flow as reported: the source is the side that opened it.
+fn top_flow(f: &TopFlow) -> pb::CtTopFlow {
+    let k = &f.key;
+    let (src, sp, dst, dp) = if k.lo_addr == f.opener {
+        (k.lo_addr, k.lo_port, k.hi_addr, k.hi_port)
+    } else {
+        (k.hi_addr, k.hi_port, k.lo_addr, k.lo_port)
+    };
+    pb::CtTopFlow {
+        protocol: proto_name(k.proto),
+        src: v4(&src).to_string(),
+        src_port: u32::from(sp),
+        dst: v4(&dst).to_string(),
+        dst_port: u32::from(dp),
+        packets: f.packets,
+        bytes: f.bytes,
     }
-    let mut out = BTreeMap::new();
-    for (vni, per_source) in sources {
-        let mut s: Vec<(Ipv4Addr, u64)> = per_source.into_iter().collect();
-        s.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        s.truncate(n);
-        let mut f = flows.remove(&vni).unwrap_or_default();
-        f.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then(a.0.cmp(b.0)));
-        f.truncate(n);
-        let flows = f
-            .into_iter()
-            .map(|(k, e)| {
-                let lo_opened = e.flags & CT_OPENED_BY_LO != 0;
-                let (src, sp, dst, dp) = if lo_opened {
-                    (k.lo_addr, k.lo_port, k.hi_addr, k.hi_port)
-                } else {
-                    (k.hi_addr, k.hi_port, k.lo_addr, k.lo_port)
-                };
-                pb::CtTopFlow {
-                    protocol: proto_name(k.proto),
-                    src: v4(&src).to_string(),
-                    src_port: u32::from(sp),
-                    dst: v4(&dst).to_string(),
-                    dst_port: u32::from(dp),
-                    packets: e.packets,
-                    bytes: e.bytes,
-                }
-            })
-            .collect();
-        out.insert(vni, Top { sources: s, flows });
-    }
-    out
 }
 
-/// The report's conntrack summary: per VNI its live flows, budget, top sources and flows.
+/// The report's conntrack summary: per VNI its live flows, budget, top sources and flows
+/// (at most [`TOP_N`] each) and the new flows its budget refused.
 pub fn summary(
-    entries: u64,
-    capacity: u64,
-    per_vni: &BTreeMap<u32, usize>,
+    s: &CtSummary,
     budgets: &BTreeMap<u32, CtBudget>,
-    top: &BTreeMap<u32, Top>,
     budget_drops: &BTreeMap<u32, u64>,
 ) -> pb::ConntrackSummary {
-    let vnis: BTreeSet<u32> = per_vni.keys().chain(budgets.keys()).copied().collect();
+    let vnis: BTreeSet<u32> = s.per_vni.keys().chain(budgets.keys()).copied().collect();
     pb::ConntrackSummary {
-        entries,
-        capacity,
+        entries: s.entries as u64,
+        capacity: u64::from(s.capacity),
         per_vni: vnis
             .into_iter()
             .map(|vni| {
                 let b = budgets.get(&vni).copied().unwrap_or_default();
-                let t = top.get(&vni).cloned().unwrap_or_default();
                 pb::VniFlows {
                     vni,
-                    flows: per_vni.get(&vni).copied().unwrap_or(0) as u64,
+                    flows: s.per_vni.get(&vni).copied().unwrap_or(0) as u64,
                     vpc_id: String::new(),
                     budget_limit: u64::from(b.limit),
                     budget_count: u64::from(b.count),
-                    top_sources: t
-                        .sources
-                        .iter()
+                    top_sources: s
+                        .top_sources
+                        .get(&vni)
+                        .into_iter()
+                        .flatten()
+                        .take(TOP_N)
                         .map(|(a, n)| pb::CtTopSource {
-                            address: a.to_string(),
-                            flows: *n,
+                            address: v4(a).to_string(),
+                            flows: *n as u64,
                         })
                         .collect(),
-                    top_flows: t.flows,
+                    top_flows: s
+                        .top_flows
+                        .get(&vni)
+                        .into_iter()
+                        .flatten()
+                        .take(TOP_N)
+                        .map(top_flow)
+                        .collect(),
                     budget_drops: budget_drops.get(&vni).copied().unwrap_or(0),
                 }
             })
@@ -249,60 +217,34 @@ pub fn drops_per_vni(
     out
 }
 
-/// The pinned `CT_BUDGET` map and the agent's defaults.
-pub struct Budgets {
-    map: HashMap<MapData, u32, CtBudget>,
-    /// `--conntrack-vpc-share`.
-    pub default_share: u8,
-    /// The conntrack table's capacity.
-    pub conntrack_max: u32,
-}
-
-impl Budgets {
-    /// Opens the pinned map.
-    pub fn open(layout: &PinLayout, default_share: u8, conntrack_max: u32) -> Result<Budgets> {
-        let data = MapData::from_pin(layout.map(CT_BUDGET))
-            .with_context(|| format!("opening the pinned {CT_BUDGET} map"))?;
-        let map = HashMap::try_from(aya::maps::Map::HashMap(data))
-            .with_context(|| format!("{CT_BUDGET} is not a hash of u32 -> CtBudget"))?;
-        Ok(Budgets {
-            map,
-            default_share,
-            conntrack_max,
-        })
+/// Makes `CT_BUDGET` hold the budgets of `doc`'s VPCs on `host` (`live`: entries per VNI at
+/// the last GC); returns the writes made.
+pub fn apply(
+    maps: &PolicyMaps,
+    doc: &StateFile,
+    host: &str,
+    default_share: u8,
+    capacity: u32,
+    live: &BTreeMap<u32, usize>,
+) -> Result<usize> {
+    let wanted = limits(doc, host, default_share, capacity);
+    let (puts, deletes) = plan(&maps.ct_budgets()?, &wanted);
+    let n = puts.len() + deletes.len();
+    for (vni, b) in puts {
+        // A new budget starts from the VPC's live entries at the last GC.
+        let count = if b.count == 0 {
+            live.get(&vni).copied().unwrap_or(0) as u32
+        } else {
+            b.count
+        };
+        maps.set_ct_budget(vni, b.limit, count)
+            .with_context(|| format!("setting the conntrack budget of VNI {vni}"))?;
     }
-
-    /// What the map holds.
-    pub fn read(&self) -> BTreeMap<u32, CtBudget> {
-        self.map.iter().filter_map(|r| r.ok()).collect()
+    for vni in deletes {
+        maps.remove_ct_budget(vni)
+            .with_context(|| format!("removing the conntrack budget of VNI {vni}"))?;
     }
-
-    /// Makes the map hold the budgets of `doc`'s VPCs on `host`; returns the writes made.
-    pub fn apply(&mut self, doc: &StateFile, host: &str) -> Result<usize> {
-        let wanted = limits(doc, host, self.default_share, self.conntrack_max);
-        let (puts, deletes) = plan(&self.read(), &wanted);
-        let n = puts.len() + deletes.len();
-        for (vni, b) in puts {
-            self.map
-                .insert(vni, b, 0)
-                .with_context(|| format!("writing {CT_BUDGET}[{vni}]"))?;
-        }
-        for vni in deletes {
-            // Gone already is done.
-            let _ = self.map.remove(&vni);
-        }
-        Ok(n)
-    }
-
-    /// Writes the GC's recount of live entries into each budget (the datapath only adds).
-    pub fn recount(&mut self, per_vni: &BTreeMap<u32, usize>) {
-        for (vni, b) in self.read() {
-            let count = per_vni.get(&vni).copied().unwrap_or(0) as u32;
-            if b.count != count {
-                let _ = self.map.insert(vni, CtBudget { count, ..b }, 0);
-            }
-        }
-    }
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -394,102 +336,47 @@ mod tests {
         );
     }
 
-    fn entry(
-        vni: u32,
-        a: [u8; 4],
-        ap: u16,
-        b: [u8; 4],
-        bp: u16,
-        lo_opened: bool,
-        bytes: u64,
-    ) -> (CtKey, CtEntry) {
-        let m = |x: [u8; 4]| {
-            let mut v = [0u8; 16];
-            v[10] = 0xff;
-            v[11] = 0xff;
-            v[12..].copy_from_slice(&x);
-            v
-        };
-        let key = CtKey {
-            vni,
-            lo_addr: m(a),
-            hi_addr: m(b),
-            lo_port: ap,
-            hi_port: bp,
+    #[test]
+    fn summary_joins_counts_budgets_tops_and_drops() {
+        let m = dataplane_common::filter::ipv4_mapped;
+        let flooder = m([10, 0, 1, 9]);
+        let key = dataplane_common::conntrack::CtKey {
+            vni: 7,
+            lo_addr: m([10, 0, 1, 5]),
+            hi_addr: flooder,
+            lo_port: 53,
+            hi_port: 1000,
             proto: 17,
-            _pad: [0; 3],
+            ..Default::default()
         };
-        let e = CtEntry {
-            flags: if lo_opened { CT_OPENED_BY_LO } else { 0 },
-            bytes,
-            packets: 1,
-            ..CtEntry::default()
+        let s = CtSummary {
+            entries: 30,
+            capacity: 1000,
+            per_vni: BTreeMap::from([(7, 21), (8, 1)]),
+            top_sources: BTreeMap::from([(7, vec![(flooder, 20), (m([10, 0, 1, 4]), 1)])]),
+            top_flows: BTreeMap::from([(
+                7,
+                vec![TopFlow {
+                    key,
+                    opener: flooder,
+                    packets: 3,
+                    bytes: 180,
+                }],
+            )]),
+            ..Default::default()
         };
-        (key, e)
-    }
-
-    #[test]
-    fn top_ranks_openers_by_flows_and_flows_by_bytes_per_vpc() {
-        let flooder = [10, 0, 1, 9];
-        let mut entries: Vec<(CtKey, CtEntry)> = (0..20)
-            .map(|p| entry(7, [10, 0, 1, 5], 53, flooder, 1000 + p, false, 100))
-            .collect();
-        entries.push(entry(
-            7,
-            [10, 0, 1, 4],
-            40000,
-            [10, 0, 1, 5],
-            443,
-            true,
-            9999,
-        ));
-        entries.push(entry(8, [10, 0, 1, 4], 40000, [10, 0, 1, 5], 443, true, 1));
-        let t = top(&entries, 2);
-        assert_eq!(
-            t[&7].sources,
-            vec![
-                (Ipv4Addr::from(flooder), 20),
-                (Ipv4Addr::new(10, 0, 1, 4), 1)
-            ]
-        );
-        assert_eq!(t[&7].flows.len(), 2);
-        let f = &t[&7].flows[0];
-        assert_eq!(
+        let budgets = BTreeMap::from([
             (
-                f.src.as_str(),
-                f.src_port,
-                f.dst.as_str(),
-                f.dst_port,
-                f.bytes,
-                f.protocol.as_str()
+                7,
+                CtBudget {
+                    limit: 20,
+                    count: 21,
+                },
             ),
-            ("10.0.1.4", 40000, "10.0.1.5", 443, 9999, "udp")
-        );
-        // The flooder opened from the hi side: it is the source.
-        assert_eq!(t[&7].flows[1].src, "10.0.1.9");
-        assert_eq!(t[&8].sources, vec![(Ipv4Addr::new(10, 0, 1, 4), 1)]);
-    }
-
-    #[test]
-    fn summary_joins_counts_budgets_and_tops() {
-        let s = summary(
-            30,
-            1000,
-            &BTreeMap::from([(7, 21), (8, 1)]),
-            &BTreeMap::from([
-                (
-                    7,
-                    CtBudget {
-                        limit: 20,
-                        count: 21,
-                    },
-                ),
-                (9, CtBudget { limit: 5, count: 0 }),
-            ]),
-            &BTreeMap::new(),
-            &BTreeMap::from([(7, 4)]),
-        );
-        let rows: Vec<(u32, u64, u64, u64, u64)> = s
+            (9, CtBudget { limit: 5, count: 0 }),
+        ]);
+        let r = summary(&s, &budgets, &BTreeMap::from([(7, 4)]));
+        let rows: Vec<(u32, u64, u64, u64, u64)> = r
             .per_vni
             .iter()
             .map(|v| {
@@ -506,5 +393,36 @@ mod tests {
             rows,
             vec![(7, 21, 20, 21, 4), (8, 1, 0, 0, 0), (9, 0, 5, 0, 0)]
         );
+        let a = &r.per_vni[0];
+        assert_eq!(
+            (a.top_sources[0].address.as_str(), a.top_sources[0].flows),
+            ("10.0.1.9", 20)
+        );
+        let f = &a.top_flows[0];
+        // The opener (the hi side here) is the source.
+        assert_eq!(
+            (
+                f.protocol.as_str(),
+                f.src.as_str(),
+                f.src_port,
+                f.dst.as_str(),
+                f.dst_port
+            ),
+            ("udp", "10.0.1.9", 1000, "10.0.1.5", 53)
+        );
+    }
+
+    #[test]
+    fn budget_drops_are_summed_per_vpc_from_port_counters() {
+        let reason = dataplane_common::DropReason::CtBudgetExceeded as u32;
+        let c = |packets| dataplane_common::stats::Counter { packets, bytes: 0 };
+        let drops = BTreeMap::from([
+            ((11, reason), c(5)),
+            ((12, reason), c(2)),
+            ((11, dataplane_common::DropReason::SgIngress as u32), c(9)),
+            ((99, reason), c(1)),
+        ]);
+        let ports = BTreeMap::from([(11, 7), (12, 7), (13, 8)]);
+        assert_eq!(drops_per_vni(&drops, &ports), BTreeMap::from([(7, 7)]));
     }
 }

@@ -352,23 +352,10 @@ async fn run(args: RunArgs) -> Result<()> {
 
     let maps = PinnedMaps::open(&layout)?;
     let policy_maps = PolicyMaps::open(&layout)?;
-    // Per-VPC conntrack budgets (absent from a datapath without CT_BUDGET: not enforced).
-    let mut budgets = match budget::Budgets::open(
-        &layout,
-        args.conntrack_vpc_share,
-        policy_maps
-            .conntrack_capacity()
-            .unwrap_or(args.conntrack_max),
-    ) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            warn!(
-                error = format!("{e:#}"),
-                "conntrack budgets are not enforced"
-            );
-            None
-        }
-    };
+    // Per-VPC conntrack budgets: shares of the table as it was created.
+    let ct_capacity = policy_maps
+        .conntrack_capacity()
+        .unwrap_or(args.conntrack_max);
     let mut gc = tokio::time::interval(Duration::from_secs(args.ct_gc_interval.max(1)));
     let mut poll = tokio::time::interval(STATE_POLL);
     let mut ticks = 0u32;
@@ -398,7 +385,7 @@ async fn run(args: RunArgs) -> Result<()> {
             _ = gc.tick() => {
                 if let Some(s) = conntrack_gc(&policy_maps) {
                     let doc = overlay.as_ref().and_then(|r| r.document().ok());
-                    last_ct = Some(budget_pass(&mut budgets, &policy_maps, &s, doc.as_ref(), args.host.as_deref().unwrap_or_default()));
+                    last_ct = Some(budget_pass(&policy_maps, &s, doc.as_ref(), args.host.as_deref().unwrap_or_default(), args.conntrack_vpc_share, ct_capacity));
                 }
                 if let Some(r) = overlay.as_ref() {
                     lb_gc(r.lb_maps(), &policy_maps);
@@ -409,9 +396,8 @@ async fn run(args: RunArgs) -> Result<()> {
                 let revision = got.revision;
                 let result = match serde_json::from_slice(&got.document) {
                     Ok(doc) => {
-                        if let Some(b) = budgets.as_mut()
-                            && let Err(e) = b.apply(&doc, args.host.as_deref().unwrap_or_default())
-                        {
+                        let live = last_ct.as_ref().map(|c| c.per_vni.iter().map(|f| (f.vni, f.flows as usize)).collect()).unwrap_or_default();
+                        if let Err(e) = budget::apply(&policy_maps, &doc, args.host.as_deref().unwrap_or_default(), args.conntrack_vpc_share, ct_capacity, &live) {
                             warn!(error = format!("{e:#}"), "writing conntrack budgets");
                         }
                         r.set_pushed(revision, doc);
@@ -577,27 +563,19 @@ pub(crate) fn say(line: std::fmt::Arguments<'_>) {
 /// and builds the report's summary (per VPC: flows, budget, top sources and flows, budget
 /// drops).
 fn budget_pass(
-    budgets: &mut Option<budget::Budgets>,
     maps: &PolicyMaps,
     s: &controlplane::datapath::policy_maps::CtSummary,
     doc: Option<&controlplane::overlay::statefile::StateFile>,
     host: &str,
+    default_share: u8,
+    capacity: u32,
 ) -> vpc_proto::v1::ConntrackSummary {
-    let mut current = std::collections::BTreeMap::new();
-    if let Some(b) = budgets.as_mut() {
-        if let Some(doc) = doc
-            && let Err(e) = b.apply(doc, host)
-        {
-            warn!(error = format!("{e:#}"), "writing conntrack budgets");
-        }
-        b.recount(&s.per_vni);
-        current = b.read();
+    if let Some(doc) = doc
+        && let Err(e) = budget::apply(maps, doc, host, default_share, capacity, &s.per_vni)
+    {
+        warn!(error = format!("{e:#}"), "writing conntrack budgets");
     }
-    // A second read of the table for the top lists (GC's read is inside ct_sweep).
-    let top = maps
-        .conntrack()
-        .map(|e| budget::top(&e, budget::TOP_N))
-        .unwrap_or_default();
+    let current = maps.ct_budgets().unwrap_or_default();
     let drops = match (doc, maps.endpoint_drops()) {
         (Some(doc), Ok(d)) => budget::drops_per_vni(
             &d,
@@ -605,14 +583,7 @@ fn budget_pass(
         ),
         _ => Default::default(),
     };
-    budget::summary(
-        s.entries as u64,
-        u64::from(s.capacity),
-        &s.per_vni,
-        &current,
-        &top,
-        &drops,
-    )
+    budget::summary(s, &current, &drops)
 }
 
 /// Deletes expired conntrack entries and logs the table's pressure and per-VPC counts;
