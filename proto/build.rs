@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/vpc/v1/lb.proto",
         "proto/vpc/v1/network.proto",
         "proto/vpc/v1/security.proto",
+        "proto/vpc/v1/trace.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -23,7 +23,7 @@ use vpc_proto::v1 as pb;
 use crate::{
     compute,
     config::{self, Settings},
-    hosts, lb, manifest, network, ops, output, security,
+    hosts, lb, manifest, network, ops, output, security, trace,
 };
 
 /// Exit codes of the API commands (also in `vpc --help`).
@@ -159,6 +159,13 @@ pub enum ApiCommand {
     /// Flow logs of VPCs and subnets (API; records: `vpc flows --follow`).
     #[command(subcommand, name = "flow-logs")]
     FlowLogs(crate::flowlogs::FlowLogsCommand),
+    /// Trace one packet through the live datapath: each stage's decision (endpoint, route,
+    /// ACL and security-group rules, load-balancer target, encapsulation, delivery) and the
+    /// drop reason (API; exit 0 delivered, 3 dropped). Changes no connection state.
+    Trace(trace::TraceArgs),
+    /// Conntrack budgets: per VPC (yours), usage against its budget and who fills it (API).
+    #[command(subcommand, visible_alias = "ct")]
+    Conntrack(trace::ConntrackCommand),
     /// Create or converge the resources of manifest files (kubectl apply style).
     Apply(manifest::FileArgs),
     /// Show what `apply` would change (exit 0: nothing, 1: changes, 2: errors).
@@ -222,6 +229,8 @@ async fn run(settings: &Settings, cmd: ApiCommand) -> Result<(), CliError> {
         ApiCommand::Flows(_) => ops::flows(&api).await,
         ApiCommand::FlowLogs(c) => crate::flowlogs::flow_logs(&api, c).await,
         ApiCommand::Tags(c) => hosts::tags(&api, c).await,
+        ApiCommand::Trace(a) => trace::trace(&api, a).await,
+        ApiCommand::Conntrack(c) => trace::conntrack(&api, c).await,
         ApiCommand::Apply(f) => manifest::apply(&api, f).await,
         ApiCommand::Diff(f) => manifest::diff(&api, f).await,
         ApiCommand::Delete(f) => manifest::delete(&api, f).await,
@@ -822,7 +831,7 @@ message_json! {
     pb::Tag { key, value }
     pb::Vpc {
         vpc_id, cidr_block, vni, state, owner_id, tags, default_security_group_id,
-        default_network_acl_id, main_route_table_id,
+        default_network_acl_id, main_route_table_id, conntrack_share_percent,
     }
     pb::Subnet {
         subnet_id, vpc_id, cidr_block, available_ip_address_count, network_acl_id, state,
@@ -870,7 +879,15 @@ message_json! {
     }
     pb::Host { host_id, underlay_ip, connected, applied_revision, last_error, instance_count, counters, recent_drops, recent_seconds, conntrack }
     pb::ConntrackSummary { entries, capacity, per_vni }
-    pb::VniFlows { vni, flows, vpc_id }
+    pb::VniFlows {
+        vni, flows, vpc_id, budget_limit, budget_count, top_sources, top_flows, budget_drops,
+    }
+    pb::CtTopSource { address, flows }
+    pb::CtTopFlow { protocol, src, src_port, dst, dst_port, packets, bytes }
+    pb::TraceStageResult { host_id, stage, result, detail }
+    pb::TracePacketResponse {
+        stages, verdict, drop_reason, drop_host_id, delivered_to, packet,
+    }
     pb::DatapathCounter { hook, name, drop, packets, bytes }
     pb::TargetHealthDescription { target_id, port, state, reason, host_id }
     pb::GetProgrammingLatencyResponse { samples, p50_ms, p99_ms, max_ms, last_ms }

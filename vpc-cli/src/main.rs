@@ -21,6 +21,7 @@ mod network;
 mod ops;
 mod output;
 mod security;
+mod trace;
 
 use std::{net::IpAddr, path::PathBuf};
 

@@ -22,6 +22,18 @@ pub enum VpcsCommand {
         /// Idempotency token: repeating the create with it returns the same VPC.
         #[arg(long)]
         client_token: Option<String>,
+        /// Share of each host's conntrack table the VPC may fill, percent (1-100; default:
+        /// the agents' `--conntrack-vpc-share`).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+        conntrack_share: Option<u32>,
+    },
+    /// Change a VPC's attributes.
+    Modify {
+        id: String,
+        /// Share of each host's conntrack table the VPC may fill, percent (1-100; 0: the
+        /// agents' default).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(0..=100))]
+        conntrack_share: Option<u32>,
     },
     /// List VPCs (all, or the ids given).
     #[command(visible_alias = "ls")]
@@ -78,6 +90,7 @@ fn vpc_table(items: &[pb::Vpc]) -> Table {
         "DEFAULT SG",
         "DEFAULT ACL",
         "MAIN ROUTE TABLE",
+        "CT SHARE",
         "OWNER",
         "TAGS",
     ]);
@@ -91,6 +104,10 @@ fn vpc_table(items: &[pb::Vpc]) -> Table {
             v.default_security_group_id.clone(),
             v.default_network_acl_id.clone(),
             v.main_route_table_id.clone(),
+            match v.conntrack_share_percent {
+                0 => "default".into(),
+                p => format!("{p}%"),
+            },
             v.owner_id.clone(),
             tags_text(&v.tags),
         ]);
@@ -154,12 +171,27 @@ pub async fn vpcs(api: &Api, cmd: VpcsCommand) -> Result<(), CliError> {
             cidr,
             tags,
             client_token,
+            conntrack_share,
         } => {
             let r = c
                 .create_vpc(pb::CreateVpcRequest {
                     cidr_block: cidr,
                     tags,
                     client_token: client_token.unwrap_or_default(),
+                    conntrack_share_percent: conntrack_share.unwrap_or(0),
+                })
+                .await?;
+            let v = need(r.into_inner().vpc, "vpc")?;
+            show_one(api, "vpc", &v, vpc_table);
+        }
+        VpcsCommand::Modify {
+            id,
+            conntrack_share,
+        } => {
+            let r = c
+                .modify_vpc_attribute(pb::ModifyVpcAttributeRequest {
+                    vpc_id: id,
+                    conntrack_share_percent: conntrack_share,
                 })
                 .await?;
             let v = need(r.into_inner().vpc, "vpc")?;

@@ -534,6 +534,7 @@ impl InstanceService for Instances {
                     command: req.command,
                     timeout_seconds: timeout,
                     stdin: req.stdin,
+                    ..Default::default()
                 },
             )
             .await?;

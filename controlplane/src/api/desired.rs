@@ -112,11 +112,16 @@ fn render(cache: &BTreeMap<String, Rec>, quotas: &Quotas, revision: i64) -> Desi
         .collect();
     for rec in cache.values() {
         match rec {
-            Rec::Vpc(v) => doc.vpcs.push(VpcDoc {
-                id: v.meta.id.clone(),
-                vni: v.vni,
-                cidr: v.cidr,
-            }),
+            Rec::Vpc(v) => {
+                if let Some(share) = v.ct_share {
+                    doc.conntrack_shares.insert(v.vni, share);
+                }
+                doc.vpcs.push(VpcDoc {
+                    id: v.meta.id.clone(),
+                    vni: v.vni,
+                    cidr: v.cidr,
+                })
+            }
             Rec::Subnet(s) => doc.subnets.push(SubnetDoc {
                 id: s.meta.id.clone(),
                 vpc: s.vpc.clone(),

@@ -28,6 +28,7 @@ pub mod server;
 pub mod tags;
 #[cfg(test)]
 mod test_support;
+pub mod trace;
 pub mod tx;
 pub mod validate;
 pub mod volumes;

@@ -45,6 +45,7 @@ fn pb_vpc(v: &VpcRec) -> pb::Vpc {
         default_security_group_id: v.default_sg.clone(),
         default_network_acl_id: v.default_acl.clone(),
         main_route_table_id: v.main_rtb.clone(),
+        conntrack_share_percent: v.ct_share.map(u32::from).unwrap_or(0),
     }
 }
 
@@ -131,6 +132,7 @@ impl Network {
         let cidr = validate::cidr("cidr_block", &req.cidr_block)?;
         let tags = validate::tags(&req.tags)?;
         let token = validate::client_token(&req.client_token)?;
+        let ct_share = validate::ct_share("conntrack_share_percent", req.conntrack_share_percent)?;
         let quota = self.api.quotas.vpcs_per_account;
         let (vpc, rev) = self
             .api
@@ -183,6 +185,7 @@ impl Network {
                         default_sg: sg.meta.id.clone(),
                         default_acl: acl.meta.id.clone(),
                         main_rtb: ids::new_id(kind::RTB),
+                        ct_share,
                     };
                     tx.require_absent(vni_key(vni));
                     tx.put_raw(vni_key(vni), id.as_bytes().to_vec());
@@ -201,6 +204,38 @@ impl Network {
             .await?;
         Ok(respond(
             pb::CreateVpcResponse {
+                vpc: Some(pb_vpc(&vpc)),
+            },
+            rev,
+        ))
+    }
+
+    async fn modify_vpc_attribute(
+        &self,
+        account: String,
+        req: pb::ModifyVpcAttributeRequest,
+    ) -> ApiResult<Response<pb::ModifyVpcAttributeResponse>> {
+        let id = validate::id("vpc_id", kind::VPC, &req.vpc_id)?;
+        let ct_share = req
+            .conntrack_share_percent
+            .map(|p| validate::ct_share("conntrack_share_percent", p))
+            .transpose()?;
+        let (vpc, rev) = self
+            .api
+            .write(&account, |mut tx| {
+                let id = id.clone();
+                async move {
+                    let mut v: VpcRec = tx.must(kind::VPC, "VPC", &id).await?;
+                    if let Some(share) = ct_share {
+                        v.ct_share = share;
+                    }
+                    tx.put(kind::VPC, &id, &v)?;
+                    Ok((tx, v))
+                }
+            })
+            .await?;
+        Ok(respond(
+            pb::ModifyVpcAttributeResponse {
                 vpc: Some(pb_vpc(&vpc)),
             },
             rev,
@@ -415,6 +450,14 @@ impl VpcService for Network {
             vpcs: vpcs.iter().map(pb_vpc).collect(),
             next_token,
         }))
+    }
+
+    async fn modify_vpc_attribute(
+        &self,
+        r: Request<pb::ModifyVpcAttributeRequest>,
+    ) -> Result<Response<pb::ModifyVpcAttributeResponse>, Status> {
+        let account = self.api.auth.account(r.metadata())?;
+        Ok(Network::modify_vpc_attribute(self, account, r.into_inner()).await?)
     }
 
     async fn delete_vpc(
@@ -1295,6 +1338,7 @@ mod tests {
             cidr_block: cidr.into(),
             tags,
             client_token: token.into(),
+            ..Default::default()
         };
         let first =
             VpcService::create_vpc(&e.net, req(TOKEN, create("10.0.0.0/16", "tok-1", vec![])))

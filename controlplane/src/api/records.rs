@@ -151,6 +151,10 @@ pub struct VpcRec {
     pub default_acl: String,
     /// Its main route table.
     pub main_rtb: String,
+    /// Share of each host's conntrack table it may fill (percent, 1-100); absent: the
+    /// agents' default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ct_share: Option<u8>,
 }
 
 /// A subnet.

@@ -145,6 +145,11 @@ pub async fn serve(
         .add_service(FlowLogServiceServer::new(super::flowlogs::FlowLogs::new(
             api.clone(),
         )))
+        .add_service(
+            vpc_proto::v1::trace_service_server::TraceServiceServer::new(super::trace::Trace::new(
+                api.clone(),
+            )),
+        )
         .add_service(HostServiceServer::new(super::host::Hosts::new(api)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

@@ -223,6 +223,18 @@ pub fn id(field: &str, kind: &str, text: &str) -> ApiResult<String> {
     Ok(text.to_owned())
 }
 
+/// A VPC's conntrack share in percent: 1-100, or 0 for the agents' default (`None`).
+pub fn ct_share(field: &str, percent: u32) -> ApiResult<Option<u8>> {
+    match percent {
+        0 => Ok(None),
+        1..=100 => Ok(Some(percent as u8)),
+        _ => Err(ApiError::invalid(
+            field,
+            format!("{percent} is not a percentage of the conntrack table (1-100, 0: default)"),
+        )),
+    }
+}
+
 /// A client token: up to 64 ASCII characters.
 pub fn client_token(text: &str) -> ApiResult<Option<String>> {
     if text.is_empty() {
@@ -276,6 +288,14 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
+
+    #[test]
+    fn conntrack_share_is_a_percentage_or_the_default() {
+        assert_eq!(ct_share("f", 0).unwrap(), None);
+        assert_eq!(ct_share("f", 1).unwrap(), Some(1));
+        assert_eq!(ct_share("f", 100).unwrap(), Some(100));
+        assert!(ct_share("f", 101).is_err());
+    }
     use crate::api::ipam::{From, pick};
 
     fn net(s: &str) -> Ipv4Network {

@@ -67,6 +67,10 @@ pub struct StateFile {
     /// Flow logs (VPCs and subnets whose flows are logged).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub flow_logs: Vec<super::flowlog::FlowLogDoc>,
+    /// Conntrack budgets: VNI -> share of each host's conntrack table the VPC may fill
+    /// (percent, 1-100). VPCs not listed get the agent's default share.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub conntrack_shares: std::collections::BTreeMap<u32, u8>,
 }
 
 /// Connection-tracking idle timeouts, in seconds.

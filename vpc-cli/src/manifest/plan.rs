@@ -1001,6 +1001,7 @@ pub fn create_request(r: &Resource, cur: &Current, generation: u32) -> Result<Cr
             cidr_block: s.cidr_block.clone(),
             tags,
             client_token: client_token(r, &[], generation),
+            ..Default::default()
         }),
         Spec::Subnet(s) => {
             let vpc = need(Kind::Vpc, &s.vpc)?;

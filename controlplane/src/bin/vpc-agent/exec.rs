@@ -16,11 +16,16 @@ use crate::cpclient::{CpConfig, connect};
 /// Output kept per stream.
 const MAX_OUTPUT: usize = 1 << 20;
 
-/// Runs forever: (re)connects the exec channel and serves it.
-pub async fn exec_loop(cfg: CpConfig, runtime: Runtime) {
+/// Runs forever: (re)connects the exec channel and serves it. Trace hops go to `traces`
+/// (the main loop, which owns the datapath).
+pub async fn exec_loop(
+    cfg: CpConfig,
+    runtime: Runtime,
+    traces: mpsc::Sender<crate::trace::HopRequest>,
+) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match serve(&cfg, &runtime).await {
+        match serve(&cfg, &runtime, &traces).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => warn!(
                 error = format!("{e:#}"),
@@ -32,7 +37,11 @@ pub async fn exec_loop(cfg: CpConfig, runtime: Runtime) {
     }
 }
 
-async fn serve(cfg: &CpConfig, runtime: &Runtime) -> anyhow::Result<()> {
+async fn serve(
+    cfg: &CpConfig,
+    runtime: &Runtime,
+    traces: &mpsc::Sender<crate::trace::HopRequest>,
+) -> anyhow::Result<()> {
     let mut client = connect(cfg).await?;
     let (tx, rx) = mpsc::channel(64);
     tx.send(pb::ExecResult {
@@ -47,13 +56,38 @@ async fn serve(cfg: &CpConfig, runtime: &Runtime) -> anyhow::Result<()> {
     info!("exec channel open");
     while let Some(cmd) = commands.next().await {
         let cmd = cmd?;
-        let (tx, runtime) = (tx.clone(), runtime.clone());
+        let (tx, runtime, traces) = (tx.clone(), runtime.clone(), traces.clone());
         tokio::spawn(async move {
-            let result = run(&runtime, cmd).await;
+            let result = match cmd.trace.clone() {
+                Some(hop) => trace(&traces, cmd.id, hop).await,
+                None => run(&runtime, cmd).await,
+            };
             let _ = tx.send(result).await;
         });
     }
     Ok(())
+}
+
+/// Hands a trace hop to the main loop and waits for its result; never fails.
+async fn trace(
+    traces: &mpsc::Sender<crate::trace::HopRequest>,
+    id: u64,
+    hop: pb::TraceHop,
+) -> pb::ExecResult {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let mut result = pb::ExecResult {
+        id,
+        ..Default::default()
+    };
+    if traces.send((hop, tx)).await.is_err() {
+        result.error = "the agent is shutting down".into();
+        return result;
+    }
+    match tokio::time::timeout(Duration::from_secs(10), rx).await {
+        Ok(Ok(hop)) => result.trace = Some(hop),
+        _ => result.error = "the trace did not finish within 10 s".into(),
+    }
+    result
 }
 
 /// Runs one command; never fails (failures are the result's `error`).

@@ -8,12 +8,14 @@
 //! agent leaves packets flowing, and the next agent takes over the same links atomically.
 //! `--detach-on-exit` (what `cargo xtask run` uses) removes everything on Ctrl-C instead.
 
+mod budget;
 mod cpclient;
 mod exec;
 mod flowlogs;
 mod lb;
 mod metrics;
 mod overlay;
+mod trace;
 mod workloads;
 
 use std::{path::PathBuf, time::Duration};
@@ -141,6 +143,10 @@ struct RunArgs {
     /// per-VPC counts logged).
     #[arg(long, default_value_t = 10)]
     ct_gc_interval: u64,
+    /// Share of the conntrack table (percent, 1-100) each VPC may fill on this host unless
+    /// the VPC sets its own (`conntrack_share_percent`); 100: no budget.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(1..=100))]
+    conntrack_vpc_share: u8,
     /// Capacity of the load balancers' flow and reverse-NAT tables (balanced flows per
     /// host). Takes effect when the tables are created.
     #[arg(long, default_value_t = dataplane_common::maps::LB_FLOWS_MAX_ENTRIES)]
@@ -286,6 +292,9 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut flow_cp = None;
     let mut cp_report = None;
     let mut cp_applied = None;
+    // Packet-trace hops from the exec channel (`vpc trace`), run here: this loop owns the
+    // datapath.
+    let mut trace_rx: Option<tokio::sync::mpsc::Receiver<trace::HopRequest>> = None;
     let mut overlay = match (&args.state, &args.control_plane, &args.host) {
         (Some(path), _, Some(host)) => {
             let mut r = overlay::Reconciler::new(
@@ -345,7 +354,9 @@ async fn run(args: RunArgs) -> Result<()> {
             };
             let w = workloads::Workloads::new(host, &args.netns_prefix, &wcfg)
                 .context("starting the compute and storage agents")?;
-            tokio::spawn(exec::exec_loop(exec_cfg, w.runtime()));
+            let (ttx, trx) = tokio::sync::mpsc::channel(8);
+            trace_rx = Some(trx);
+            tokio::spawn(exec::exec_loop(exec_cfg, w.runtime(), ttx));
             Some(overlay::Reconciler::new(
                 &datapath,
                 overlay::Source::Pushed(None),
@@ -386,6 +397,10 @@ async fn run(args: RunArgs) -> Result<()> {
 
     let maps = PinnedMaps::open(&layout)?;
     let policy_maps = PolicyMaps::open(&layout)?;
+    // Per-VPC conntrack budgets: shares of the table as it was created.
+    let ct_capacity = policy_maps
+        .conntrack_capacity()
+        .unwrap_or(args.conntrack_max);
     let mut gc = tokio::time::interval(Duration::from_secs(args.ct_gc_interval.max(1)));
     let mut poll = tokio::time::interval(STATE_POLL);
     let mut ticks = 0u32;
@@ -416,18 +431,16 @@ async fn run(args: RunArgs) -> Result<()> {
                     }
                 }
             }
+            Some((hop, reply)) = recv_bounded(&mut trace_rx) => {
+                let doc = overlay.as_ref().and_then(|r| r.document().ok());
+                let host = args.host.as_deref().unwrap_or_default();
+                let _ = reply.send(trace::run_hop(&datapath, doc.as_ref(), host, &ifaces[0], args.router_mac, &hop));
+            }
             _ = gc.tick() => {
                 if let Some(s) = conntrack_gc(&policy_maps) {
                     metrics::get().set_conntrack(&s);
-                    last_ct = Some(vpc_proto::v1::ConntrackSummary {
-                        entries: s.entries as u64,
-                        capacity: u64::from(s.capacity),
-                        per_vni: s
-                            .per_vni
-                            .iter()
-                            .map(|(vni, n)| vpc_proto::v1::VniFlows { vni: *vni, flows: *n as u64, vpc_id: String::new() })
-                            .collect(),
-                    });
+                    let doc = overlay.as_ref().and_then(|r| r.document().ok());
+                    last_ct = Some(budget_pass(&policy_maps, &s, doc.as_ref(), args.host.as_deref().unwrap_or_default(), args.conntrack_vpc_share, ct_capacity));
                 }
                 if let Some(r) = overlay.as_ref() {
                     lb_gc(r.lb_maps(), &policy_maps);
@@ -438,6 +451,10 @@ async fn run(args: RunArgs) -> Result<()> {
                 let revision = got.revision;
                 let result = match serde_json::from_slice(&got.document) {
                     Ok(doc) => {
+                        let live = last_ct.as_ref().map(|c| c.per_vni.iter().map(|f| (f.vni, f.flows as usize)).collect()).unwrap_or_default();
+                        if let Err(e) = budget::apply(&policy_maps, &doc, args.host.as_deref().unwrap_or_default(), args.conntrack_vpc_share, ct_capacity, &live) {
+                            warn!(error = format!("{e:#}"), "writing conntrack budgets");
+                        }
                         r.set_pushed(revision, doc);
                         r.reconcile(&mut datapath, false).await.map(|n| (n, r.last_map_changes))
                     }
@@ -596,6 +613,33 @@ pub(crate) fn say(line: std::fmt::Arguments<'_>) {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
+/// After a conntrack GC: applies the VPCs' budgets, writes the recounted entries into them
+/// and builds the report's summary (per VPC: flows, budget, top sources and flows, budget
+/// drops).
+fn budget_pass(
+    maps: &PolicyMaps,
+    s: &controlplane::datapath::policy_maps::CtSummary,
+    doc: Option<&controlplane::overlay::statefile::StateFile>,
+    host: &str,
+    default_share: u8,
+    capacity: u32,
+) -> vpc_proto::v1::ConntrackSummary {
+    if let Some(doc) = doc
+        && let Err(e) = budget::apply(maps, doc, host, default_share, capacity, &s.per_vni)
+    {
+        warn!(error = format!("{e:#}"), "writing conntrack budgets");
+    }
+    let current = maps.ct_budgets().unwrap_or_default();
+    let drops = match (doc, maps.endpoint_drops()) {
+        (Some(doc), Ok(d)) => budget::drops_per_vni(
+            &d,
+            &budget::port_vnis(doc, host, |n| nix::net::if_::if_nametoindex(n).ok()),
+        ),
+        _ => Default::default(),
+    };
+    budget::summary(s, &current, &drops)
 }
 
 /// Deletes expired conntrack entries and logs the table's pressure and per-VPC counts;

@@ -178,7 +178,8 @@ impl Reconciler {
         !matches!(self.source, Source::Pushed(None))
     }
 
-    fn document(&self) -> Result<StateFile> {
+    /// The desired-state document being applied.
+    pub fn document(&self) -> Result<StateFile> {
         match &self.source {
             Source::File(path) => Ok(StateFile::load(path)?),
             Source::Pushed(Some(pushed)) => Ok(pushed.1.clone()),
