@@ -219,6 +219,7 @@ mod tests {
                         vni: 7,
                         flows: 3,
                         vpc_id: String::new(),
+                        ..Default::default()
                     }],
                 }),
                 target_health: vec![pb::TargetHealthReport {
