@@ -69,6 +69,9 @@ fn scrape(netns: &Path, addr: SocketAddr) -> Result<String> {
     Ok(body.to_owned())
 }
 
+/// A series' labels other than `le`, sorted.
+type Labels = Vec<(String, String)>;
+
 /// One sample.
 #[derive(Clone, Debug, PartialEq)]
 struct Sample {
@@ -247,13 +250,13 @@ fn parse(text: &str) -> Result<Scrape> {
         if t != "histogram" {
             continue;
         }
-        let mut series: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+        let mut series: BTreeMap<Labels, Vec<(f64, f64)>> = BTreeMap::new();
         for s in samples
             .iter()
             .filter(|s| s.name == format!("{family}_bucket"))
         {
             let le = parse_value(s.labels.get("le").context("bucket without le")?)?;
-            let key: Vec<(String, String)> = s
+            let key: Labels = s
                 .labels
                 .iter()
                 .filter(|(k, _)| *k != "le")
