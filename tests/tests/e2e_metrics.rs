@@ -716,8 +716,9 @@ fn metrics_follow_api_calls_programming_and_traffic() -> Result<()> {
                     "vpc_conntrack_vpc_entries",
                     &[("host", "host-0"), ("vpc", &vpc)],
                 ) > 0.0
-                && a.get("vpc_conntrack_capacity", &[]) > Some(0.0))
-            .then_some(()))
+                && a.get("vpc_conntrack_capacity", &[]) > Some(0.0)
+                && a.sum("vpc_conntrack_vpc_pressure", &[("vpc", &vpc)]) > 0.0)
+                .then_some(()))
         },
     )?;
     conn.write_all(b"still")?;

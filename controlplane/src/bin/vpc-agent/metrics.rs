@@ -554,9 +554,26 @@ fn conntrack_families(e: &mut Exposition, r: &Reading, rec: &Recorded) {
             at.duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
         );
+        let limits: BTreeMap<u32, u32> = r
+            .budgets
+            .iter()
+            .flatten()
+            .filter(|(_, b)| b.limit > 0)
+            .map(|(vni, b)| (*vni, b.limit))
+            .collect();
         for (vni, n) in &s.per_vni {
             let v = vni.to_string();
-            e.gauge(VPC, VPC_HELP, &[("vpc", vpc(*vni)), ("vni", &v)], *n as f64);
+            let l = [("vpc", vpc(*vni)), ("vni", v.as_str())];
+            e.gauge(VPC, VPC_HELP, &l, *n as f64);
+            let room = limits.get(vni).copied().unwrap_or(s.capacity);
+            if room > 0 {
+                e.gauge(
+                    "vpc_conntrack_vpc_pressure",
+                    "The VPC's live flows at the last GC / its conntrack budget (the table's capacity when it has none)",
+                    &l,
+                    *n as f64 / f64::from(room),
+                );
+            }
         }
     }
     e.declare(LIMIT, LIMIT_HELP, Kind::Gauge);
@@ -771,6 +788,11 @@ mod tests {
             "vpc_conntrack_vpc_entries{vpc=\"vpc-1\",vni=\"7\"} 3",
         );
         has(&text, "vpc_conntrack_pressure 0.5");
+        // 3 live flows against a budget of 10.
+        has(
+            &text,
+            "vpc_conntrack_vpc_pressure{vpc=\"vpc-1\",vni=\"7\"} 0.3",
+        );
         has(
             &text,
             "vpc_conntrack_vpc_budget_pressure{vpc=\"vpc-1\",vni=\"7\"} 0.5",
