@@ -794,6 +794,26 @@ fn metrics_follow_api_calls_programming_and_traffic() -> Result<()> {
         "connections of {server} behind {vip}: {before} -> {}",
         connections(&a4)
     );
+    // What a scrape costs (printed for the notes; bounded so a regression shows).
+    let started = Instant::now();
+    for _ in 0..10 {
+        ep.agent()?;
+    }
+    let agent_ms = started.elapsed().as_secs_f64() * 100.0;
+    let started = Instant::now();
+    for _ in 0..10 {
+        ep.cp()?;
+    }
+    let cp_ms = started.elapsed().as_secs_f64() * 100.0;
+    eprintln!(
+        "scrape (incl. strict parse): agent {agent_ms:.2} ms ({} samples), control plane {cp_ms:.2} ms ({} samples)",
+        a4.samples.len(),
+        ep.cp()?.samples.len()
+    );
+    ensure!(
+        agent_ms < 1000.0 && cp_ms < 1000.0,
+        "a scrape takes over a second"
+    );
     ensure!(
         a4.get(
             "vpc_lb_target_state",
