@@ -69,6 +69,9 @@ fn scrape(netns: &Path, addr: SocketAddr) -> Result<String> {
     Ok(body.to_owned())
 }
 
+/// A series' labels other than `le`, sorted.
+type Labels = Vec<(String, String)>;
+
 /// One sample.
 #[derive(Clone, Debug, PartialEq)]
 struct Sample {
@@ -247,13 +250,13 @@ fn parse(text: &str) -> Result<Scrape> {
         if t != "histogram" {
             continue;
         }
-        let mut series: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+        let mut series: BTreeMap<Labels, Vec<(f64, f64)>> = BTreeMap::new();
         for s in samples
             .iter()
             .filter(|s| s.name == format!("{family}_bucket"))
         {
             let le = parse_value(s.labels.get("le").context("bucket without le")?)?;
-            let key: Vec<(String, String)> = s
+            let key: Labels = s
                 .labels
                 .iter()
                 .filter(|(k, _)| *k != "le")
@@ -403,6 +406,19 @@ fn agent_metrics_addr(c: &Cluster) -> Result<SocketAddr> {
         .context("agent metrics address")
 }
 
+/// Accepts connections on `listener` until one comes from `peer` (health checks connect
+/// too); at most 100.
+fn accept_from(listener: &TcpListener, peer: Ipv4Addr) -> Result<TcpStream> {
+    for _ in 0..100 {
+        let (conn, from) = listener.accept()?;
+        if from.ip() == std::net::IpAddr::V4(peer) {
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            return Ok(conn);
+        }
+    }
+    bail!("no connection from {peer} among 100 accepted")
+}
+
 const CREATE_VPC: [(&str, &str); 2] = [("service", "vpc.v1.VpcService"), ("method", "CreateVpc")];
 
 #[test]
@@ -536,7 +552,70 @@ fn metrics_follow_api_calls_programming_and_traffic() -> Result<()> {
         "instances[0].privateIpAddress",
     )?
     .parse()?;
+    let client_ip: Ipv4Addr = q(
+        &c,
+        &["instances", "list", &client],
+        "instances[0].privateIpAddress",
+    )?
+    .parse()?;
     let netns = |id: &str| PathBuf::from("/run/netns").join(c.instance_netns(id));
+    // The server's TCP 5001 (also the load balancer's target port, checked every 5 s).
+    let listener = in_netns(&netns(&server), || {
+        TcpListener::bind((Ipv4Addr::UNSPECIFIED, 5001))
+    })??;
+
+    // A load balancer in front of the server: target health and connections per target.
+    let tg = q(
+        &c,
+        &[
+            "target-groups",
+            "create",
+            "--name",
+            "echo",
+            "--vpc",
+            &vpc,
+            "--port",
+            "5001",
+            "--health-check-interval",
+            "5",
+            "--healthy-threshold",
+            "2",
+        ],
+        "targetGroup.targetGroupId",
+    )?;
+    let out = c.cli(&["target-groups", "register", &tg, &server])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lb = q(
+        &c,
+        &[
+            "load-balancers",
+            "create",
+            "--name",
+            "front",
+            "--subnet",
+            &subnet,
+        ],
+        "loadBalancer.loadBalancerId",
+    )?;
+    let out = c.cli(&[
+        "load-balancers",
+        "add-listener",
+        &lb,
+        "--port",
+        "80",
+        "--target-group",
+        &tg,
+    ])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vip: Ipv4Addr = q(&c, &["load-balancers", "list", &lb], "loadBalancers[0].vip")?.parse()?;
 
     // Programming latency has samples on both sides; the applied revision reaches the
     // store's (nothing else writes now).
@@ -589,13 +668,10 @@ fn metrics_follow_api_calls_programming_and_traffic() -> Result<()> {
     );
 
     // A long-lived flow (conntrack entry of the VPC while it is open).
-    let listener = in_netns(&netns(&server), || {
-        TcpListener::bind((Ipv4Addr::UNSPECIFIED, 5001))
-    })??;
     let mut conn = in_netns(&netns(&client), || {
         TcpStream::connect_timeout(&SocketAddr::from((server_ip, 5001)), Duration::from_secs(2))
     })??;
-    let (mut accepted, _) = listener.accept()?;
+    let mut accepted = accept_from(&listener, client_ip)?;
     conn.write_all(b"hello")?;
     let mut buf = [0u8; 5];
     accepted.read_exact(&mut buf)?;
@@ -640,8 +716,9 @@ fn metrics_follow_api_calls_programming_and_traffic() -> Result<()> {
                     "vpc_conntrack_vpc_entries",
                     &[("host", "host-0"), ("vpc", &vpc)],
                 ) > 0.0
-                && a.get("vpc_conntrack_capacity", &[]) > Some(0.0))
-            .then_some(()))
+                && a.get("vpc_conntrack_capacity", &[]) > Some(0.0)
+                && a.sum("vpc_conntrack_vpc_pressure", &[("vpc", &vpc)]) > 0.0)
+                .then_some(()))
         },
     )?;
     conn.write_all(b"still")?;
@@ -676,6 +753,72 @@ fn metrics_follow_api_calls_programming_and_traffic() -> Result<()> {
     ensure!(
         a3.sum("vpc_vpc_bytes_total", &[("vpc", &vpc)])
             > a1.sum("vpc_vpc_bytes_total", &[("vpc", &vpc)])
+    );
+
+    // Load balancing: the target turns healthy (agent and control plane), and a connection
+    // through the VIP is counted on it while open.
+    let target = [
+        ("target_group", tg.as_str()),
+        ("target", server.as_str()),
+        ("port", "5001"),
+    ];
+    let cp_target = [target[0], target[1], target[2], ("host", "host-0")];
+    eventually(Duration::from_secs(60), "the target to be healthy", || {
+        let (a, cp) = (ep.agent()?, ep.cp()?);
+        Ok((a.get("vpc_lb_target_healthy", &target) == Some(1.0)
+            && cp.get("vpc_lb_target_healthy", &cp_target) == Some(1.0))
+        .then_some(()))
+    })?;
+    let connections = |s: &Scrape| {
+        s.sum(
+            "vpc_lb_target_connections",
+            &[
+                ("vip", &vip.to_string()),
+                ("target", &server),
+                ("target_port", "5001"),
+            ],
+        )
+    };
+    let before = connections(&ep.agent()?);
+    let mut via_lb = in_netns(&netns(&client), || {
+        TcpStream::connect_timeout(&SocketAddr::from((vip, 80)), Duration::from_secs(2))
+    })??;
+    let mut balanced = accept_from(&listener, client_ip)?;
+    via_lb.write_all(b"via lb")?;
+    let mut six = [0u8; 6];
+    balanced.read_exact(&mut six)?;
+    ensure!(&six == b"via lb");
+    let a4 = ep.agent()?;
+    ensure!(
+        connections(&a4) >= before + 1.0,
+        "connections of {server} behind {vip}: {before} -> {}",
+        connections(&a4)
+    );
+    // What a scrape costs (printed for the notes; bounded so a regression shows).
+    let started = Instant::now();
+    for _ in 0..10 {
+        ep.agent()?;
+    }
+    let agent_ms = started.elapsed().as_secs_f64() * 100.0;
+    let started = Instant::now();
+    for _ in 0..10 {
+        ep.cp()?;
+    }
+    let cp_ms = started.elapsed().as_secs_f64() * 100.0;
+    eprintln!(
+        "scrape (incl. strict parse): agent {agent_ms:.2} ms ({} samples), control plane {cp_ms:.2} ms ({} samples)",
+        a4.samples.len(),
+        ep.cp()?.samples.len()
+    );
+    ensure!(
+        agent_ms < 1000.0 && cp_ms < 1000.0,
+        "a scrape takes over a second"
+    );
+    ensure!(
+        a4.get(
+            "vpc_lb_target_state",
+            &[target[0], target[1], target[2], ("state", "healthy")]
+        ) == Some(1.0)
     );
     Ok(())
 }
