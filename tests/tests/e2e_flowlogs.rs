@@ -393,20 +393,57 @@ fn flow_logs_record_accepts_and_rejects_with_rule_and_reason() -> Result<()> {
     assert_eq!(s(&accept_in, "srcaddr"), s(&accept_out, "srcaddr"));
     assert_eq!(s(&accept_in, "dstaddr"), server_ip);
     assert_eq!(s(&accept_in, "log-status"), "OK");
-    // The SYN's record names the server group's rule; the client's the default group's.
+    // The connections' first packets name the rules that admitted them (the server's
+    // group rule and its subnet's ACL rule; the client's default group), the rest of
+    // each connection was admitted by connection tracking.
+    let on_server = file_records(&c, 1, &fl)?;
+    let on_client = file_records(&c, 0, &fl)?;
+    let rules = |recs: &[Value], inst: &str, dir: &str| -> Vec<(String, u64)> {
+        recs.iter()
+            .filter(|r| {
+                s(r, "instance-id") == inst
+                    && s(r, "flow-direction") == dir
+                    && r["dstport"] == 8080
+                    && s(r, "action") == "ACCEPT"
+            })
+            .map(|r| {
+                (
+                    s(r, "rule").to_owned(),
+                    r["tcp-flags"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    let server_rules = rules(&on_server, &server, "ingress");
+    let default_sg = q(
+        &c,
+        &["vpcs", "list", &vpc],
+        "vpcs[0].defaultSecurityGroupId",
+    )?;
+    let default_acl = q(&c, &["vpcs", "list", &vpc], "vpcs[0].defaultNetworkAclId")?;
     ensure!(
-        s(&accept_in, "rule").contains(&sg) || s(&accept_in, "rule").contains("tracked"),
-        "accept ingress rule: {accept_in}"
+        server_rules.iter().any(|(r, flags)| *r
+            == format!("{sg} ingress tcp 8080 from 10.0.0.0/16; {acl} rule 100 allow")
+            && flags & 0x02 != 0),
+        "the SYN's rule at the server: {server_rules:?}"
     );
     ensure!(
-        accept_in["tcp-flags"].as_u64().unwrap() & 0x02 != 0,
-        "SYN seen: {accept_in}"
+        server_rules
+            .iter()
+            .any(|(r, _)| *r == format!("tracked; {acl} rule 100 allow")),
+        "tracked packets at the server: {server_rules:?}"
+    );
+    let client_rules = rules(&on_client, &client, "egress");
+    ensure!(
+        client_rules.iter().any(|(r, _)| *r
+            == format!("{default_sg} egress all to 0.0.0.0/0; {default_acl} rule 100 allow")),
+        "the SYN's rule at the client: {client_rules:?}"
     );
     assert_eq!(s(&accept_out, "subnet-id"), sub_a);
     assert_eq!(s(&sg_reject, "reason"), "sg_ingress", "{sg_reject}");
-    ensure!(
-        s(&sg_reject, "rule").contains(&sg),
-        "sg reject rule: {sg_reject}"
+    assert_eq!(
+        s(&sg_reject, "rule"),
+        format!("{sg} ingress: no rule allows")
     );
     assert_eq!(s(&acl_reject, "reason"), "acl_ingress", "{acl_reject}");
     assert_eq!(
@@ -415,7 +452,6 @@ fn flow_logs_record_accepts_and_rejects_with_rule_and_reason() -> Result<()> {
         "{acl_reject}"
     );
     // Rejected at the server: the client's own rules admitted those packets.
-    let on_client = file_records(&c, 0, &fl)?;
     ensure!(
         find(&on_client, &fl, &client, "egress", 7070, "ACCEPT").is_some(),
         "client egress 7070"

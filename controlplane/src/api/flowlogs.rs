@@ -412,6 +412,21 @@ impl FlowLogs {
     }
 }
 
+/// Stages the deletion of the flow logs of a VPC or subnet being deleted (as AWS does: a
+/// flow log does not outlive its resource).
+pub async fn delete_of_resource(tx: &mut super::tx::Tx, resource: &str) -> ApiResult<()> {
+    let acct = tx.account().to_owned();
+    for kv in tx
+        .keys(&child_prefix(&acct, resource, kind::FLOW_LOG), 0)
+        .await?
+    {
+        let id = kv.key.rsplit('/').next().unwrap_or_default().to_owned();
+        tx.delete(kind::FLOW_LOG, &id);
+        tx.delete_raw(kv.key);
+    }
+    Ok(())
+}
+
 type RecordStream = Pin<Box<dyn Stream<Item = Result<pb::FlowLogRecord, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -786,6 +801,47 @@ mod tests {
         .unwrap();
         assert!(
             describe(TOKEN, Default::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .flow_logs
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn deleting_the_resource_deletes_its_flow_logs() {
+        let api = test_api(Quotas::default()).await;
+        let (vpc, subnet) = vpc_and_subnet(&api).await;
+        let svc = FlowLogs::new(api.clone());
+        svc.create_flow_logs(req(TOKEN, create("Subnet", &[&subnet], "ALL", 1)))
+            .await
+            .unwrap();
+        svc.create_flow_logs(req(TOKEN, create("VPC", &[&vpc], "ALL", 1)))
+            .await
+            .unwrap();
+        let net = Network::new(api.clone());
+        net.delete_subnet(req(
+            TOKEN,
+            pb::DeleteSubnetRequest {
+                subnet_id: subnet.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+        let left = svc
+            .describe_flow_logs(req(TOKEN, Default::default()))
+            .await
+            .unwrap()
+            .into_inner()
+            .flow_logs;
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].resource_id, vpc);
+        net.delete_vpc(req(TOKEN, pb::DeleteVpcRequest { vpc_id: vpc }))
+            .await
+            .unwrap();
+        assert!(
+            svc.describe_flow_logs(req(TOKEN, Default::default()))
                 .await
                 .unwrap()
                 .into_inner()

@@ -283,6 +283,7 @@ impl Network {
                             )));
                         }
                     }
+                    super::flowlogs::delete_of_resource(&mut tx, &id).await?;
                     tx.delete(kind::VPC, &id);
                     tx.delete(kind::SG, &v.default_sg);
                     tx.delete(kind::ACL, &v.default_acl);
@@ -406,6 +407,7 @@ impl Network {
                     for kv in tx.keys(&ip_prefix(&id), 0).await? {
                         tx.delete_raw(kv.key);
                     }
+                    super::flowlogs::delete_of_resource(&mut tx, &id).await?;
                     tx.delete(kind::SUBNET, &id);
                     tx.delete_raw(child_key(&acct, &s.vpc, kind::SUBNET, &id));
                     Ok((tx, ()))

@@ -2,7 +2,9 @@
 //! 10.0.0.0/16`), found in user space from the document: the endpoint's groups' rules of
 //! that direction, the first that matches the remote address (CIDR or a member of the
 //! referenced group), the protocol and the port. Security groups are a union (any matching
-//! rule allows), so "the" rule is the first match in the groups' order, as listed.
+//! rule allows); "the" rule is the first match in the compiler's order (groups by id, then
+//! position), the rule the datapath's reference (`policy::rules::SgRuleIndex`) names too,
+//! but found without the policy ids of the moment (they change when rules change).
 //! Resolved once per record at the window's end, never per packet.
 
 use std::{
@@ -96,13 +98,18 @@ impl RuleBook {
         }
     }
 
-    /// The groups an endpoint is in: its own, or its VPC's default group.
+    /// The groups an endpoint is in: its own, or its VPC's default group; sorted by id, as
+    /// the policy compiler orders them (so "the first matching rule" is the one the
+    /// datapath's rule reference names).
     pub fn groups_of(&self, groups: &[String], vpc: &str) -> Vec<String> {
-        if groups.is_empty() {
+        let mut out = if groups.is_empty() {
             self.defaults.get(vpc).cloned().into_iter().collect()
         } else {
             groups.to_vec()
-        }
+        };
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// The first rule of `groups` in that direction admitting the remote address,

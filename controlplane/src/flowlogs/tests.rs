@@ -451,3 +451,68 @@ fn the_consumer_thread_drains_aggregates_and_flushes_on_stop() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].packets, 1000);
 }
+
+#[test]
+fn the_context_comes_from_the_document_and_this_hosts_ports() {
+    use crate::overlay::statefile::StateFile;
+    let doc: StateFile = serde_json::from_str(
+        r#"{
+      "vpcs": [{"id": "vpc-1", "vni": 100, "cidr": "10.0.0.0/16"}],
+      "subnets": [
+        {"id": "subnet-1", "vpc": "vpc-1", "cidr": "10.0.1.0/24", "network_acl": "acl-1"},
+        {"id": "subnet-2", "vpc": "vpc-1", "cidr": "10.0.2.0/24", "network_acl": "acl-1"}
+      ],
+      "hosts": [{"id": "h0", "vtep": "192.168.77.1"}, {"id": "h1", "vtep": "192.168.77.2"}],
+      "endpoints": [
+        {"id": "i-a", "subnet": "subnet-1", "host": "h0", "ip": "10.0.1.10",
+         "mac": "02:00:00:01:00:01", "ifname": "pa"},
+        {"id": "i-b", "subnet": "subnet-2", "host": "h0", "ip": "10.0.2.10",
+         "mac": "02:00:00:01:00:02", "ifname": "pb", "security_groups": ["sg-b"]},
+        {"id": "i-c", "subnet": "subnet-1", "host": "h1", "ip": "10.0.1.11",
+         "mac": "02:00:00:01:00:03", "ifname": "pc"}
+      ],
+      "security_groups": [
+        {"id": "sg-d", "vpc": "vpc-1", "default": true},
+        {"id": "sg-b", "vpc": "vpc-1"}
+      ],
+      "flow_logs": [
+        {"id": "fl-1", "account": "a", "resource": "subnet-1", "vpc": "vpc-1",
+         "traffic_type": "REJECT", "window_secs": 1}
+      ]
+    }"#,
+    )
+    .unwrap();
+    let view = doc
+        .host_view("h0", |n| match n {
+            "pa" => Some(7),
+            "pb" => Some(8),
+            _ => None,
+        })
+        .unwrap();
+    // Only the subnet's local instance is flagged, with REJECT only.
+    assert_eq!(
+        view.state.flow_log_flags,
+        [
+            ("i-a".to_owned(), dataplane_common::flowlog::EP_LOG_REJECT),
+            ("i-c".to_owned(), dataplane_common::flowlog::EP_LOG_REJECT),
+        ]
+        .into_iter()
+        .collect()
+    );
+    let ctx = FlowContext::build(&doc, &view.state, "h0");
+    assert_eq!(ctx.endpoints.len(), 1, "{ctx:?}");
+    let a = &ctx.endpoints[&7];
+    assert_eq!(
+        (
+            a.instance.as_str(),
+            a.subnet.as_str(),
+            a.vpc.as_str(),
+            a.acl.as_deref()
+        ),
+        ("i-a", "subnet-1", "vpc-1", Some("acl-1"))
+    );
+    // No groups of its own: the VPC's default group.
+    assert_eq!(a.groups, vec!["sg-d".to_owned()]);
+    assert_eq!(a.flow_logs, vec![0]);
+    assert!(ctx.same_config(&FlowContext::build(&doc, &view.state, "h0")));
+}

@@ -30,6 +30,10 @@
 //!    packet, end to end (UDP ping-pong between two namespaces without and with a table),
 //!    compared with the program-level figure of part 1.
 //!
+//! `flowlog` (parts alone: `flowlog-cost`, `flowlog-rate`; flags `--repeat`, `--samples`,
+//! `--seconds`), in [`vpc_tests::flowlog_bench`]: ns/packet with flow logging off and on,
+//! and the flow events per second the agent's consumer sustains before it counts loss.
+//!
 //! `api` (parts alone: `api-latency`, `api-programming`; flags `--objects`, `--samples`, `--clients`, `--creates-per-client`,
 //! `--single-rounds`, `--instances`, `--hosts`), in [`vpc_tests::api_bench`]: the control
 //! plane's API latency with 10 000 objects stored (embedded store) and the network
@@ -49,7 +53,7 @@ use dataplane_common::{
     testpkt::{arp_request, icmp4_echo, tcp_syn, udp, v4, v6},
 };
 use vpc_tests::{
-    api_bench, lb_bench,
+    api_bench, flowlog_bench, lb_bench,
     netns::{BpffsDir, NetNs, ping, veth_pair},
     procs::Agent,
     security_bench,
@@ -91,6 +95,20 @@ fn main() -> Result<()> {
         "security-apply" => security_bench::apply_time(),
         "security-conntrack" => security_bench::conntrack_scale(&security),
         "security-nft" => security_bench::nft_baseline(&security, &Vec::new()),
+        "flowlog" | "flowlog-cost" | "flowlog-rate" => {
+            let d = flowlog_bench::Options::default();
+            let o = flowlog_bench::Options {
+                repeat: flag(&args, "--repeat").unwrap_or(d.repeat),
+                samples: flag(&args, "--samples").unwrap_or(d.samples),
+                seconds: flag::<f64>(&args, "--seconds").unwrap_or(d.seconds),
+                ..d
+            };
+            match name {
+                "flowlog-cost" => flowlog_bench::per_packet_cost(&o).map(drop),
+                "flowlog-rate" => flowlog_bench::consumer_rate(&o).map(drop),
+                _ => flowlog_bench::run(&o),
+            }
+        }
         "lb" => {
             lb_bench::per_packet(security.samples.min(5_000))?;
             lb_bench::conn_rate(seconds.min(3), rounds.min(3), 4)
