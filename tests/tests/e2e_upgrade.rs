@@ -8,7 +8,8 @@
 //! migrates v5 -> v6), then host 1's, then host 0's agent restarts again (new -> new).
 //!
 //! Checks: zero ping loss, no TCP error, reset or reconnect, every byte in order; the TCP
-//! flows live in the v6 `CONNTRACK` and are still being tracked; the v5 pins are gone; the
+//! flows live in the v6 `CONNTRACK` and are still being tracked (last seen and the v6
+//! packet counters advance); the v5 pins are gone; the
 //! migration reported what it did; the instances were adopted (same PID 1), not restarted;
 //! the old agents applied the new control plane's desired state (the instances ran).
 
@@ -387,8 +388,10 @@ async fn upgrade_and_restarts_lose_no_packet_and_break_no_connection() -> Result
             let newest = |v: &[(u64, u64)]| v.iter().map(|e| e.1).max().unwrap_or(0);
             let packets = |v: &[(u64, u64)]| v.iter().map(|e| e.0).sum::<u64>();
             ensure!(
-                newest(&after) > newest(&before),
-                "host {h}: tracked streams not advancing"
+                newest(&after) > newest(&before) && packets(&after) > packets(&before),
+                "host {h}: tracked streams not advancing (v6 counters {} -> {})",
+                packets(&before),
+                packets(&after)
             );
             eprintln!(
                 "host {h}: {} tracked stream entries, packets {} -> {}",

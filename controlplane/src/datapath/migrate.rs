@@ -255,9 +255,7 @@ pub(crate) fn prepare(layout: &PinLayout, object: &[u8]) -> Result<Option<Pendin
     for &name in &plan.carry {
         let old_map = MapData::from_pin(old.map(name)).map_err(map_err(name))?;
         check_layout(name, &old_map, expected.get(name))?;
-        old_map
-            .pin(layout.map(name))
-            .map_err(|e| DatapathError::Pin(e))?;
+        old_map.pin(layout.map(name)).map_err(DatapathError::Pin)?;
     }
     let report = MigrationReport {
         from: migration.from.to_owned(),
