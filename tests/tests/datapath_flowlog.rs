@@ -209,6 +209,21 @@ fn flow_events_carry_the_deciding_rules_and_only_logged_verdicts() {
         (FLOW_REJECT, DropReason::AclIngress as u32, 90)
     );
     assert_eq!(denied.decision.sg_in, DECISION_NONE, "the ACL denied first");
+    // The references name the rules, through the compiled policies' rule indexes.
+    let endpoints = f.dp.overlay().read().unwrap().endpoints;
+    let rules = |port: u32| f.host.sg_rules(endpoints[&port].policy).unwrap();
+    assert_eq!(
+        rules(f.peer).describe(open.decision.sg_in, Ipv4Addr::from(ME)),
+        "sg-web ingress tcp 80 from 10.0.0.0/16"
+    );
+    assert_eq!(
+        rules(f.me).describe(open.decision.sg_out, Ipv4Addr::from(PEER)),
+        "sg-client egress all to 0.0.0.0/0"
+    );
+    assert_eq!(
+        rules(f.peer).describe(e.decision.sg_in, Ipv4Addr::from(ME)),
+        "no rule"
+    );
     let ts: Vec<u64> = got.iter().map(|e| e.ts_ns).collect();
     assert!(ts.windows(2).all(|w| w[0] <= w[1]), "{ts:?}");
     assert_eq!(
