@@ -8,9 +8,12 @@
 //! migrates v5 -> v6), then host 1's, then host 0's agent restarts again (new -> new).
 //!
 //! Checks: zero ping loss, no TCP error, reset or reconnect, every byte in order; the TCP
-//! flows live in the v6 `CONNTRACK` and are still being tracked; the v5 pins are gone; the
-//! migration reported what it did; the instances were adopted (same PID 1), not restarted;
-//! the old agents applied the new control plane's desired state (the instances ran).
+//! flows live in the v6 `CONNTRACK` and are still being tracked (last seen and the v6
+//! packet counters advance); the v5 pins are gone; the migration reported what it did, also
+//! from a tree an interrupted migration left (host 1); the instances were adopted (same
+//! PID 1), not restarted; the old agents applied the new control plane's desired state (the instances ran, and
+//! host 1's old agent applies a change while host 0 runs the new one); a restart on the same
+//! ABI writes nothing on its first pass.
 
 use std::{
     io::{Read, Write},
@@ -208,6 +211,19 @@ fn interrupt_migration(root: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// The first "applied revision" line of host `i`'s agent (what its first pass wrote),
+/// waiting for it at most 10 s.
+async fn first_pass(c: &Cluster, i: usize) -> Result<String> {
+    eventually(Duration::from_secs(10), "the agent's first pass", || {
+        let line = c
+            .agent_lines(i)
+            .into_iter()
+            .find(|l| l.starts_with("applied revision"));
+        async move { Ok(line) }
+    })
+    .await
+}
+
 /// Stops host `i`'s agent (SIGTERM: the datapath stays) and starts `bin` (`None`: this
 /// build's) on the same pins and data directory. Returns how long the host had no agent.
 fn replace_agent(c: &mut Cluster, i: usize, bin: Option<PathBuf>) -> Result<Duration> {
@@ -344,6 +360,31 @@ async fn upgrade_and_restarts_lose_no_packet_and_break_no_connection() -> Result
             migrated.contains("\"CONNTRACK\""),
             "CONNTRACK not converted: {migrated}"
         );
+        eprintln!("host 0 first pass: {}", first_pass(&c, 0).await?);
+
+        // The old agent of host 1 applies a change streamed by the new control plane while
+        // host 0 runs the new agent (the documents stay readable for it).
+        let applied = |c: &Cluster| {
+            c.agent_lines(1)
+                .iter()
+                .filter(|l| l.starts_with("applied revision"))
+                .count()
+        };
+        let before = applied(&c);
+        sgs.authorize_security_group_ingress(pb::AuthorizeSecurityGroupRequest {
+            group_id: sg.clone(),
+            rules: vec![rule("udp", 9000, 9000)],
+        })
+        .await?;
+        eventually(
+            WAIT,
+            "the old agent of host 1 to apply a new revision",
+            || {
+                let n = applied(&c);
+                async move { Ok((n > before).then_some(())) }
+            },
+        )
+        .await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
 
         // 2. Host 1: old -> new, while host 0 already runs the new agent. Its old agent
@@ -363,6 +404,7 @@ async fn upgrade_and_restarts_lose_no_packet_and_break_no_connection() -> Result
             "host 1 did not complete the interrupted migration"
         );
         eprintln!("host 1 upgraded (no agent for {gap:?})");
+        eprintln!("host 1 first pass: {}", first_pass(&c, 1).await?);
         tokio::time::sleep(Duration::from_secs(2)).await;
 
         // 3. Host 0 again: new -> new (no migration).
@@ -372,6 +414,13 @@ async fn upgrade_and_restarts_lose_no_packet_and_break_no_connection() -> Result
             "a restart on the same ABI migrated"
         );
         eprintln!("host 0 restarted (no agent for {gap:?})");
+        let pass = first_pass(&c, 0).await?;
+        eprintln!("host 0 first pass: {pass}");
+        // Same ABI, same state: the restarted agent's first pass writes nothing.
+        ensure!(
+            pass.ends_with(" 0 map writes"),
+            "restart reprogrammed: {pass}"
+        );
         tokio::time::sleep(Duration::from_secs(2)).await;
 
         // The streams are tracked in the v6 tables and still advancing.
@@ -387,8 +436,10 @@ async fn upgrade_and_restarts_lose_no_packet_and_break_no_connection() -> Result
             let newest = |v: &[(u64, u64)]| v.iter().map(|e| e.1).max().unwrap_or(0);
             let packets = |v: &[(u64, u64)]| v.iter().map(|e| e.0).sum::<u64>();
             ensure!(
-                newest(&after) > newest(&before),
-                "host {h}: tracked streams not advancing"
+                newest(&after) > newest(&before) && packets(&after) > packets(&before),
+                "host {h}: tracked streams not advancing (v6 counters {} -> {})",
+                packets(&before),
+                packets(&after)
             );
             eprintln!(
                 "host {h}: {} tracked stream entries, packets {} -> {}",

@@ -84,10 +84,15 @@ pub fn build() -> Result<PreviousBins> {
     Ok(bins)
 }
 
-/// Packages of this workspace: their artifacts are never shared with the seed (cargo
-/// rebuilds them there from the other commit's sources).
+/// Packages and binaries of this workspace: their artifacts are never shared with the seed
+/// (cargo rebuilds them there from the other commit's sources).
 const WORKSPACE_PACKAGES: &[&str] = &[
     "controlplane",
+    "vpc-agent",
+    "vpc-controlplane",
+    "vpc-instance-init",
+    "vpc",
+    "vpc-bench",
     "dataplane-common",
     "dataplane-ebpf",
     "dataplane",
@@ -148,17 +153,7 @@ fn remove_workspace_entries(dir: &Path) -> Result<()> {
         return Ok(());
     };
     for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let ours = WORKSPACE_PACKAGES.iter().any(|p| {
-            let lib = p.replace('-', "_");
-            [p.to_string(), lib.clone(), format!("lib{lib}")]
-                .iter()
-                .any(|prefix| {
-                    name.strip_prefix(prefix.as_str())
-                        .is_some_and(|rest| rest.starts_with('-') || rest.starts_with('.'))
-                })
-        });
-        if ours {
+        if is_workspace_artifact(&entry.file_name().to_string_lossy()) {
             let path = entry.path();
             if path.is_dir() {
                 std::fs::remove_dir_all(&path)?;
@@ -168,4 +163,48 @@ fn remove_workspace_entries(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether a `deps/`, `.fingerprint/` or `build/` entry belongs to a workspace package.
+fn is_workspace_artifact(name: &str) -> bool {
+    WORKSPACE_PACKAGES.iter().any(|p| {
+        let lib = p.replace('-', "_");
+        [p.to_string(), lib.clone(), format!("lib{lib}")]
+            .iter()
+            .any(|prefix| {
+                name.strip_prefix(prefix.as_str())
+                    .is_some_and(|rest| rest.starts_with('-') || rest.starts_with('.'))
+            })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_workspace_artifact;
+
+    #[test]
+    fn workspace_artifacts_are_recognised_and_dependencies_kept() {
+        for ours in [
+            "controlplane-96f8be70ebc1bbf9",
+            "libcontrolplane-e69e47473b55c8bb.rlib",
+            "dataplane_common-a10cbabb63ae8798.d",
+            "libdataplane_common-a10cbabb63ae8798.rmeta",
+            "dataplane-a1ff7a32ef5b03cd",
+            "vpc-proto-cfa30d3b75ca5c47",
+            "libvpc_store-d6d07fec0db23811.rlib",
+            "vpc_agent-0d1e2f3a4b5c6d7e",
+            "vpc-1234abcd",
+        ] {
+            assert!(is_workspace_artifact(ours), "{ours}");
+        }
+        for theirs in [
+            "ring-7faf54f9a5ff9e86",
+            "libtonic-0123.rlib",
+            "tokio_rustls-087d02f3da67b6d9.d",
+            "controlplanex-1",
+            "vpcx-1",
+        ] {
+            assert!(!is_workspace_artifact(theirs), "{theirs}");
+        }
+    }
 }

@@ -2,10 +2,12 @@
 //!
 //! ```text
 //! <root>/                       e.g. /sys/fs/bpf/vpc
-//!   v1/                         MAPS_ABI: bumped when any map layout changes
+//!   v6/                         MAPS_ABI: bumped when any map layout changes
 //!     maps/<MAP>                every map, pinned by name (reused on restart)
 //!     links/<iface>/<program>   one bpf_link per attachment (keeps it attached while no
 //!                               agent runs; replaced atomically by the next agent)
+//!   v5/                         the previous ABI's tree, present only until an agent of
+//!                               this one migrated it (`super::migrate`)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -88,8 +90,15 @@ impl PinLayout {
     /// so no packet meets the programs once this returns), then all pins are removed.
     pub fn remove_all(&self) -> Result<(), DatapathError> {
         let links = self.abi_dir().join("links");
-        for pin in pinned_links(&links) {
-            self.remove_link(&pin)?;
+        // Links of any ABI tree under the root (an older one not migrated yet) included.
+        let mut trees: Vec<PathBuf> = std::fs::read_dir(&self.root)
+            .map(|d| d.flatten().map(|e| e.path().join("links")).collect())
+            .unwrap_or_default();
+        trees.sort();
+        for tree in &trees {
+            for pin in pinned_links(tree) {
+                self.remove_link(&pin)?;
+            }
         }
         for dir in [links, self.root.clone()] {
             match std::fs::remove_dir_all(&dir) {

@@ -255,9 +255,7 @@ pub(crate) fn prepare(layout: &PinLayout, object: &[u8]) -> Result<Option<Pendin
     for &name in &plan.carry {
         let old_map = MapData::from_pin(old.map(name)).map_err(map_err(name))?;
         check_layout(name, &old_map, expected.get(name))?;
-        old_map
-            .pin(layout.map(name))
-            .map_err(|e| DatapathError::Pin(e))?;
+        old_map.pin(layout.map(name)).map_err(DatapathError::Pin)?;
     }
     let report = MigrationReport {
         from: migration.from.to_owned(),
@@ -361,9 +359,7 @@ impl Pending {
             *converted.entry(name).or_default() += convert(&self.old, &layout, name, converter)?;
         }
         for (iface, program, old_pin) in link_pins(&self.old.links()) {
-            if !move_link(&layout, &iface, &program, &old_pin)? {
-                continue;
-            }
+            move_link(&layout, &iface, &program, &old_pin)?;
             if datapath.replace_pinned(&iface, &program)?.is_some() {
                 self.report.links += 1;
             }
@@ -419,8 +415,7 @@ fn convert(
     }
 }
 
-/// Pins the link at `old_pin` at its new path and removes the old pin. Returns whether a
-/// link is now pinned at the new path.
+/// Pins the link at `old_pin` at its new path and removes the old pin.
 ///
 /// Both pins present: the same link (an interrupted move) loses its old pin; two different
 /// links (a new agent attached its own meanwhile) -> the old one is detached, so only the
@@ -430,7 +425,7 @@ fn move_link(
     iface: &str,
     program: &str,
     old_pin: &Path,
-) -> Result<bool, DatapathError> {
+) -> Result<(), DatapathError> {
     let new_pin = layout.link(iface, program);
     let io_err = |action: &'static str, path: &Path| {
         let path = path.to_owned();
@@ -459,8 +454,7 @@ fn move_link(
         std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
         old.pin(&new_pin).map_err(DatapathError::Pin)?;
     }
-    std::fs::remove_file(old_pin).map_err(io_err("removing", old_pin))?;
-    Ok(true)
+    std::fs::remove_file(old_pin).map_err(io_err("removing", old_pin))
 }
 
 /// Removes the old tree (its links were moved; its maps are carried, converted or dropped).
