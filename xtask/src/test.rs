@@ -30,6 +30,7 @@ pub const E2E_TESTS: &[&str] = &[
     "e2e_manifest",
     "e2e_walkthrough",
     "e2e_cli_ops",
+    "e2e_trace",
 ];
 /// The datapath test targets of vpc-tests, run by `--tier datapath`.
 const DATAPATH_TESTS: &[&str] = &[
