@@ -8,7 +8,7 @@
 //! synced before the overlay diff (listeners exist before their VIPs are answered). A pass that fails
 //! validation changes nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use dataplane_common::{conntrack::CtConfig, filter::ipv4_mapped, overlay::EP_LB_CLIENT};
 
@@ -23,7 +23,10 @@ use crate::{
         compile::{TargetStatus, desired as lb_desired},
     },
     overlay::{CompileError, NeighborEntry, OverlayState, compile, diff},
-    policy::compile::{PolicyError, PolicyInput, compile as compile_policy},
+    policy::{
+        SgRuleIndex,
+        compile::{PolicyError, PolicyInput, compile as compile_policy},
+    },
 };
 
 /// Why a pass failed.
@@ -111,6 +114,9 @@ pub struct HostReconciler {
     synced: bool,
     lb: LbMaps,
     lb_sync: LbSync,
+    /// What the rule references of each installed security-group policy id stand for
+    /// (flow logs and traces name rules with it); kept while the id is installed.
+    sg_rules: BTreeMap<u32, SgRuleIndex>,
 }
 
 impl HostReconciler {
@@ -123,6 +129,7 @@ impl HostReconciler {
             synced: false,
             lb: LbMaps::open(layout)?,
             lb_sync: LbSync::new(),
+            sg_rules: BTreeMap::new(),
         })
     }
 
@@ -134,6 +141,12 @@ impl HostReconciler {
     /// The policy maps (conntrack, counters).
     pub fn policy_maps(&self) -> &PolicyMaps {
         &self.policy
+    }
+
+    /// The rules behind the `SG_PORT` references of security-group policy `id` (an
+    /// `Endpoint::policy`), while it is installed.
+    pub fn sg_rules(&self, id: u32) -> Option<&SgRuleIndex> {
+        self.sg_rules.get(&id)
     }
 
     /// The load-balancer maps (flows, GC).
@@ -165,6 +178,11 @@ impl HostReconciler {
         }
         let (ids, written) = self.sync.install(&mut self.policy, &compiled)?;
         report.rule_sets_written = written;
+        for (key, id) in &ids.sg {
+            if let Some(index) = compiled.sg_rules.get(key) {
+                self.sg_rules.insert(*id, index.clone());
+            }
+        }
         for ep in &desired.overlay.endpoints {
             let (Some(ifindex), Some(p)) = (ep.ifindex, compiled.endpoints.get(&ep.id)) else {
                 continue;
@@ -208,6 +226,8 @@ impl HostReconciler {
         report.rule_sets_removed = self
             .sync
             .collect(&mut self.policy, &in_use_sg, &in_use_acl)?;
+        let sync = &self.sync;
+        self.sg_rules.retain(|id, _| sync.is_sg_installed(*id));
         report.ports = maps.endpoints.len();
         report.neighbors = maps.neighbors.len();
         report.installed = self.sync.counts();

@@ -38,6 +38,7 @@ const DATAPATH_TESTS: &[&str] = &[
     "datapath_overlay",
     "datapath_security",
     "datapath_lb",
+    "datapath_flowlog",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

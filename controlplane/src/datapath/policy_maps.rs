@@ -29,8 +29,8 @@ use super::{
 
 /// An address-stage entry: (LPM prefix length, key, class id).
 pub type AddrEntry = (u32, PolicyAddrKey, u32);
-/// A security-group port-stage entry: (LPM prefix length, key).
-pub type SgPortEntry = (u32, PolicyPortKey);
+/// A security-group port-stage entry: (LPM prefix length, key, rule reference).
+pub type SgPortEntry = (u32, PolicyPortKey, u32);
 /// An ACL port-stage entry: (LPM prefix length, key, verdict).
 pub type AclPortEntry = (u32, PolicyPortKey, AclVerdict);
 
@@ -175,11 +175,11 @@ impl PolicyMaps {
                 .addr
                 .push((len, key, class));
         }
-        for (len, key, _) in read_trie(&self.sg_port, maps::SG_PORT)? {
+        for (len, key, rule) in read_trie(&self.sg_port, maps::SG_PORT)? {
             out.entry(class_owner(&key))
                 .or_default()
                 .ports
-                .push((len, key));
+                .push((len, key, rule));
         }
         Ok(out)
     }
@@ -205,9 +205,9 @@ impl PolicyMaps {
     /// Writes a security-group policy's entries (ports first: a class is complete before an
     /// address leads to it).
     pub fn install_sg(&mut self, e: &SgEntries) -> Result<(), DatapathError> {
-        for (len, key) in &e.ports {
+        for (len, key, rule) in &e.ports {
             self.sg_port
-                .insert(&Key::new(*len, *key), 1, 0)
+                .insert(&Key::new(*len, *key), rule, 0)
                 .map_err(map_err(maps::SG_PORT))?;
         }
         for (len, key, class) in &e.addr {
@@ -223,7 +223,7 @@ impl PolicyMaps {
         for (len, key, _) in &e.addr {
             removed(self.sg_addr.remove(&Key::new(*len, *key)), maps::SG_ADDR)?;
         }
-        for (len, key) in &e.ports {
+        for (len, key, _) in &e.ports {
             removed(self.sg_port.remove(&Key::new(*len, *key)), maps::SG_PORT)?;
         }
         Ok(())

@@ -247,6 +247,11 @@ impl PolicySync {
         Ok(removed)
     }
 
+    /// Whether security-group policy `id` is installed (current or retiring).
+    pub fn is_sg_installed(&self, id: u32) -> bool {
+        self.sg.by_id.contains_key(&id)
+    }
+
     /// Installed security-group policies and ACLs (for logs).
     pub fn counts(&self) -> (usize, usize) {
         (self.sg.by_id.len(), self.acl.by_id.len())

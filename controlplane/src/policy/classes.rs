@@ -10,8 +10,7 @@ use dataplane_common::policy::{ACL_ALLOW, ACL_DENY, AclVerdict};
 
 use super::{
     ports::{
-        Partition, PortRange, aligned_blocks, block_count, intervals, partition_min,
-        partition_range, port_max, union,
+        Partition, aligned_blocks, block_count, intervals, partition_min, partition_range, port_max,
     },
     tables::{IMPLICIT_DENY_RULE, PortMatch},
 };
@@ -112,61 +111,136 @@ fn range_cost(proto: u8, lo: u16, hi: u16) -> usize {
     }
 }
 
-/// What a security-group class allows: everything, or per protocol a normalized port set.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// [`SgClass`]: no rule allows (ports of such a value get no entry, or a 0 entry where a
+/// broader entry must be overridden).
+pub(crate) const NO_RULE: u32 = u32::MAX;
+
+/// What a security-group class allows, and by which rule: per protocol a partition of the
+/// port space into the smallest rule reference allowing each port (security groups are a
+/// union: any allowing rule decides; the smallest is reported), and the reference of the
+/// first all-protocols rule for the others. Same shape as [`AclClass`], with references
+/// for verdicts and [`NO_RULE`] for the implicit deny. Normalized: partition values are
+/// already at most `all`, and no protocol's partition is `all` everywhere.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct SgClass {
-    /// Every protocol and port (then `protos` is empty).
-    pub all: bool,
-    /// Protocol -> normalized port ranges within `0..=port_max(proto)`.
-    pub protos: BTreeMap<u8, Vec<PortRange>>,
+    /// Reference of the smallest all-protocols rule; [`NO_RULE`] if none.
+    pub all: u32,
+    /// Protocol -> partition of `0..=port_max(proto)` into rule references.
+    pub protos: BTreeMap<u8, Partition<u32>>,
+}
+
+impl Default for SgClass {
+    fn default() -> Self {
+        SgClass {
+            all: NO_RULE,
+            protos: BTreeMap::new(),
+        }
+    }
 }
 
 impl SgClass {
-    /// The class of one rule: `proto` `None` for all protocols (ports ignored).
-    pub fn rule(proto: Option<u8>, lo: u16, hi: u16) -> SgClass {
+    /// The class of one rule with reference `r` (nonzero): `proto` `None` for all
+    /// protocols (ports ignored).
+    pub fn rule(proto: Option<u8>, lo: u16, hi: u16, r: u32) -> SgClass {
         match proto {
             None => SgClass {
-                all: true,
+                all: r,
                 protos: BTreeMap::new(),
             },
             Some(p) => SgClass {
-                all: false,
-                protos: BTreeMap::from([(p, vec![(lo, hi)])]),
+                all: NO_RULE,
+                protos: BTreeMap::from([(p, partition_range(lo, hi, port_max(p), r, NO_RULE))]),
             },
         }
     }
 
-    /// Its `SG_PORT` entries: the minimal set of blocks.
-    pub fn port_matches(&self) -> Vec<PortMatch> {
-        if self.all {
-            return vec![PortMatch::ALL];
-        }
-        self.protos
-            .iter()
-            .flat_map(|(&p, ranges)| {
-                ranges
-                    .iter()
-                    .flat_map(move |&(lo, hi)| range_matches(p, lo, hi))
-            })
+    /// Its `SG_PORT` entries (value: the rule reference, 0 where a broader entry's rule must
+    /// not apply), fewest blocks as for ACLs.
+    pub fn port_entries(&self) -> Vec<(PortMatch, u32)> {
+        partition_entries(self.all, NO_RULE, &self.protos)
+            .into_iter()
+            .map(|(m, r)| (m, if r == NO_RULE { 0 } else { r }))
             .collect()
     }
 }
 
 impl Content for SgClass {
     fn merge(&self, other: &SgClass) -> SgClass {
-        if self.all || other.all {
-            return SgClass::rule(None, 0, 0);
+        let all = self.all.min(other.all);
+        SgClass {
+            all,
+            protos: merge_protos(&self.protos, self.all, &other.protos, other.all, all),
         }
-        let mut protos = self.protos.clone();
-        for (&p, ranges) in &other.protos {
-            let merged = match protos.get(&p) {
-                Some(mine) => union(mine, ranges),
-                None => ranges.clone(),
-            };
+    }
+}
+
+/// The per-protocol partitions of the merge of two classes (`fa`, `fb`: their fallbacks,
+/// `fallback`: the merge's): pointwise minimum, protocols equal to the fallback dropped.
+fn merge_protos<V: Copy + Ord>(
+    a: &BTreeMap<u8, Partition<V>>,
+    fa: V,
+    b: &BTreeMap<u8, Partition<V>>,
+    fb: V,
+    fallback: V,
+) -> BTreeMap<u8, Partition<V>> {
+    let mut protos = BTreeMap::new();
+    for &p in a.keys().chain(b.keys()) {
+        if protos.contains_key(&p) {
+            continue;
+        }
+        let own = |m: &BTreeMap<u8, Partition<V>>, f: V| {
+            m.get(&p).cloned().unwrap_or_else(|| vec![(0, f)])
+        };
+        let merged = partition_min(&own(a, fa), &own(b, fb));
+        if merged != [(0, fallback)] {
             protos.insert(p, merged);
         }
-        SgClass { all: false, protos }
     }
+    protos
+}
+
+/// The port-stage entries of a class: `fallback` for all protocols (no entry if it is
+/// `none`, what no entry means), and per protocol one value `d` as the protocol's all-ports
+/// entry (none if it is the fallback) with the port ranges of other values as blocks; `d`
+/// is chosen for the fewest entries. Blocks of one protocol are disjoint, so the longest
+/// match is the value of the port's range.
+fn partition_entries<V: Copy + Ord>(
+    fallback: V,
+    none: V,
+    protos: &BTreeMap<u8, Partition<V>>,
+) -> Vec<(PortMatch, V)> {
+    let mut out = Vec::new();
+    if fallback != none {
+        out.push((PortMatch::ALL, fallback));
+    }
+    for (&p, part) in protos {
+        let max = port_max(p);
+        let mut candidates: Vec<V> = part.iter().map(|&(_, v)| v).collect();
+        candidates.push(fallback);
+        candidates.sort_unstable();
+        candidates.dedup();
+        let cost = |d: V| -> (usize, bool, V) {
+            let blocks: usize = intervals(part, max)
+                .filter(|&(_, _, v)| v != d)
+                .map(|(lo, hi, _)| range_cost(p, lo, hi))
+                .sum();
+            let own = d != fallback;
+            (blocks + usize::from(own), own, d)
+        };
+        let best = candidates
+            .into_iter()
+            .min_by_key(|&d| cost(d))
+            .unwrap_or(fallback);
+        if best != fallback {
+            out.push((PortMatch::all_ports(p), best));
+        }
+        for (lo, hi, v) in intervals(part, max) {
+            if v != best {
+                out.extend(range_matches(p, lo, hi).map(|m| (m, v)));
+            }
+        }
+    }
+    out
 }
 
 /// The verdict of an ACL rule, ordered by rule number (first match = minimum).
@@ -230,67 +304,29 @@ impl AclClass {
         }
     }
 
-    /// Its `ACL_PORT` entries. The all-protocols entry carries the fallback (none for the
-    /// implicit deny: no match denies). Per protocol, one verdict `d` becomes the protocol's
-    /// all-ports entry (none if it is the fallback), and the port ranges with another
-    /// verdict become blocks; `d` is chosen for the fewest entries. Blocks of one protocol
-    /// are disjoint, so the longest match is the verdict of the port's range.
+    /// Its `ACL_PORT` entries (see [`partition_entries`]; the implicit deny needs no
+    /// entry: no match denies).
     pub fn port_entries(&self) -> Vec<(PortMatch, AclVerdict)> {
-        let mut out = Vec::new();
-        if self.fallback != IMPLICIT {
-            out.push((PortMatch::ALL, self.fallback.value()));
-        }
-        for (&p, part) in &self.protos {
-            let max = port_max(p);
-            let mut candidates: Vec<Verdict> = part.iter().map(|&(_, v)| v).collect();
-            candidates.push(self.fallback);
-            candidates.sort_unstable();
-            candidates.dedup();
-            let cost = |d: Verdict| -> (usize, bool, Verdict) {
-                let blocks: usize = intervals(part, max)
-                    .filter(|&(_, _, v)| v != d)
-                    .map(|(lo, hi, _)| range_cost(p, lo, hi))
-                    .sum();
-                let own = d != self.fallback;
-                (blocks + usize::from(own), own, d)
-            };
-            let best = candidates
-                .into_iter()
-                .min_by_key(|&d| cost(d))
-                .unwrap_or(self.fallback);
-            if best != self.fallback {
-                out.push((PortMatch::all_ports(p), best.value()));
-            }
-            for (lo, hi, v) in intervals(part, max) {
-                if v != best {
-                    out.extend(range_matches(p, lo, hi).map(|m| (m, v.value())));
-                }
-            }
-        }
-        out
+        partition_entries(self.fallback, IMPLICIT, &self.protos)
+            .into_iter()
+            .map(|(m, v)| (m, v.value()))
+            .collect()
     }
 }
 
 impl Content for AclClass {
     fn merge(&self, other: &AclClass) -> AclClass {
         let fallback = self.fallback.min(other.fallback);
-        let mut protos = BTreeMap::new();
-        for &p in self.protos.keys().chain(other.protos.keys()) {
-            if protos.contains_key(&p) {
-                continue;
-            }
-            let own = |c: &AclClass| {
-                c.protos
-                    .get(&p)
-                    .cloned()
-                    .unwrap_or_else(|| vec![(0, c.fallback)])
-            };
-            let merged = partition_min(&own(self), &own(other));
-            if merged != [(0, fallback)] {
-                protos.insert(p, merged);
-            }
+        AclClass {
+            fallback,
+            protos: merge_protos(
+                &self.protos,
+                self.fallback,
+                &other.protos,
+                other.fallback,
+                fallback,
+            ),
         }
-        AclClass { fallback, protos }
     }
 }
 

@@ -15,6 +15,7 @@ use super::{
         AclAction, NetworkAcl, PolicyLimits, Protocol, SecurityGroup, SgRule, allow_all_outbound,
     },
     ports::port_max,
+    rules::{RuleRemote, SgRuleIndex, SgRuleInfo},
     tables::{AclTables, AddrTable, SgTables},
 };
 
@@ -92,6 +93,9 @@ pub struct CompiledPolicy {
     pub acls: BTreeMap<String, AclTables>,
     /// Local endpoints by id.
     pub endpoints: BTreeMap<String, EndpointPolicy>,
+    /// Per security-group policy, what its `SG_PORT` rule references stand for (flow logs
+    /// and traces name the rule that admitted a packet).
+    pub sg_rules: BTreeMap<SgSetKey, SgRuleIndex>,
 }
 
 /// What is wrong with a rule.
@@ -393,8 +397,17 @@ enum Remote {
     Group(usize),
 }
 
-/// A validated security-group rule: remote and content id.
-type SgRec = (Remote, u32);
+/// A validated security-group rule: remote and ports.
+type SgRec = (Remote, PortSpec);
+
+/// A sort key of a remote that does not depend on input order: CIDRs by (length, address),
+/// then groups by id.
+fn remote_key<'a>(remote: &Remote, groups: &[&'a SecurityGroup]) -> (u8, u8, u32, &'a str) {
+    match *remote {
+        Remote::Cidr(len, addr) => (0, len, addr, ""),
+        Remote::Group(h) => (1, 0, 0, groups[h].id.as_str()),
+    }
+}
 
 /// The VPC's implicit default group: inbound everything from its members, outbound
 /// everything.
@@ -535,8 +548,7 @@ pub fn compile(input: &PolicyInput<'_>) -> Result<CompiledPolicy, PolicyError> {
                     }
                     _ => return Err(invalid("cidr", RuleProblem::CidrXorGroup)),
                 };
-                let cid = sg_classes.intern(SgClass::rule(spec.proto, spec.lo, spec.hi));
-                recs[dir].push((remote, cid));
+                recs[dir].push((remote, spec));
             }
         }
         sg_rules.push(recs);
@@ -698,19 +710,70 @@ pub fn compile(input: &PolicyInput<'_>) -> Result<CompiledPolicy, PolicyError> {
 
     // Compile what local endpoints use.
     let mut sg_sets = BTreeMap::new();
+    let mut sg_rule_index = BTreeMap::new();
     let mut items: [Vec<AddrItem>; 2] = Default::default();
     for (key, set) in sets {
-        for (dir, list) in items.iter_mut().enumerate() {
+        // Rule references: the set's rules numbered from 1 in (group, direction, position)
+        // order. A rule with the direction and ports of an earlier one shares that one's
+        // reference, so classes stay as few as contents of distinct ports (what they were
+        // before references); `SgRuleIndex::decided` tells the rules apart by the remote
+        // address.
+        let mut first: HashMap<(usize, Option<u8>, u16, u16), u32> = HashMap::new();
+        let mut rules = Vec::new();
+        let mut referenced: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
+        for list in items.iter_mut() {
             list.clear();
-            for &g in &set {
-                for &(remote, cid) in &sg_rules[g][dir] {
-                    match remote {
-                        Remote::Cidr(len, addr) => list.push((len, addr, cid)),
-                        Remote::Group(h) => list.extend(members[h].iter().map(|&ip| (32, ip, cid))),
-                    }
+        }
+        for &g in &set {
+            for (dir, list) in items.iter_mut().enumerate() {
+                // Security groups are a union: rule order means nothing, so references
+                // follow a canonical order (ports, then remote), not the input's.
+                let mut order: Vec<(usize, &SgRec)> = sg_rules[g][dir].iter().enumerate().collect();
+                order.sort_by_key(|&(position, (remote, spec))| {
+                    (
+                        spec.proto,
+                        spec.lo,
+                        spec.hi,
+                        remote_key(remote, &groups),
+                        position,
+                    )
+                });
+                for (position, &(remote, spec)) in order {
+                    let own = rules.len() as u32 + 1;
+                    let shared = *first
+                        .entry((dir, spec.proto, spec.lo, spec.hi))
+                        .or_insert(own);
+                    let cid =
+                        sg_classes.intern(SgClass::rule(spec.proto, spec.lo, spec.hi, shared));
+                    let remote_ref = match remote {
+                        Remote::Cidr(len, addr) => {
+                            list.push((len, addr, cid));
+                            RuleRemote::Cidr(
+                                Ipv4Network::new(Ipv4Addr::from(addr), len)
+                                    .expect("canonical prefixes are valid"),
+                            )
+                        }
+                        Remote::Group(h) => {
+                            list.extend(members[h].iter().map(|&ip| (32, ip, cid)));
+                            referenced.entry(groups[h].id.clone()).or_insert_with(|| {
+                                members[h].iter().map(|&ip| Ipv4Addr::from(ip)).collect()
+                            });
+                            RuleRemote::Group(groups[h].id.clone())
+                        }
+                    };
+                    rules.push(SgRuleInfo {
+                        group: groups[g].id.clone(),
+                        direction: dir as u32,
+                        position,
+                        reference: shared,
+                        proto: spec.proto,
+                        ports: (spec.lo, spec.hi),
+                        remote: remote_ref,
+                    });
                 }
             }
         }
+        sg_rule_index.insert(key.clone(), SgRuleIndex::new(rules, referenced));
         let (addr, classes) =
             stage(&mut sg_classes, &mut items).map_err(|count| PolicyError::TooManyClasses {
                 kind: Kind::SecurityGroupSet,
@@ -724,9 +787,9 @@ pub fn compile(input: &PolicyInput<'_>) -> Result<CompiledPolicy, PolicyError> {
             .flat_map(|(n, &cid)| {
                 sg_classes
                     .get(cid)
-                    .port_matches()
+                    .port_entries()
                     .into_iter()
-                    .map(move |m| (n as u16, m))
+                    .map(move |(m, r)| ((n as u16, m), r))
             })
             .collect();
         sg_sets.insert(key, SgTables { addr, ports });
@@ -758,6 +821,7 @@ pub fn compile(input: &PolicyInput<'_>) -> Result<CompiledPolicy, PolicyError> {
         sg_sets,
         acls,
         endpoints,
+        sg_rules: sg_rule_index,
     })
 }
 

@@ -59,6 +59,7 @@
 pub mod compile;
 pub mod model;
 pub mod ports;
+pub mod rules;
 pub mod tables;
 
 mod classes;
@@ -68,6 +69,7 @@ pub use compile::{
     SgSetKey, SubnetRef, compile,
 };
 pub use model::{AclAction, AclRule, NetworkAcl, PolicyLimits, Protocol, SecurityGroup, SgRule};
+pub use rules::{RuleRemote, SgRuleIndex, SgRuleInfo};
 pub use tables::{AclTables, PortMatch, SgTables};
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! `from_entries` reads them back (a round trip is the identity), so the agent can tell
 //! whether an installed id already holds what a fresh compile wants.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use dataplane_common::{
     filter::ipv4_mapped,
@@ -16,13 +16,11 @@ use ipnetwork::Ipv4Network;
 
 /// One entry of an address trie: (LPM prefix length, key, class id).
 pub type AddrEntry = (u32, PolicyAddrKey, u32);
-/// One entry of `SG_PORT`: (LPM prefix length, key); the value is always [`SG_ALLOW`].
-pub type SgPortEntry = (u32, PolicyPortKey);
+/// One entry of `SG_PORT`: (LPM prefix length, key, rule reference). The reference is
+/// policy-local (see `SgRuleIndex`); 0 denies (it overrides a broader entry).
+pub type SgPortEntry = (u32, PolicyPortKey, u32);
 /// One entry of `ACL_PORT`: (LPM prefix length, key, verdict).
 pub type AclPortEntry = (u32, PolicyPortKey, AclVerdict);
-
-/// The value of every `SG_PORT` entry (its presence is what allows).
-pub const SG_ALLOW: u32 = 1;
 
 /// The rule number reported for AWS's implicit final deny (`*`).
 pub const IMPLICIT_DENY_RULE: u16 = 32767;
@@ -116,8 +114,10 @@ impl PortMatch {
 pub struct SgTables {
     /// `SG_ADDR`: (direction, remote prefix) -> class number.
     pub addr: AddrTable,
-    /// `SG_PORT`: (class number, match); each allows. Normalized: no entry covers another.
-    pub ports: BTreeSet<(u16, PortMatch)>,
+    /// `SG_PORT`: (class number, match) -> rule reference (0: denies within a broader
+    /// entry). Entries of one class and protocol are disjoint blocks under an optional
+    /// all-ports entry, as for ACLs.
+    pub ports: BTreeMap<(u16, PortMatch), u32>,
 }
 
 /// A network ACL as trie contents.
@@ -168,12 +168,12 @@ fn addr_from_entries(id: u32, entries: &[AddrEntry]) -> Option<AddrTable> {
 
 impl SgTables {
     /// The map entries of this policy installed as policy `id` (1..=`MAX_POLICY_ID`):
-    /// `SG_ADDR` entries and `SG_PORT` keys (value [`SG_ALLOW`]), in table order.
+    /// `SG_ADDR` and `SG_PORT` entries, in table order.
     pub fn entries(&self, id: u32) -> (Vec<AddrEntry>, Vec<SgPortEntry>) {
         let ports = self
             .ports
             .iter()
-            .map(|&(n, m)| (m.lpm_len(), m.key(class_id(id, u32::from(n)))))
+            .map(|(&(n, m), &r)| (m.lpm_len(), m.key(class_id(id, u32::from(n))), r))
             .collect();
         (addr_entries(&self.addr, id), ports)
     }
@@ -182,16 +182,16 @@ impl SgTables {
     /// [`SgTables::entries`]. `None` if an entry belongs to another id or is not in the form
     /// `entries` writes.
     pub fn from_entries(id: u32, addr: &[AddrEntry], ports: &[SgPortEntry]) -> Option<SgTables> {
-        let mut set = BTreeSet::new();
-        for (len, key) in ports {
+        let mut map = BTreeMap::new();
+        for (len, key, r) in ports {
             let (class, m) = PortMatch::from_key(*len, key)?;
-            if !set.insert((class_n(id, class)?, m)) {
+            if map.insert((class_n(id, class)?, m), *r).is_some() {
                 return None;
             }
         }
         Some(SgTables {
             addr: addr_from_entries(id, addr)?,
-            ports: set,
+            ports: map,
         })
     }
 }

@@ -3,7 +3,7 @@
 //! naive evaluator of the rules.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
 };
 
@@ -12,7 +12,7 @@ use dataplane_common::{
     filter::ipv4_mapped,
     policy::{
         ACL_ALLOW, ACL_DENY, AclVerdict, EGRESS, INGRESS, PolicyAddrKey, PolicyPortKey,
-        PolicyTables, acl_allows, sg_allows,
+        PolicyTables, acl_allows, sg_allows, sg_rule,
     },
 };
 use ipnetwork::Ipv4Network;
@@ -232,7 +232,7 @@ fn port_bits(k: &PolicyPortKey) -> (u32, u128) {
 #[derive(Debug)]
 struct Sim {
     sg_addr: Lpm<u32>,
-    sg_port: Lpm<()>,
+    sg_port: Lpm<u32>,
     acl_addr: Lpm<u32>,
     acl_port: Lpm<AclVerdict>,
 }
@@ -255,7 +255,7 @@ impl PolicyTables for Sim {
         self.sg_addr.lookup(addr_bits(key)).copied()
     }
     fn sg_port(&self, key: &PolicyPortKey) -> Option<u32> {
-        self.sg_port.lookup(port_bits(key)).map(|()| 1)
+        self.sg_port.lookup(port_bits(key)).copied()
     }
     fn acl_class(&self, key: &PolicyAddrKey) -> Option<u32> {
         self.acl_addr.lookup(addr_bits(key)).copied()
@@ -302,8 +302,8 @@ impl Host {
             for (len, k, class) in addr {
                 sim.sg_addr.insert(len, addr_bits(&k), class);
             }
-            for (len, k) in ports {
-                sim.sg_port.insert(len, port_bits(&k), ());
+            for (len, k, r) in ports {
+                sim.sg_port.insert(len, port_bits(&k), r);
             }
             sg_ids.insert(key.clone(), id);
         }
@@ -340,6 +340,28 @@ impl Host {
             proto,
             port,
         )
+    }
+
+    /// The rule the datapath reports as having admitted the traffic (0: none), resolved
+    /// through the policy's rule index.
+    fn sg_decided(
+        &self,
+        ep: &str,
+        dir: u32,
+        remote: Ipv4Addr,
+        proto: u8,
+        port: u16,
+    ) -> (u32, Option<&SgRuleInfo>) {
+        let set = &self.compiled.endpoints[ep].sg_set;
+        let r = sg_rule(
+            &self.sim,
+            self.sg_ids[set],
+            dir,
+            &ipv4_mapped(remote.octets()),
+            proto,
+            port,
+        );
+        (r, self.compiled.sg_rules[set].decided(r, remote))
     }
 
     /// The ACL verdict for local endpoint `ep`: `None` without an ACL, else (allow, rule);
@@ -411,7 +433,9 @@ fn web_server_group_tables() {
         }
     );
     assert!(c.acls.is_empty());
-    // Classes in content order: {tcp 22, 80, 443} < {tcp 80, 443} < everything.
+    // Rule references, in canonical order (ports, then remote): inbound 22 (1), 80 (2),
+    // 443 (3), outbound all (4). Classes in content order: everything by 4 < {tcp 22 by 1,
+    // 80 by 2, 443 by 3} < {tcp 80, 443}.
     let tcp = |port| PortMatch {
         proto: Some(TCP),
         port,
@@ -419,20 +443,41 @@ fn web_server_group_tables() {
     };
     let expected = SgTables {
         addr: BTreeMap::from([
-            ((INGRESS, net("0.0.0.0/0")), 1),
-            ((INGRESS, net("203.0.113.0/24")), 0),
-            ((EGRESS, net("0.0.0.0/0")), 2),
+            ((INGRESS, net("0.0.0.0/0")), 2),
+            ((INGRESS, net("203.0.113.0/24")), 1),
+            ((EGRESS, net("0.0.0.0/0")), 0),
         ]),
-        ports: BTreeSet::from([
-            (0, tcp(22)),
-            (0, tcp(80)),
-            (0, tcp(443)),
-            (1, tcp(80)),
-            (1, tcp(443)),
-            (2, PortMatch::ALL),
+        ports: BTreeMap::from([
+            ((0, PortMatch::ALL), 4),
+            ((1, tcp(22)), 1),
+            ((1, tcp(80)), 2),
+            ((1, tcp(443)), 3),
+            ((2, tcp(80)), 2),
+            ((2, tcp(443)), 3),
         ]),
     };
     assert_eq!(c.sg_sets[&key], expected);
+    let rules = &c.sg_rules[&key];
+    assert_eq!(
+        rules
+            .rules()
+            .iter()
+            .map(SgRuleInfo::description)
+            .collect::<Vec<_>>(),
+        [
+            "sg-web ingress tcp 22 from 203.0.113.0/24",
+            "sg-web ingress tcp 80 from 0.0.0.0/0",
+            "sg-web ingress tcp 443 from 0.0.0.0/0",
+            "sg-web egress all to 0.0.0.0/0",
+        ]
+    );
+    // Positions are the input's.
+    assert_eq!(rules.rules()[0].position, 2);
+    assert_eq!(
+        rules.describe(3, ip("198.51.100.1")),
+        "sg-web ingress tcp 443 from 0.0.0.0/0"
+    );
+    assert_eq!(rules.describe(0, ip("198.51.100.1")), "no rule");
 
     let h = Host::install(c);
     let office = ip("203.0.113.7");
@@ -478,15 +523,29 @@ fn group_referencing_another_group() {
     );
     assert_eq!(
         t.ports,
-        BTreeSet::from([(
-            0,
-            PortMatch {
-                proto: Some(TCP),
-                port: 5432,
-                bits: 0
-            }
+        BTreeMap::from([(
+            (
+                0,
+                PortMatch {
+                    proto: Some(TCP),
+                    port: 5432,
+                    bits: 0
+                }
+            ),
+            1
         )])
     );
+    let index = &c.sg_rules[&vec!["sg-db".to_string()]];
+    assert_eq!(
+        index
+            .decided(1, ip("10.0.1.11"))
+            .map(SgRuleInfo::description)
+            .as_deref(),
+        Some("sg-db ingress tcp 5432 from sg-web")
+    );
+    assert_eq!(index.decided(1, ip("10.0.1.12")), None, "not a member");
+    assert_eq!(index.decided(0, ip("10.0.1.11")), None);
+    assert_eq!(index.decided(2, ip("10.0.1.11")), None);
     let h = Host::install(c);
     assert!(h.sg("i-db", INGRESS, ip("10.0.1.10"), TCP, 5432));
     assert!(h.sg("i-db", INGRESS, ip("10.0.1.11"), TCP, 5432));
@@ -551,9 +610,10 @@ fn implicit_default_group() {
             addr: BTreeMap::from([
                 ((INGRESS, net("10.0.1.10/32")), 0),
                 ((INGRESS, net("10.0.1.11/32")), 0),
-                ((EGRESS, net("0.0.0.0/0")), 0),
+                ((EGRESS, net("0.0.0.0/0")), 1),
             ]),
-            ports: BTreeSet::from([(0, PortMatch::ALL)]),
+            // Inbound all from members (rule 1), outbound all (rule 2).
+            ports: BTreeMap::from([((0, PortMatch::ALL), 1), ((1, PortMatch::ALL), 2)]),
         }
     );
     let h = Host::install(c);
@@ -640,11 +700,14 @@ fn covered_prefixes_with_nothing_new_are_not_stored() {
     let n = t.addr[&(EGRESS, net("10.1.2.0/24"))];
     let class: Vec<PortMatch> = t
         .ports
-        .iter()
+        .keys()
         .filter(|(m, _)| *m == n)
         .map(|&(_, p)| p)
         .collect();
-    let udp: Vec<(u16, u8)> = ports::aligned_blocks(100, 300).collect();
+    // Two rules, two references: 100-200 and 201-300 are separate blocks.
+    let udp: Vec<(u16, u8)> = ports::aligned_blocks(100, 200)
+        .chain(ports::aligned_blocks(201, 300))
+        .collect();
     let mut expected = vec![PortMatch::all_ports(TCP)];
     expected.extend(udp.iter().map(|&(port, bits)| PortMatch {
         proto: Some(UDP),
@@ -676,10 +739,10 @@ fn icmp_types_and_protocol_numbers() {
     // Every type is all ports; GRE is its protocol number alone.
     assert!(
         t.ports
-            .iter()
+            .keys()
             .any(|&(_, m)| m == PortMatch::all_ports(ICMP))
     );
-    assert!(t.ports.iter().any(|&(_, m)| m == PortMatch::all_ports(GRE)));
+    assert!(t.ports.keys().any(|&(_, m)| m == PortMatch::all_ports(GRE)));
     let h = Host::install(c);
     let any = ip("198.51.100.1");
     assert!(h.sg("i-a", INGRESS, any, ICMP, 8));
@@ -1455,14 +1518,16 @@ fn entries_round_trip_and_reject_foreign_entries() {
     let mut bad = a.clone();
     bad[0].1.addr[9] = 1;
     assert_eq!(SgTables::from_entries(7, &bad, &p), None);
+    // A TCP port entry (the first entry is the all-protocols one).
+    let t = p.iter().position(|e| e.1.proto == TCP).unwrap();
     let mut bad = p.clone();
-    bad[0].1._pad = 1;
+    bad[t].1._pad = 1;
     assert_eq!(SgTables::from_entries(7, &a, &bad), None);
     let mut bad = p.clone();
-    bad[0].0 = 36;
+    bad[t].0 = 36;
     assert_eq!(SgTables::from_entries(7, &a, &bad), None);
     let mut bad = p.clone();
-    bad[0].0 = 50;
+    bad[t].0 = 50;
     assert_eq!(SgTables::from_entries(7, &a, &bad), None);
     let mut bad = p.clone();
     bad.push(bad[0]);
@@ -1764,6 +1829,35 @@ impl Reference {
         Reference { groups, members }
     }
 
+    /// Whether `rule` (as the index describes it) is a rule of one of `e`'s groups that
+    /// admits this traffic.
+    fn admits(
+        &self,
+        e: &EndpointRef,
+        rule: &SgRuleInfo,
+        remote: Ipv4Addr,
+        proto: u8,
+        port: u16,
+    ) -> bool {
+        let Some(g) = self.groups[&e.id].iter().find(|g| g.id == rule.group) else {
+            return false;
+        };
+        let rules = if rule.direction == INGRESS {
+            &g.inbound
+        } else {
+            &g.outbound
+        };
+        let Some(r) = rules.get(rule.position) else {
+            return false;
+        };
+        let addr_ok = match (&r.cidr, &r.group) {
+            (Some(c), _) => c.contains(remote),
+            (None, Some(other)) => self.members.get(other).is_some_and(|m| m.contains(&remote)),
+            (None, None) => false,
+        };
+        addr_ok && rule_matches(r.protocol, r.from_port, r.to_port, proto, port)
+    }
+
     fn sg(&self, e: &EndpointRef, dir: u32, remote: Ipv4Addr, proto: u8, port: u16) -> bool {
         self.groups[&e.id].iter().any(|g| {
             let rules = if dir == INGRESS {
@@ -1851,11 +1945,28 @@ fn compiled_lookups_equal_the_rules() {
     for case in 0..200 {
         let w = random_world(&mut rng);
         let c = w.compile().unwrap_or_else(|e| panic!("case {case}: {e}"));
+        // Tables are independent of the input order; rule positions are the input's.
+        let s = shuffled(&w, &mut rng).compile().unwrap();
         assert_eq!(
-            shuffled(&w, &mut rng).compile().as_ref(),
-            Ok(&c),
+            (&s.sg_sets, &s.acls, &s.endpoints),
+            (&c.sg_sets, &c.acls, &c.endpoints),
             "case {case}: input order matters"
         );
+        let described = |c: &CompiledPolicy| -> Vec<Vec<(String, u32)>> {
+            c.sg_rules
+                .values()
+                .map(|i| {
+                    let mut d: Vec<_> = i
+                        .rules()
+                        .iter()
+                        .map(|r| (r.description(), r.reference))
+                        .collect();
+                    d.sort();
+                    d
+                })
+                .collect()
+        };
+        assert_eq!(described(&s), described(&c), "case {case}");
         let h = Host::install(c);
         let reference = Reference::new(&w);
         for e in w.endpoints.iter().filter(|e| e.local) {
@@ -1874,12 +1985,21 @@ fn compiled_lookups_equal_the_rules() {
                             e.id
                         )
                     };
-                    assert_eq!(
-                        h.sg(&e.id, dir, remote, proto, port),
-                        reference.sg(e, dir, remote, proto, port),
-                        "{}",
-                        what()
-                    );
+                    let allowed = reference.sg(e, dir, remote, proto, port);
+                    assert_eq!(h.sg(&e.id, dir, remote, proto, port), allowed, "{}", what());
+                    // The reported rule is one of the endpoint's rules of that direction
+                    // that admits the traffic.
+                    let (r, decided) = h.sg_decided(&e.id, dir, remote, proto, port);
+                    assert_eq!(r != 0, allowed, "{}", what());
+                    if allowed {
+                        let d = decided.unwrap_or_else(|| panic!("ref {r}: {}", what()));
+                        assert_eq!(d.direction, dir, "{}", what());
+                        assert!(
+                            reference.admits(e, d, remote, proto, port),
+                            "{d:?}: {}",
+                            what()
+                        );
+                    }
                     assert_eq!(
                         h.acl(&e.id, dir, remote, proto, port),
                         reference_acl(&w, e, dir, remote, proto, port),
