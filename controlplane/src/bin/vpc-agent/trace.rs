@@ -223,6 +223,9 @@ pub struct Names {
     /// The document's groups and ACLs.
     pub groups: BTreeMap<String, controlplane::policy::model::SecurityGroup>,
     pub acls: BTreeMap<String, controlplane::policy::model::NetworkAcl>,
+    /// Security-group policy id -> the rules behind its references (what the datapath
+    /// reports), when the agent has them.
+    pub sg_rules: BTreeMap<u32, controlplane::policy::SgRuleIndex>,
 }
 
 impl Names {
@@ -532,10 +535,20 @@ pub fn render(events: &[TraceEvent], names: &Names, ctx: &HopContext) -> Rendere
                         ),
                     );
                 } else {
-                    let text = who
-                        .as_deref()
-                        .zip(ctx.flow.as_ref())
-                        .and_then(|(w, f)| sg_rule_text(names, w, f, inbound))
+                    let remote = ctx.flow.map(|f| if inbound { f.src } else { f.dst });
+                    // The rule the datapath names; else the first rule of the document
+                    // that matches.
+                    let text = names
+                        .sg_rules
+                        .get(&e.b)
+                        .zip(remote)
+                        .and_then(|(idx, r)| idx.decided(e.a, r))
+                        .map(|r| r.description())
+                        .or_else(|| {
+                            who.as_deref()
+                                .zip(ctx.flow.as_ref())
+                                .and_then(|(w, f)| sg_rule_text(names, w, f, inbound))
+                        })
                         .unwrap_or_else(|| format!("policy {} rule ref {}", e.b, e.a));
                     push(name, "allow", text);
                 }
@@ -695,6 +708,7 @@ pub fn run_hop(
     host: &str,
     underlay: &str,
     router_mac: [u8; 6],
+    sg_rules: impl Fn(u32) -> Option<controlplane::policy::SgRuleIndex>,
     hop: &pb::TraceHop,
 ) -> pb::TraceHopResult {
     let fail = |why: String| pb::TraceHopResult {
@@ -706,7 +720,7 @@ pub fn run_hop(
         return fail(format!("host {host} has no desired state yet"));
     };
     let ifindex = |name: &str| nix::net::if_::if_nametoindex(name).ok();
-    let names = Names::new(doc, host, ifindex);
+    let mut names = Names::new(doc, host, ifindex);
     let (program, ifindex, frame, ctx) = if hop.underlay_frame.is_empty() {
         let mut hop = hop.clone();
         if hop.dst_mac.is_empty() {
@@ -762,6 +776,14 @@ pub fn run_hop(
         Ok(r) => r,
         Err(e) => return fail(e),
     };
+    for e in &raw.events {
+        if (e.stage == TraceStage::SgEgress as u32 || e.stage == TraceStage::SgIngress as u32)
+            && !names.sg_rules.contains_key(&e.b)
+            && let Some(idx) = sg_rules(e.b)
+        {
+            names.sg_rules.insert(e.b, idx);
+        }
+    }
     let r = render(&raw.events, &names, &ctx);
     pb::TraceHopResult {
         frame_out: if r.verdict == "encapsulated" {
@@ -1057,5 +1079,42 @@ mod tests {
         );
         assert_eq!(tracked.stages[1].detail, "tracked: skipped");
         assert_eq!(tracked.verdict, "unknown");
+    }
+
+    #[test]
+    fn the_datapaths_rule_reference_names_the_rule_when_known() {
+        use controlplane::policy::{RuleRemote, SgRuleIndex, SgRuleInfo};
+        let mut names = Names::new(&doc(), "h2", |_| None);
+        names.sg_rules.insert(
+            4,
+            SgRuleIndex::new(
+                vec![SgRuleInfo {
+                    group: "sg-web".into(),
+                    direction: dataplane_common::policy::INGRESS,
+                    position: 1,
+                    reference: 1,
+                    proto: Some(PROTO_TCP),
+                    ports: (443, 443),
+                    remote: RuleRemote::Cidr("10.0.0.0/16".parse().unwrap()),
+                }],
+                BTreeMap::new(),
+            ),
+        );
+        let ctx = HopContext {
+            sender: None,
+            flow: Some(flow(443)),
+        };
+        let r = render(
+            &[
+                ev(TraceStage::Endpoint, 7, 4, 2, 0, [0; 4]),
+                ev(TraceStage::SgIngress, 1, 4, 0, 0, [0; 4]),
+            ],
+            &names,
+            &ctx,
+        );
+        assert_eq!(
+            r.stages[1].detail,
+            "sg-web ingress tcp 443 from 10.0.0.0/16"
+        );
     }
 }
