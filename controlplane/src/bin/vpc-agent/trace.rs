@@ -682,6 +682,7 @@ pub enum Program {
 /// Runs `program` on `frame` in trace mode with the context's ifindex `ifindex`.
 fn run_program(
     datapath: &controlplane::datapath::Datapath,
+    events: &mut controlplane::datapath::TraceEvents,
     program: Program,
     ifindex: u32,
     frame: &[u8],
@@ -690,7 +691,7 @@ fn run_program(
         Program::Port => dataplane_common::maps::programs::PORT,
         Program::UnderlayIngress => dataplane_common::maps::programs::TC_INGRESS,
     };
-    let _ = (datapath, ifindex, frame, name);
+    let _ = (datapath, events, ifindex, frame, name);
     Err("this agent's datapath has no packet-trace support (BPF_PROG_TEST_RUN)".into())
 }
 
@@ -704,6 +705,7 @@ pub type HopRequest = (
 /// with the reason in `drop_reason`).
 pub fn run_hop(
     datapath: &controlplane::datapath::Datapath,
+    events: Option<&mut controlplane::datapath::TraceEvents>,
     doc: Option<&StateFile>,
     host: &str,
     underlay: &str,
@@ -772,7 +774,10 @@ pub fn run_hop(
         };
         (Program::UnderlayIngress, i, hop.underlay_frame.clone(), ctx)
     };
-    let raw = match run_program(datapath, program, ifindex, &frame) {
+    let Some(events) = events else {
+        return fail(format!("host {host}'s datapath has no trace ring buffer"));
+    };
+    let raw = match run_program(datapath, events, program, ifindex, &frame) {
         Ok(r) => r,
         Err(e) => return fail(e),
     };
