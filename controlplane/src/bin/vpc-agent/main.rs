@@ -384,7 +384,7 @@ async fn run(args: RunArgs) -> Result<()> {
             Some((hop, reply)) = recv_bounded(&mut trace_rx) => {
                 let doc = overlay.as_ref().and_then(|r| r.document().ok());
                 let host = args.host.as_deref().unwrap_or_default();
-                let _ = reply.send(trace::run_hop(&datapath, trace_events.as_mut(), doc.as_ref(), host, &ifaces[0], args.router_mac, |id| overlay.as_ref().and_then(|r| r.sg_rules(id).cloned()), &hop));
+                let _ = reply.send(trace::run_hop(&datapath, trace_events.as_mut(), doc.as_ref(), &trace::Local { host, underlay: &ifaces[0], router_mac: args.router_mac }, |id| overlay.as_ref().and_then(|r| r.sg_rules(id).cloned()), &hop));
             }
             _ = gc.tick() => {
                 if let Some(s) = conntrack_gc(&policy_maps) {

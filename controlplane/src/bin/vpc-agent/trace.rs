@@ -695,6 +695,16 @@ fn run_program(
     Err("this agent's datapath has no packet-trace support (BPF_PROG_TEST_RUN)".into())
 }
 
+/// This host, as a hop needs it.
+pub struct Local<'a> {
+    /// Host id.
+    pub host: &'a str,
+    /// The underlay interface (destination hops run its TC ingress program).
+    pub underlay: &'a str,
+    /// The VPC router's MAC (the destination MAC of frames instances send).
+    pub router_mac: [u8; 6],
+}
+
 /// A trace hop waiting for the main loop (which owns the datapath) and where its result goes.
 pub type HopRequest = (
     pb::TraceHop,
@@ -707,12 +717,15 @@ pub fn run_hop(
     datapath: &controlplane::datapath::Datapath,
     events: Option<&mut controlplane::datapath::TraceEvents>,
     doc: Option<&StateFile>,
-    host: &str,
-    underlay: &str,
-    router_mac: [u8; 6],
+    local: &Local<'_>,
     sg_rules: impl Fn(u32) -> Option<controlplane::policy::SgRuleIndex>,
     hop: &pb::TraceHop,
 ) -> pb::TraceHopResult {
+    let Local {
+        host,
+        underlay,
+        router_mac,
+    } = *local;
     let fail = |why: String| pb::TraceHopResult {
         verdict: "error".into(),
         drop_reason: why,
