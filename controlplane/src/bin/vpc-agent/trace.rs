@@ -441,9 +441,19 @@ pub fn render(events: &[TraceEvent], names: &Names, ctx: &HopContext) -> Rendere
     // The receiver is known from the flow's destination once the VNI is.
     let receiver_of = |vni: u32| -> Option<String> {
         let f = ctx.flow?;
-        names.endpoints.get(&(vni, f.dst)).cloned()
+        names.endpoints.get(&(vni, f.dst)).cloned().or_else(|| {
+            // VNI not reported yet: the local endpoint with that address.
+            names
+                .endpoints
+                .iter()
+                .find(|((_, ip), id)| *ip == f.dst && names.ports.values().any(|p| p == *id))
+                .map(|(_, id)| id.clone())
+        })
     };
     let mut verdict = None;
+    if ctx.sender.is_none() {
+        receiver = receiver_of(0);
+    }
     for e in events {
         let Some(stage) = TraceStage::from_u32(e.stage) else {
             push(
@@ -1134,5 +1144,20 @@ mod tests {
             r.stages[1].detail,
             "sg-web ingress tcp 443 from 10.0.0.0/16"
         );
+    }
+
+    #[test]
+    fn a_destination_hop_without_an_endpoint_stage_finds_the_receiver_by_address() {
+        let names = Names::new(&doc(), "h2", |n| (n == "portdst").then_some(21));
+        let ctx = HopContext {
+            sender: None,
+            flow: Some(flow(443)),
+        };
+        let r = render(
+            &[ev(TraceStage::SgIngress, 5, 1, 0, 0, [0; 4])],
+            &names,
+            &ctx,
+        );
+        assert_eq!(r.stages[0].detail, "sg-web: tcp 443 from 10.0.0.0/16");
     }
 }
