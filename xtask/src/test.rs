@@ -39,6 +39,7 @@ const DATAPATH_TESTS: &[&str] = &[
     "datapath_security",
     "datapath_lb",
     "datapath_flowlog",
+    "datapath_trace",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
