@@ -19,7 +19,7 @@ use controlplane::{
 };
 use dataplane_common::{
     DropReason,
-    overlay::NeighborKind,
+    port::Forward,
     stats::Action,
     trace::{TraceEvent, TraceStage},
 };
@@ -160,6 +160,20 @@ pub fn build_frame(spec: &FrameSpec) -> Vec<u8> {
     frame.extend_from_slice(&ip);
     frame.extend_from_slice(&l4);
     frame
+}
+
+/// The `port::Forward` with this number.
+fn forward_of(n: u32) -> Option<Forward> {
+    [
+        Forward::Drop,
+        Forward::ArpReply,
+        Forward::Local,
+        Forward::Remote,
+        Forward::FragNeeded,
+        Forward::Balance,
+    ]
+    .into_iter()
+    .find(|f| *f as u32 == n)
 }
 
 /// The IPv4 address of an IPv4-mapped 16-byte address.
@@ -480,8 +494,9 @@ pub fn render(events: &[TraceEvent], names: &Names, ctx: &HopContext) -> Rendere
             }
             TraceStage::Route => {
                 let addr = v4(&e.addr);
-                let (result, detail) = match e.a {
-                    k if k == NeighborKind::Local as u32 => (
+                // `a`: the port program's `port::Forward` decision.
+                let (result, detail) = match forward_of(e.a) {
+                    Some(Forward::Local) => (
                         "local",
                         format!(
                             "to {} on this host",
@@ -492,20 +507,20 @@ pub fn render(events: &[TraceEvent], names: &Names, ctx: &HopContext) -> Rendere
                                 .unwrap_or_else(|| format!("port {}", e.b))
                         ),
                     ),
-                    k if k == NeighborKind::Remote as u32 => {
-                        ("remote", format!("via {}", names.vtep(addr)))
-                    }
-                    k if k == NeighborKind::LoadBalancer as u32 => {
-                        ("vip", format!("load balancer VIP {addr}"))
-                    }
-                    k if k == NeighborKind::Gateway as u32 => {
-                        ("gateway", format!("subnet gateway {addr}"))
-                    }
-                    0 => (
-                        "no_route",
-                        "no route or neighbor for the destination".into(),
+                    Some(Forward::Remote) => ("remote", format!("via {}", names.vtep(addr))),
+                    Some(Forward::Balance) => ("vip", "to a load balancer's VIP".into()),
+                    Some(Forward::ArpReply) => ("arp_reply", "answered by the datapath".into()),
+                    Some(Forward::FragNeeded) => (
+                        "frag_needed",
+                        "too big for the underlay with DF: ICMP fragmentation needed".into(),
                     ),
-                    k => ("other", format!("neighbor kind {k} {addr}")),
+                    Some(Forward::Drop) => (
+                        "drop",
+                        DropReason::from_u32(e.c)
+                            .map(|r| r.name().to_owned())
+                            .unwrap_or_else(|| format!("reason {}", e.c)),
+                    ),
+                    None => ("other", format!("decision {} {addr}", e.a)),
                 };
                 push("route", result, detail);
             }
@@ -620,7 +635,8 @@ pub fn render(events: &[TraceEvent], names: &Names, ctx: &HopContext) -> Rendere
                 push("deliver", "delivered", to);
             }
             TraceStage::CtBudget => {
-                let full = e.a != 0 && e.b >= e.a;
+                // `c`: 1 if the budget admits a new flow.
+                let full = e.a != 0 && e.c == 0;
                 push(
                     "ct_budget",
                     if full { "full" } else { "ok" },
@@ -697,12 +713,17 @@ fn run_program(
     ifindex: u32,
     frame: &[u8],
 ) -> Result<RawRun, String> {
-    let name = match program {
-        Program::Port => dataplane_common::maps::programs::PORT,
-        Program::UnderlayIngress => dataplane_common::maps::programs::TC_INGRESS,
+    use controlplane::datapath::trace::{self, TraceProgram};
+    let which = match program {
+        Program::Port => TraceProgram::Port,
+        Program::UnderlayIngress => TraceProgram::UnderlayIngress,
     };
-    let _ = (datapath, events, ifindex, frame, name);
-    Err("this agent's datapath has no packet-trace support (BPF_PROG_TEST_RUN)".into())
+    let prog = trace::program(datapath, which).map_err(|e| e.to_string())?;
+    let run = trace::run(prog, events, ifindex, frame).map_err(|e| e.to_string())?;
+    Ok(RawRun {
+        data_out: run.data_out,
+        events: run.events,
+    })
 }
 
 /// This host, as a hop needs it.
@@ -972,7 +993,7 @@ mod tests {
             ev(TraceStage::Endpoint, 7, 1, 2, 0, [0; 4]),
             ev(
                 TraceStage::Route,
-                NeighborKind::Remote as u32,
+                Forward::Remote as u32,
                 0,
                 0,
                 0,
