@@ -6,14 +6,12 @@ use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
 use dataplane_common::{
     Action, DropReason, Hook,
     arp::{self, ArpIpv4},
-    filter::ipv4_mapped,
     icmp::{FRAG_NEEDED_FRAME_LEN, QUOTE_LEN, frag_needed},
     overlay::{EP_LB_CLIENT, Endpoint, OverlayConfig, v4},
     packet::PacketView,
     parse::ETH_HLEN,
     port::{Forward, PortAction, decide},
     stats::{DIR_EGRESS, DIR_INGRESS},
-    trace::TraceStage,
 };
 
 use crate::{

@@ -8,6 +8,7 @@ pub mod api_bench;
 pub mod cluster;
 pub mod compute_bench;
 pub mod etcd;
+pub mod flowlog_bench;
 pub mod lb_baseline;
 pub mod lb_bench;
 pub mod netns;

@@ -1,4 +1,9 @@
 //! `cargo xtask bench [NAME] [-- ARGS...]`: runs a benchmark of vpc-bench (as root).
+//!
+//! `flowlog` (flags `--repeat`, `--samples`, `--rounds`, `--drain-packets`), in
+//! [`vpc_tests::flowlog_bench`]: ns/packet of the port program with flow logging off and on
+//! (established and new flows, a consumer draining meanwhile), and the flow-log ring's drain
+//! rate with loss counted.
 
 use std::ffi::OsString;
 

@@ -112,6 +112,15 @@ fn main() -> Result<()> {
                 hosts: flag(&args, "--hosts").unwrap_or(d.hosts),
             })
         }
+        "flowlog" => {
+            let d = vpc_tests::flowlog_bench::Options::default();
+            vpc_tests::flowlog_bench::run(&vpc_tests::flowlog_bench::Options {
+                repeat: flag(&args, "--repeat").unwrap_or(d.repeat),
+                samples: flag(&args, "--samples").unwrap_or(d.samples),
+                rounds: flag(&args, "--rounds").unwrap_or(d.rounds),
+                drain_packets: flag(&args, "--drain-packets").unwrap_or(d.drain_packets),
+            })
+        }
         "compute" => {
             let d = vpc_tests::compute_bench::Options::default();
             vpc_tests::compute_bench::run(&vpc_tests::compute_bench::Options {
@@ -125,7 +134,7 @@ fn main() -> Result<()> {
             "unknown benchmark `{other}` (datapath, per-packet, throughput, overlay, \
              overlay-per-packet, security, security-rules, security-apply, security-conntrack, \
              security-nft, lb, lb-per-packet, lb-conn, api, api-latency, \
-             api-programming, compute)"
+             api-programming, compute, flowlog)"
         ),
     }
 }
