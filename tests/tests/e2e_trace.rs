@@ -208,7 +208,9 @@ fn trace_explains_delivery_and_drops_without_changing_state() -> Result<()> {
     let before = (conntrack(&c, 0)?, conntrack(&c, 1)?);
 
     // Allowed, across hosts: every stage, delivered.
+    let started = std::time::Instant::now();
     let (code, t) = trace(&c, &src, &dst, "tcp", 443)?;
+    eprintln!("cross-host trace, CLI round trip: {:?}", started.elapsed());
     ensure!(code == 0, "exit {code}: {t:#}");
     assert_eq!(t["verdict"], "delivered", "{t:#}");
     assert_eq!(t["deliveredTo"], dst.as_str(), "{t:#}");
@@ -247,6 +249,15 @@ fn trace_explains_delivery_and_drops_without_changing_state() -> Result<()> {
         "{t:#}"
     );
     assert_eq!(stage(&t, "host-1", "sg_ingress").unwrap()["result"], "deny");
+
+    // ICMP echo: no inbound rule of the group allows it.
+    let (code, t) = trace(&c, &src, &dst, "icmp", 0)?;
+    assert_eq!(
+        (code, s(&t["dropReason"])),
+        (3, "sg_ingress".into()),
+        "{t:#}"
+    );
+    ensure!(s(&t["packet"]).starts_with("icmp"), "{t:#}");
 
     // ACL rule 90 denies 2222 (the security group would allow it).
     let (code, t) = trace(&c, &src, &dst, "tcp", 2222)?;
