@@ -310,6 +310,20 @@ fn acl_stage<T: PolicyTables>(
     v >> 32 == u64::from(ACL_ALLOW)
 }
 
+/// Advances a tracked flow's entry by one packet (`flags`: protocol << 8 | TCP flags, bit
+/// 16 set when it travels in the original direction) and counts it. Never inlined: in the
+/// kernel a BPF subprogram, so the entry copies live in its own frame, not the verdict's.
+#[inline(never)]
+pub fn refresh<S: CtSlot>(slot: &S, flags: u32, now_ns: u64, len: u32) {
+    let e = slot.get();
+    let proto = (flags >> 8) as u8;
+    let from_opener = flags & (1 << 16) != 0;
+    if let Some(next) = advance(&e, proto, flags as u8, from_opener, now_ns) {
+        slot.set(&next);
+    }
+    slot.count(len);
+}
+
 /// Whether a VPC at `budget` may track one more flow: no budget, limit 0 (unlimited), or
 /// fewer entries than the limit.
 #[inline(always)]
@@ -360,7 +374,7 @@ pub fn evaluate<P: PacketView, T: PolicyTables>(
         let e = slot.get();
         let from_opener = f.from_lo == (e.flags & CT_OPENED_BY_LO != 0);
         if !cfg.expired(&f.key, &e, now_ns) && continues(&e, ip.proto, tcp, from_opener) {
-            tracked = Some((slot, e, from_opener));
+            tracked = Some((slot, from_opener));
         }
     }
     d.tracked = u8::from(tracked.is_some());
@@ -390,11 +404,10 @@ pub fn evaluate<P: PacketView, T: PolicyTables>(
         }
     }
     match tracked {
-        Some((slot, e, from_opener)) => {
-            if let Some(next) = advance(&e, ip.proto, tcp, from_opener, now_ns) {
-                slot.set(&next);
-            }
-            slot.count(len);
+        Some((slot, from_opener)) => {
+            let flags =
+                (u32::from(ip.proto) << 8) | u32::from(tcp) | (u32::from(from_opener) << 16);
+            refresh(&slot, flags, now_ns, len);
         }
         None => {
             if !budget_admits(t.ct_budget(vni)) {

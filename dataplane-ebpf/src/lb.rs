@@ -18,6 +18,7 @@ use crate::{
     packet::TcPacket,
     policy::{EMPTY_IP, parse_ip},
     tables::KernelTables,
+    trace,
 };
 
 /// Offset of the source address in the IPv4 header.
@@ -37,9 +38,11 @@ pub fn balance(pkt: &TcPacket, ep: &Endpoint) -> Result<(), DropReason> {
     let now = unsafe { bpf_ktime_get_ns() };
     let mut sel = Selection::default();
     select(&ip, ep.vni, now, &KernelTables, &mut sel)?;
-    if sel.record {
+    // A trace records no flow (a new one would otherwise pin the client to a target).
+    if sel.record && !pkt.traced() {
         record(&KernelTables, &ip, ep.vni, &sel, now);
     }
+    trace::balance(pkt, &sel);
     let b = &sel.backend;
     rewrite(
         pkt,

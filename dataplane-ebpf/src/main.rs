@@ -20,6 +20,7 @@ mod policy;
 mod port;
 mod stats;
 mod tables;
+mod trace;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
@@ -37,7 +38,7 @@ use crate::{
 /// before the kernel allocates an skb.
 #[xdp]
 pub fn vpc_xdp(ctx: XdpContext) -> u32 {
-    match pipeline::run(&ctx, &XdpPacket::new(&ctx), Hook::Xdp) {
+    match pipeline::run(&ctx, &XdpPacket::new(&ctx), Hook::Xdp, false) {
         Fate::Drop => xdp_action::XDP_DROP,
         Fate::Pass | Fate::Deliver { .. } => xdp_action::XDP_PASS,
     }
@@ -48,7 +49,7 @@ pub fn vpc_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn vpc_tc_ingress(ctx: TcContext) -> i32 {
     let pkt = TcPacket::new(&ctx);
-    match pipeline::run(&ctx, &pkt, Hook::TcIngress) {
+    match pipeline::run(&ctx, &pkt, Hook::TcIngress, pkt.traced()) {
         Fate::Pass => TC_ACT_OK,
         Fate::Drop => TC_ACT_SHOT,
         Fate::Deliver { ifindex, eth } => {
@@ -60,7 +61,8 @@ pub fn vpc_tc_ingress(ctx: TcContext) -> i32 {
 /// TC egress on the underlay: the filter checks for packets the host sends.
 #[classifier]
 pub fn vpc_tc_egress(ctx: TcContext) -> i32 {
-    match pipeline::run(&ctx, &TcPacket::new(&ctx), Hook::TcEgress) {
+    let pkt = TcPacket::new(&ctx);
+    match pipeline::run(&ctx, &pkt, Hook::TcEgress, pkt.traced()) {
         Fate::Drop => TC_ACT_SHOT,
         Fate::Pass | Fate::Deliver { .. } => TC_ACT_OK,
     }

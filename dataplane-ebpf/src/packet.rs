@@ -141,6 +141,14 @@ impl TcPacket<'_> {
         unsafe { (*self.ctx.skb.skb).ifindex }
     }
 
+    /// Whether this is a trace run (`skb->mark` is `TRACE_MARK`): change no state, write
+    /// trace events.
+    #[inline(always)]
+    pub fn traced(&self) -> bool {
+        // SAFETY: as in `ifindex`.
+        unsafe { (*self.ctx.skb.skb).mark == dataplane_common::trace::TRACE_MARK }
+    }
+
     /// GSO segment size, 0 for a plain packet.
     #[inline(always)]
     pub fn gso_size(&self) -> u32 {

@@ -22,6 +22,7 @@ use crate::{
     policy::{self, Sides},
     stats,
     tables::{KernelTables, overlay_config},
+    trace,
 };
 
 /// What an underlay hook does with a packet.
@@ -42,12 +43,13 @@ pub enum Fate {
 /// Parses, filters and (on receive) classifies VXLAN; counts everything but deliveries,
 /// which the caller counts once it knows whether they succeeded. A BPF subprogram, so its
 /// parsing state is off the stack when a delivery runs the policy subprograms.
+/// `traced`: a trace run (TC only), which counts nothing and reports the verdict.
 #[inline(never)]
-pub fn run<C: EbpfContext, P: PacketView>(ctx: &C, pkt: &P, hook: Hook) -> Fate {
+pub fn run<C: EbpfContext, P: PacketView>(ctx: &C, pkt: &P, hook: Hook, traced: bool) -> Fate {
     let len = pkt.len();
     let parsed = parse(pkt);
     if let Verdict::Drop(reason) = decide(parsed, &KernelTables) {
-        stats::count_and_log_drop(ctx, hook, reason, len);
+        dropped(ctx, hook, reason, len, traced);
         return Fate::Drop;
     }
     if hook != Hook::TcEgress
@@ -61,13 +63,27 @@ pub fn run<C: EbpfContext, P: PacketView>(ctx: &C, pkt: &P, hook: Hook) -> Fate 
             // Valid VXLAN at XDP: TC ingress decapsulates it.
             Ok(UnderlayAction::Deliver { .. }) => {}
             Err(reason) => {
-                stats::count_and_log_drop(ctx, hook, reason, len);
+                dropped(ctx, hook, reason, len, traced);
                 return Fate::Drop;
             }
         }
     }
-    stats::count_action(hook, Action::Pass, len);
+    if traced {
+        trace::verdict(Action::Pass, 0, 0);
+    } else {
+        stats::count_action(hook, Action::Pass, len);
+    }
     Fate::Pass
+}
+
+/// Counts (or, in a trace, reports) a drop on an underlay hook.
+#[inline(always)]
+fn dropped<C: EbpfContext>(ctx: &C, hook: Hook, reason: DropReason, len: usize, traced: bool) {
+    if traced {
+        trace::verdict(Action::Drop, reason as u32, 0);
+    } else {
+        stats::count_and_log_drop(ctx, hook, reason, len);
+    }
 }
 
 /// Decapsulates, applies the receiver's inbound policy and delivers; counts the outcome.
@@ -81,17 +97,22 @@ pub fn deliver<C: EbpfContext>(
     let len = pkt.len();
     let result = match policy::endpoint(ifindex) {
         None => Err(DropReason::NoNeighbor),
-        Some(ep) => forward::decapsulate(pkt, eth)
-            .and_then(|()| {
-                if ep.flags & EP_LB_CLIENT != 0 {
-                    lb::reverse(pkt, ep)
-                } else {
-                    Ok(())
-                }
-            })
-            .and_then(|()| policy::check(pkt, &Sides::new(None, 0, Some(ep), ifindex)))
-            .and_then(|()| forward::to_port(ifindex)),
+        Some(ep) => {
+            trace::receiver(pkt, ep);
+            deliver_to(pkt, ep, ifindex, eth)
+        }
     };
+    // Read here, not held across the delivery (see `port::run`).
+    if pkt.traced() {
+        match result {
+            Ok(_) => {
+                trace::deliver(pkt, ifindex);
+                trace::verdict(Action::Decap, 0, 0);
+            }
+            Err(reason) => trace::verdict(Action::Drop, reason as u32, ifindex),
+        }
+        return result.ok();
+    }
     match result {
         Ok(rc) => {
             stats::count_action(Hook::TcIngress, Action::Decap, len);
@@ -105,4 +126,25 @@ pub fn deliver<C: EbpfContext>(
             None
         }
     }
+}
+
+/// Decapsulates, reverse-NATs replies of balanced flows, applies `ep`'s inbound policy and
+/// redirects to its port `ifindex`.
+#[inline(always)]
+fn deliver_to(
+    pkt: &crate::packet::TcPacket,
+    ep: &'static dataplane_common::overlay::Endpoint,
+    ifindex: u32,
+    eth: &[u8; 12],
+) -> Result<i32, DropReason> {
+    forward::decapsulate(pkt, eth)
+        .and_then(|()| {
+            if ep.flags & EP_LB_CLIENT != 0 {
+                lb::reverse(pkt, ep)
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| policy::check(pkt, &Sides::new(None, 0, Some(ep), ifindex)))
+        .and_then(|()| forward::to_port(ifindex))
 }

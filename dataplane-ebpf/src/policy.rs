@@ -13,7 +13,7 @@ use dataplane_common::{
     policy::evaluate,
 };
 
-use crate::{flowlog, maps::ENDPOINTS, packet::TcPacket, tables::KernelTables};
+use crate::{flowlog, maps::ENDPOINTS, packet::TcPacket, tables::PolicyKernel, trace};
 
 /// The endpoints a policy check applies to, with their ports (flow logs name them).
 pub struct Sides {
@@ -78,12 +78,43 @@ pub const EMPTY_IP: IpPacket = IpPacket {
 pub fn check(pkt: &TcPacket, sides: &Sides) -> Result<(), DropReason> {
     let mut ip = EMPTY_IP;
     parse_ip(pkt, &mut ip)?;
-    verdict(pkt, &ip, sides)
+    let mut d = Decision::EMPTY;
+    let r = verdict(pkt, &ip, sides, &mut d);
+    // Reporting happens here, not in `verdict`, whose frame (conntrack key and entries) is
+    // the largest: the event subprograms then never stack on top of it.
+    if pkt.traced() {
+        trace::policy(sides, &d, reason_number(r));
+        return r;
+    }
+    let flags = sides.out.map_or(0, |e| e.flags) | sides.inb.map_or(0, |e| e.flags);
+    let want = if r.is_ok() {
+        EP_LOG_ACCEPT
+    } else {
+        EP_LOG_REJECT
+    };
+    if flags & want != 0 {
+        flowlog::emit(&ip, sides, &d, reason_number(r), pkt.len() as u32);
+    }
+    r
 }
 
-/// The verdict on a parsed packet (a BPF subprogram).
+/// The drop reason's number, 0 when admitted.
+#[inline(always)]
+fn reason_number(r: Result<(), DropReason>) -> u32 {
+    match r {
+        Ok(()) => 0,
+        Err(reason) => reason as u32,
+    }
+}
+
+/// The verdict on a parsed packet, what decided it in `d` (a BPF subprogram).
 #[inline(never)]
-fn verdict(pkt: &TcPacket, ip: &IpPacket, sides: &Sides) -> Result<(), DropReason> {
+fn verdict(
+    pkt: &TcPacket,
+    ip: &IpPacket,
+    sides: &Sides,
+    d: &mut Decision,
+) -> Result<(), DropReason> {
     // No endpoint here: nothing to apply. (Tested on the ports, which are nonzero exactly
     // when their endpoint is present: the compiler turns a test of both pointers into an OR
     // of pointers, which the verifier rejects.)
@@ -92,31 +123,18 @@ fn verdict(pkt: &TcPacket, ip: &IpPacket, sides: &Sides) -> Result<(), DropReaso
     }
     // SAFETY: a helper without arguments or side effects.
     let now = unsafe { bpf_ktime_get_ns() };
-    let mut d = Decision::EMPTY;
-    let r = evaluate(
+    evaluate(
         pkt,
         ip,
         sides.vni,
         sides.out,
         sides.inb,
         now,
-        &KernelTables,
-        &mut d,
-    );
-    let flags = sides.out.map_or(0, |e| e.flags) | sides.inb.map_or(0, |e| e.flags);
-    let want = if r.is_ok() {
-        EP_LOG_ACCEPT
-    } else {
-        EP_LOG_REJECT
-    };
-    if flags & want != 0 {
-        let reason = match r {
-            Ok(()) => 0,
-            Err(reason) => reason as u32,
-        };
-        flowlog::emit(ip, sides, &d, reason, pkt.len() as u32);
-    }
-    r
+        &PolicyKernel {
+            trace: pkt.traced(),
+        },
+        d,
+    )
 }
 
 /// The frame's IPv4 headers: instance frames are untagged IPv4 once the port program (or

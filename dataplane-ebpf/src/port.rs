@@ -21,6 +21,7 @@ use crate::{
     policy::{self, Sides},
     stats,
     tables::{KernelTables, overlay_config},
+    trace,
 };
 
 /// Runs the port program; returns the TC action.
@@ -29,8 +30,14 @@ pub fn run(ctx: &TcContext) -> i32 {
     let pkt = TcPacket::new(ctx);
     let len = pkt.len();
     let port = pkt.ifindex();
+    // Read after `forward`, not before: a flag held across it would make the verifier
+    // explore all of `forward` twice (traced and not).
     match forward(ctx, &pkt, port) {
         Ok((action, rc, receiver)) => {
+            if pkt.traced() {
+                trace::verdict(action, 0, 0);
+                return rc;
+            }
             stats::count_action(Hook::Port, action, len);
             stats::count_endpoint(port, DIR_EGRESS, action, len);
             if receiver != 0 {
@@ -39,6 +46,10 @@ pub fn run(ctx: &TcContext) -> i32 {
             rc
         }
         Err((reason, charged)) => {
+            if pkt.traced() {
+                trace::verdict(Action::Drop, reason as u32, charged);
+                return TC_ACT_SHOT;
+            }
             stats::count_port_drop(Hook::Port, charged, reason, len);
             let dir = if charged == port {
                 DIR_EGRESS
@@ -65,6 +76,7 @@ fn forward(ctx: &TcContext, pkt: &TcPacket, port: u32) -> Result<Forwarded, Drop
     let ep: &'static Endpoint = policy::endpoint(port).ok_or(here(DropReason::UnknownPort))?;
     let cfg = overlay_config();
     let mut action = classify(pkt, ep, &cfg);
+    trace::decision(pkt, Some(ep), &action);
     // Whose outbound policy is still to apply.
     let mut out = Some(ep);
     if action.forward == Forward::Balance {
@@ -74,6 +86,7 @@ fn forward(ctx: &TcContext, pkt: &TcPacket, port: u32) -> Result<Forwarded, Drop
         lb::balance(pkt, ep).map_err(here)?;
         out = None;
         action = classify(pkt, ep, &cfg);
+        trace::decision(pkt, None, &action);
     }
     match action.forward {
         Forward::Drop => Err(here(action.reason)),
@@ -108,6 +121,7 @@ fn forward(ctx: &TcContext, pkt: &TcPacket, port: u32) -> Result<Forwarded, Drop
             }
             pkt.write(0, &action.mac).map_err(here)?;
             pkt.write(6, &ep.router_mac).map_err(here)?;
+            trace::deliver(pkt, action.ifindex);
             Ok((
                 Action::Redirect,
                 forward::to_port(action.ifindex).map_err(here)?,
@@ -126,6 +140,7 @@ fn forward(ctx: &TcContext, pkt: &TcPacket, port: u32) -> Result<Forwarded, Drop
                 ip_len: action.ip_len,
                 fixed_gso: action.fixed_gso,
             };
+            trace::encap(pkt, ep.vni, cfg.underlay_ifindex, action.vtep);
             Ok((
                 Action::Encap,
                 forward::encapsulate(ctx, pkt, &cfg, &e).map_err(here)?,
@@ -134,7 +149,7 @@ fn forward(ctx: &TcContext, pkt: &TcPacket, port: u32) -> Result<Forwarded, Drop
         }
         Forward::FragNeeded => {
             // The packet itself is dropped (and counted so); the instance learns the MTU.
-            stats::count_port_drop(Hook::Port, port, DropReason::MtuExceeded, pkt.len());
+            count_mtu_drop(pkt, port);
             frag_needed_reply(pkt, ep, action.mtu).map_err(here)?;
             Ok((Action::Reply, forward::to_port(port).map_err(here)?, 0))
         }
@@ -149,6 +164,14 @@ fn forward(ctx: &TcContext, pkt: &TcPacket, port: u32) -> Result<Forwarded, Drop
 #[inline(never)]
 fn classify(pkt: &TcPacket, ep: &Endpoint, cfg: &OverlayConfig) -> PortAction {
     decide(pkt, ep, cfg, pkt.gso_size(), &KernelTables)
+}
+
+/// Counts the drop of a packet too big for the underlay (not in a trace).
+#[inline(never)]
+fn count_mtu_drop(pkt: &TcPacket, port: u32) {
+    if !pkt.traced() {
+        stats::count_port_drop(Hook::Port, port, DropReason::MtuExceeded, pkt.len());
+    }
 }
 
 /// Rewrites the ARP request in place into the router's reply.

@@ -84,8 +84,8 @@ unsafe fn atomic_add<T: Copy>(dst: *mut T, n: T) {
     }
 }
 
-/// A conntrack entry in the map, written in place.
-pub struct KernelCt(*mut CtEntry);
+/// A conntrack entry in the map, written in place (not in a trace run).
+pub struct KernelCt(*mut CtEntry, bool);
 
 impl CtSlot for KernelCt {
     #[inline(always)]
@@ -98,6 +98,9 @@ impl CtSlot for KernelCt {
 
     #[inline(always)]
     fn set(&self, entry: &CtEntry) {
+        if self.1 {
+            return;
+        }
         // SAFETY: as in `get`. The counters are not written (see `CtSlot::set`).
         unsafe {
             (*self.0).last_seen_ns = entry.last_seen_ns;
@@ -108,6 +111,9 @@ impl CtSlot for KernelCt {
 
     #[inline(always)]
     fn count(&self, bytes: u32) {
+        if self.1 {
+            return;
+        }
         // SAFETY: as in `get`; the counters are 8-byte aligned `u64`s in the map value,
         // only ever accessed atomically by the programs (user space reads them as a copy).
         unsafe {
@@ -117,7 +123,24 @@ impl CtSlot for KernelCt {
     }
 }
 
-impl PolicyTables for KernelTables {
+/// The policy maps as `policy::evaluate` uses them; in a trace run (`trace`) every write
+/// (conntrack create, refresh and counters, budget count) is skipped.
+pub struct PolicyKernel {
+    /// A trace run: change nothing.
+    pub trace: bool,
+}
+
+impl PolicyKernel {
+    /// `CT_BUDGET` of VPC `vni`.
+    #[inline(always)]
+    pub fn budget(vni: u32) -> Option<CtBudget> {
+        // SAFETY: see the module docs; `count` may be added to concurrently (a plain
+        // integer: any value read is a valid count).
+        unsafe { CT_BUDGET.get(vni).copied() }
+    }
+}
+
+impl PolicyTables for PolicyKernel {
     type Slot = KernelCt;
 
     #[inline(always)]
@@ -150,11 +173,14 @@ impl PolicyTables for KernelTables {
 
     #[inline(always)]
     fn ct_get(&self, key: &CtKey) -> Option<KernelCt> {
-        CONNTRACK.get_ptr_mut(key).map(KernelCt)
+        CONNTRACK.get_ptr_mut(key).map(|e| KernelCt(e, self.trace))
     }
 
     #[inline(always)]
     fn ct_create(&self, key: &CtKey, entry: &CtEntry) {
+        if self.trace {
+            return;
+        }
         // An LRU map evicts to make room, so this only fails on memory pressure; the packet
         // passes either way (its next packet is evaluated as new again).
         let _ = CONNTRACK.insert(key, entry, 0);
@@ -167,13 +193,14 @@ impl PolicyTables for KernelTables {
 
     #[inline(always)]
     fn ct_budget(&self, vni: u32) -> Option<CtBudget> {
-        // SAFETY: see the module docs; `count` may be added to concurrently (a plain
-        // integer: any value read is a valid count).
-        unsafe { CT_BUDGET.get(vni).copied() }
+        Self::budget(vni)
     }
 
     #[inline(always)]
     fn ct_budget_charge(&self, vni: u32) {
+        if self.trace {
+            return;
+        }
         if let Some(b) = CT_BUDGET.get_ptr_mut(vni) {
             // SAFETY: the pointer came from a successful lookup into a live element (RCU);
             // `count` is a 4-byte aligned `u32` the programs only add to atomically.

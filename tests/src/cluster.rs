@@ -29,6 +29,7 @@ pub const ACCOUNT_A: &str = "111122223333";
 pub const ACCOUNT_B: &str = "444455556666";
 /// Tenant A's token.
 pub const TOKEN_A: &str = "tenant-a-token-0123456789abcdef";
+/// Tenant B's token.
 pub const TOKEN_B: &str = "tenant-b-token-0123456789abcdef";
 /// The agents' token.
 pub const AGENT_TOKEN: &str = "agent-token-0123456789abcdef0";

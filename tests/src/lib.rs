@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod compute_bench;
 pub mod etcd;
 pub mod flowlog_bench;
+pub mod flowlog_path_bench;
 pub mod lb_baseline;
 pub mod lb_bench;
 pub mod netns;

@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use controlplane::datapath::{
-    Datapath, LoadOptions, OverlayMaps, PinLayout, PinnedMaps, StatsSnapshot,
+    Datapath, LoadOptions, OverlayMaps, PinLayout, PinnedMaps, StatsSnapshot, TraceEvents,
+    trace::{self, TraceProgram, TraceRun},
 };
 use dataplane_common::{Hook, maps::programs};
 
@@ -82,6 +83,19 @@ impl LoadedDatapath {
     /// The pinned maps (counters, filter).
     pub fn maps(&mut self) -> &mut PinnedMaps {
         &mut self.maps
+    }
+
+    /// The loaded datapath.
+    pub fn datapath(&self) -> &Datapath {
+        &self.datapath
+    }
+
+    /// Traces `frame` through `program` as if it arrived on device `ifindex` of the calling
+    /// thread's namespace (`controlplane::datapath::trace`).
+    pub fn trace(&self, program: TraceProgram, ifindex: u32, frame: &[u8]) -> Result<TraceRun> {
+        let mut events = TraceEvents::open_trace_events(self.layout())?;
+        let prog = trace::program(&self.datapath, program)?;
+        Ok(trace::run(prog, &mut events, ifindex, frame)?)
     }
 
     /// The pin layout.

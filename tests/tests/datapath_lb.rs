@@ -396,3 +396,59 @@ fn health_and_draining_decide_new_flows_while_existing_ones_stay() {
         assert_eq!(send(&f, f.me, &syn_to_vip(46_000, SYN)).0, TC_ACT_SHOT);
     });
 }
+
+#[test]
+fn a_trace_to_the_vip_shows_the_target_and_records_no_flow() {
+    use controlplane::datapath::{PolicyMaps, trace::TraceProgram};
+    use dataplane_common::{
+        Action,
+        filter::ipv4_mapped,
+        trace::{TraceEvent, TraceStage},
+    };
+    let f = with_lb("lbtrace");
+    let lb = LbMaps::open(f.dp.layout()).unwrap();
+    let ct = PolicyMaps::open(f.dp.layout()).unwrap();
+    let lb_stage = |events: &[TraceEvent]| -> TraceEvent {
+        *events
+            .iter()
+            .find(|e| e.stage == TraceStage::LoadBalancer as u32)
+            .expect("a load-balancer stage")
+    };
+    f.ns.run(|| {
+        // A new flow: a target is chosen (not a recorded one), nothing is recorded.
+        let t =
+            f.dp.trace(TraceProgram::Port, f.me, &syn_to_vip(43_000, SYN))
+                .unwrap();
+        assert_eq!(t.retval, TC_ACT_REDIRECT, "{:?}", t.events);
+        let s = lb_stage(&t.events);
+        assert_eq!((s.c, s.d), (8080, 0), "{s:?}");
+        assert!(
+            s.addr == ipv4_mapped(PEER) || s.addr == ipv4_mapped(REMOTE),
+            "{s:?}"
+        );
+        assert!(
+            t.verdict() == Some((Action::Redirect as u32, 0))
+                || t.verdict() == Some((Action::Encap as u32, 0))
+        );
+        assert_eq!(lb.flows().unwrap().len(), 0);
+        assert_eq!(lb.reverse_entries().unwrap().len(), 0);
+        assert_eq!(ct.conntrack().unwrap().len(), 0);
+        // A real flow is recorded; its trace follows the recorded target.
+        let (rc, out) = send(&f, f.me, &syn_to_vip(43_001, SYN));
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        let target = tuple(&ip_of(&out)).2;
+        // (Two conntrack entries: the client's flow to the VIP and the one to the target.)
+        let tracked = ct.conntrack().unwrap();
+        let t =
+            f.dp.trace(TraceProgram::Port, f.me, &syn_to_vip(43_001, ACK))
+                .unwrap();
+        let s = lb_stage(&t.events);
+        assert_eq!((s.addr, s.d), (ipv4_mapped(target), 1), "{s:?}");
+        assert_eq!(lb.flows().unwrap().len(), 1);
+        assert_eq!(
+            ct.conntrack().unwrap(),
+            tracked,
+            "the trace refreshed nothing"
+        );
+    });
+}

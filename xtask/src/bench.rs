@@ -1,4 +1,7 @@
 //! `cargo xtask bench [NAME] [-- ARGS...]`: runs a benchmark of vpc-bench (as root).
+//!
+//! `flowlog` (`flowlog-cost`, `flowlog-rate`) and `flowlog-path`: see `vpc-bench`'s docs
+//! (flow logging's per-packet cost; the events/s the agent's consumer sustains before loss).
 
 use std::ffi::OsString;
 

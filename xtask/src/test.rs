@@ -33,6 +33,7 @@ pub const E2E_TESTS: &[&str] = &[
     "e2e_upgrade",
     "e2e_flowlogs",
     "e2e_metrics",
+    "e2e_trace",
 ];
 /// The datapath test targets of vpc-tests, run by `--tier datapath`.
 const DATAPATH_TESTS: &[&str] = &[
@@ -41,6 +42,7 @@ const DATAPATH_TESTS: &[&str] = &[
     "datapath_security",
     "datapath_lb",
     "datapath_flowlog",
+    "datapath_trace",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

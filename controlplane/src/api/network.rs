@@ -698,6 +698,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn conntrack_share_is_set_at_create_modified_and_tenant_scoped() {
+        let e = env().await;
+        let create = |share| pb::CreateVpcRequest {
+            cidr_block: "10.0.0.0/16".into(),
+            conntrack_share_percent: share,
+            ..Default::default()
+        };
+        check(
+            "over 100",
+            VpcService::create_vpc(&e.net, req(TOKEN, create(101))).await,
+            Code::InvalidArgument,
+            "conntrack_share_percent",
+        );
+        let v = VpcService::create_vpc(&e.net, req(TOKEN, create(10)))
+            .await
+            .unwrap()
+            .into_inner()
+            .vpc
+            .unwrap();
+        assert_eq!(v.conntrack_share_percent, 10);
+        let modify = |id: &str, share| pb::ModifyVpcAttributeRequest {
+            vpc_id: id.into(),
+            conntrack_share_percent: share,
+        };
+        let m = |token, r| VpcService::modify_vpc_attribute(&e.net, req(token, r));
+        // Unset: unchanged; 0: back to the agents' default.
+        let same = m(TOKEN, modify(&v.vpc_id, None))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(same.vpc.unwrap().conntrack_share_percent, 10);
+        let v2 = m(TOKEN, modify(&v.vpc_id, Some(25)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(v2.vpc.unwrap().conntrack_share_percent, 25);
+        check(
+            "over 100",
+            m(TOKEN, modify(&v.vpc_id, Some(200))).await,
+            Code::InvalidArgument,
+            "conntrack_share_percent",
+        );
+        check(
+            "another account's VPC",
+            m(OTHER_TOKEN, modify(&v.vpc_id, Some(50))).await,
+            Code::NotFound,
+            "",
+        );
+        let d = e.describe_vpcs(TOKEN, &[&v.vpc_id], None).await.unwrap();
+        assert_eq!(d.vpcs[0].conntrack_share_percent, 25);
+        let reset = m(TOKEN, modify(&v.vpc_id, Some(0)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reset.vpc.unwrap().conntrack_share_percent, 0);
+    }
+
+    #[tokio::test]
     async fn vpc_cidr_table() {
         let e = env_with(more_vpcs(100)).await;
         for good in [

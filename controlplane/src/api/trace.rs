@@ -134,12 +134,13 @@ impl Trace {
             return Err(ApiError::Unavailable(format!("host {host}: {}", r.error)));
         }
         let result = r.trace.ok_or_else(|| {
-            ApiError::Unavailable(format!(
+            ApiError::Precondition(format!(
                 "host {host}'s agent does not support packet traces (upgrade it)"
             ))
         })?;
         if result.verdict == "error" {
-            return Err(ApiError::Unavailable(format!(
+            // The host cannot run this trace (no such port, no trace support): not transient.
+            return Err(ApiError::Precondition(format!(
                 "host {host}: {}",
                 result.drop_reason
             )));

@@ -13,6 +13,7 @@
 //!   swap links), while traffic flows.
 //! - [`flow_maps`]: the flow-log and trace ring buffers, flow-log loss and per-endpoint
 //!   traffic counters.
+//! - [`trace`]: packet traces (BPF_PROG_TEST_RUN in trace mode against the live maps).
 //! - [`object`]: the embedded eBPF object.
 
 pub mod bpffs;
@@ -28,6 +29,7 @@ pub mod pinned;
 pub mod policy_maps;
 pub mod policy_sync;
 mod sys;
+pub mod trace;
 
 pub use bpffs::PinLayout;
 pub use error::DatapathError;

@@ -34,6 +34,11 @@
 //! `--seconds`), in [`vpc_tests::flowlog_bench`]: ns/packet with flow logging off and on,
 //! and the flow events per second the agent's consumer sustains before it counts loss.
 //!
+//! `flowlog-path` (flags `--repeat`, `--samples`, `--rounds`, `--drain-packets`), in
+//! [`vpc_tests::flowlog_path_bench`]: ns/packet of the port program with flow logging off and
+//! on for an established flow and for new flows (single kernel-timed runs, medians of
+//! rounds), and the raw ring-buffer drain rate with loss counted.
+//!
 //! `api` (parts alone: `api-latency`, `api-programming`; flags `--objects`, `--samples`, `--clients`, `--creates-per-client`,
 //! `--single-rounds`, `--instances`, `--hosts`), in [`vpc_tests::api_bench`]: the control
 //! plane's API latency with 10 000 objects stored (embedded store) and the network
@@ -130,6 +135,15 @@ fn main() -> Result<()> {
                 hosts: flag(&args, "--hosts").unwrap_or(d.hosts),
             })
         }
+        "flowlog-path" => {
+            let d = vpc_tests::flowlog_path_bench::Options::default();
+            vpc_tests::flowlog_path_bench::run(&vpc_tests::flowlog_path_bench::Options {
+                repeat: flag(&args, "--repeat").unwrap_or(d.repeat),
+                samples: flag(&args, "--samples").unwrap_or(d.samples),
+                rounds: flag(&args, "--rounds").unwrap_or(d.rounds),
+                drain_packets: flag(&args, "--drain-packets").unwrap_or(d.drain_packets),
+            })
+        }
         "compute" => {
             let d = vpc_tests::compute_bench::Options::default();
             vpc_tests::compute_bench::run(&vpc_tests::compute_bench::Options {
@@ -143,7 +157,7 @@ fn main() -> Result<()> {
             "unknown benchmark `{other}` (datapath, per-packet, throughput, overlay, \
              overlay-per-packet, security, security-rules, security-apply, security-conntrack, \
              security-nft, lb, lb-per-packet, lb-conn, api, api-latency, \
-             api-programming, compute)"
+             api-programming, compute, flowlog, flowlog-cost, flowlog-rate, flowlog-path)"
         ),
     }
 }

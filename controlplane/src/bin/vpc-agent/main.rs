@@ -398,6 +398,10 @@ async fn run(args: RunArgs) -> Result<()> {
     let maps = PinnedMaps::open(&layout)?;
     let policy_maps = PolicyMaps::open(&layout)?;
     // Per-VPC conntrack budgets: shares of the table as it was created.
+    // The packet-trace ring buffer (one consumer: traces run one at a time, here).
+    let mut trace_events = controlplane::datapath::TraceEvents::open_trace_events(&layout)
+        .map_err(|e| warn!(error = %e, "packet traces unavailable"))
+        .ok();
     let ct_capacity = policy_maps
         .conntrack_capacity()
         .unwrap_or(args.conntrack_max);
@@ -434,7 +438,7 @@ async fn run(args: RunArgs) -> Result<()> {
             Some((hop, reply)) = recv_bounded(&mut trace_rx) => {
                 let doc = overlay.as_ref().and_then(|r| r.document().ok());
                 let host = args.host.as_deref().unwrap_or_default();
-                let _ = reply.send(trace::run_hop(&datapath, doc.as_ref(), host, &ifaces[0], args.router_mac, &hop));
+                let _ = reply.send(trace::run_hop(&datapath, trace_events.as_mut(), doc.as_ref(), &trace::Local { host, underlay: &ifaces[0], router_mac: args.router_mac }, |id| overlay.as_ref().and_then(|r| r.sg_rules(id).cloned()), &hop));
             }
             _ = gc.tick() => {
                 if let Some(s) = conntrack_gc(&policy_maps) {

@@ -178,6 +178,11 @@ impl Reconciler {
         !matches!(self.source, Source::Pushed(None))
     }
 
+    /// The rules behind security-group policy `id`'s rule references (packet traces).
+    pub fn sg_rules(&self, id: u32) -> Option<&controlplane::policy::SgRuleIndex> {
+        self.maps.sg_rules(id)
+    }
+
     /// The desired-state document being applied.
     pub fn document(&self) -> Result<StateFile> {
         match &self.source {

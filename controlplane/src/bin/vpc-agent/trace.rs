@@ -19,7 +19,7 @@ use controlplane::{
 };
 use dataplane_common::{
     DropReason,
-    overlay::NeighborKind,
+    port::Forward,
     stats::Action,
     trace::{TraceEvent, TraceStage},
 };
@@ -162,6 +162,20 @@ pub fn build_frame(spec: &FrameSpec) -> Vec<u8> {
     frame
 }
 
+/// The `port::Forward` with this number.
+fn forward_of(n: u32) -> Option<Forward> {
+    [
+        Forward::Drop,
+        Forward::ArpReply,
+        Forward::Local,
+        Forward::Remote,
+        Forward::FragNeeded,
+        Forward::Balance,
+    ]
+    .into_iter()
+    .find(|f| *f as u32 == n)
+}
+
 /// The IPv4 address of an IPv4-mapped 16-byte address.
 fn v4(addr: &[u8; 16]) -> Ipv4Addr {
     Ipv4Addr::new(addr[12], addr[13], addr[14], addr[15])
@@ -223,6 +237,9 @@ pub struct Names {
     /// The document's groups and ACLs.
     pub groups: BTreeMap<String, controlplane::policy::model::SecurityGroup>,
     pub acls: BTreeMap<String, controlplane::policy::model::NetworkAcl>,
+    /// Security-group policy id -> the rules behind its references (what the datapath
+    /// reports), when the agent has them.
+    pub sg_rules: BTreeMap<u32, controlplane::policy::SgRuleIndex>,
 }
 
 impl Names {
@@ -438,9 +455,19 @@ pub fn render(events: &[TraceEvent], names: &Names, ctx: &HopContext) -> Rendere
     // The receiver is known from the flow's destination once the VNI is.
     let receiver_of = |vni: u32| -> Option<String> {
         let f = ctx.flow?;
-        names.endpoints.get(&(vni, f.dst)).cloned()
+        names.endpoints.get(&(vni, f.dst)).cloned().or_else(|| {
+            // VNI not reported yet: the local endpoint with that address.
+            names
+                .endpoints
+                .iter()
+                .find(|((_, ip), id)| *ip == f.dst && names.ports.values().any(|p| p == *id))
+                .map(|(_, id)| id.clone())
+        })
     };
     let mut verdict = None;
+    if ctx.sender.is_none() {
+        receiver = receiver_of(0);
+    }
     for e in events {
         let Some(stage) = TraceStage::from_u32(e.stage) else {
             push(
@@ -467,8 +494,9 @@ pub fn render(events: &[TraceEvent], names: &Names, ctx: &HopContext) -> Rendere
             }
             TraceStage::Route => {
                 let addr = v4(&e.addr);
-                let (result, detail) = match e.a {
-                    k if k == NeighborKind::Local as u32 => (
+                // `a`: the port program's `port::Forward` decision.
+                let (result, detail) = match forward_of(e.a) {
+                    Some(Forward::Local) => (
                         "local",
                         format!(
                             "to {} on this host",
@@ -479,20 +507,20 @@ pub fn render(events: &[TraceEvent], names: &Names, ctx: &HopContext) -> Rendere
                                 .unwrap_or_else(|| format!("port {}", e.b))
                         ),
                     ),
-                    k if k == NeighborKind::Remote as u32 => {
-                        ("remote", format!("via {}", names.vtep(addr)))
-                    }
-                    k if k == NeighborKind::LoadBalancer as u32 => {
-                        ("vip", format!("load balancer VIP {addr}"))
-                    }
-                    k if k == NeighborKind::Gateway as u32 => {
-                        ("gateway", format!("subnet gateway {addr}"))
-                    }
-                    0 => (
-                        "no_route",
-                        "no route or neighbor for the destination".into(),
+                    Some(Forward::Remote) => ("remote", format!("via {}", names.vtep(addr))),
+                    Some(Forward::Balance) => ("vip", "to a load balancer's VIP".into()),
+                    Some(Forward::ArpReply) => ("arp_reply", "answered by the datapath".into()),
+                    Some(Forward::FragNeeded) => (
+                        "frag_needed",
+                        "too big for the underlay with DF: ICMP fragmentation needed".into(),
                     ),
-                    k => ("other", format!("neighbor kind {k} {addr}")),
+                    Some(Forward::Drop) => (
+                        "drop",
+                        DropReason::from_u32(e.c)
+                            .map(|r| r.name().to_owned())
+                            .unwrap_or_else(|| format!("reason {}", e.c)),
+                    ),
+                    None => ("other", format!("decision {} {addr}", e.a)),
                 };
                 push("route", result, detail);
             }
@@ -532,10 +560,20 @@ pub fn render(events: &[TraceEvent], names: &Names, ctx: &HopContext) -> Rendere
                         ),
                     );
                 } else {
-                    let text = who
-                        .as_deref()
-                        .zip(ctx.flow.as_ref())
-                        .and_then(|(w, f)| sg_rule_text(names, w, f, inbound))
+                    let remote = ctx.flow.map(|f| if inbound { f.src } else { f.dst });
+                    // The rule the datapath names; else the first rule of the document
+                    // that matches.
+                    let text = names
+                        .sg_rules
+                        .get(&e.b)
+                        .zip(remote)
+                        .and_then(|(idx, r)| idx.decided(e.a, r))
+                        .map(|r| r.description())
+                        .or_else(|| {
+                            who.as_deref()
+                                .zip(ctx.flow.as_ref())
+                                .and_then(|(w, f)| sg_rule_text(names, w, f, inbound))
+                        })
                         .unwrap_or_else(|| format!("policy {} rule ref {}", e.b, e.a));
                     push(name, "allow", text);
                 }
@@ -597,7 +635,8 @@ pub fn render(events: &[TraceEvent], names: &Names, ctx: &HopContext) -> Rendere
                 push("deliver", "delivered", to);
             }
             TraceStage::CtBudget => {
-                let full = e.a != 0 && e.b >= e.a;
+                // `c`: 1 if the budget admits a new flow.
+                let full = e.a != 0 && e.c == 0;
                 push(
                     "ct_budget",
                     if full { "full" } else { "ok" },
@@ -669,16 +708,32 @@ pub enum Program {
 /// Runs `program` on `frame` in trace mode with the context's ifindex `ifindex`.
 fn run_program(
     datapath: &controlplane::datapath::Datapath,
+    events: &mut controlplane::datapath::TraceEvents,
     program: Program,
     ifindex: u32,
     frame: &[u8],
 ) -> Result<RawRun, String> {
-    let name = match program {
-        Program::Port => dataplane_common::maps::programs::PORT,
-        Program::UnderlayIngress => dataplane_common::maps::programs::TC_INGRESS,
+    use controlplane::datapath::trace::{self, TraceProgram};
+    let which = match program {
+        Program::Port => TraceProgram::Port,
+        Program::UnderlayIngress => TraceProgram::UnderlayIngress,
     };
-    let _ = (datapath, ifindex, frame, name);
-    Err("this agent's datapath has no packet-trace support (BPF_PROG_TEST_RUN)".into())
+    let prog = trace::program(datapath, which).map_err(|e| e.to_string())?;
+    let run = trace::run(prog, events, ifindex, frame).map_err(|e| e.to_string())?;
+    Ok(RawRun {
+        data_out: run.data_out,
+        events: run.events,
+    })
+}
+
+/// This host, as a hop needs it.
+pub struct Local<'a> {
+    /// Host id.
+    pub host: &'a str,
+    /// The underlay interface (destination hops run its TC ingress program).
+    pub underlay: &'a str,
+    /// The VPC router's MAC (the destination MAC of frames instances send).
+    pub router_mac: [u8; 6],
 }
 
 /// A trace hop waiting for the main loop (which owns the datapath) and where its result goes.
@@ -691,12 +746,17 @@ pub type HopRequest = (
 /// with the reason in `drop_reason`).
 pub fn run_hop(
     datapath: &controlplane::datapath::Datapath,
+    events: Option<&mut controlplane::datapath::TraceEvents>,
     doc: Option<&StateFile>,
-    host: &str,
-    underlay: &str,
-    router_mac: [u8; 6],
+    local: &Local<'_>,
+    sg_rules: impl Fn(u32) -> Option<controlplane::policy::SgRuleIndex>,
     hop: &pb::TraceHop,
 ) -> pb::TraceHopResult {
+    let Local {
+        host,
+        underlay,
+        router_mac,
+    } = *local;
     let fail = |why: String| pb::TraceHopResult {
         verdict: "error".into(),
         drop_reason: why,
@@ -706,7 +766,7 @@ pub fn run_hop(
         return fail(format!("host {host} has no desired state yet"));
     };
     let ifindex = |name: &str| nix::net::if_::if_nametoindex(name).ok();
-    let names = Names::new(doc, host, ifindex);
+    let mut names = Names::new(doc, host, ifindex);
     let (program, ifindex, frame, ctx) = if hop.underlay_frame.is_empty() {
         let mut hop = hop.clone();
         if hop.dst_mac.is_empty() {
@@ -758,10 +818,21 @@ pub fn run_hop(
         };
         (Program::UnderlayIngress, i, hop.underlay_frame.clone(), ctx)
     };
-    let raw = match run_program(datapath, program, ifindex, &frame) {
+    let Some(events) = events else {
+        return fail(format!("host {host}'s datapath has no trace ring buffer"));
+    };
+    let raw = match run_program(datapath, events, program, ifindex, &frame) {
         Ok(r) => r,
         Err(e) => return fail(e),
     };
+    for e in &raw.events {
+        if (e.stage == TraceStage::SgEgress as u32 || e.stage == TraceStage::SgIngress as u32)
+            && !names.sg_rules.contains_key(&e.b)
+            && let Some(idx) = sg_rules(e.b)
+        {
+            names.sg_rules.insert(e.b, idx);
+        }
+    }
     let r = render(&raw.events, &names, &ctx);
     pb::TraceHopResult {
         frame_out: if r.verdict == "encapsulated" {
@@ -922,7 +993,7 @@ mod tests {
             ev(TraceStage::Endpoint, 7, 1, 2, 0, [0; 4]),
             ev(
                 TraceStage::Route,
-                NeighborKind::Remote as u32,
+                Forward::Remote as u32,
                 0,
                 0,
                 0,
@@ -1057,5 +1128,57 @@ mod tests {
         );
         assert_eq!(tracked.stages[1].detail, "tracked: skipped");
         assert_eq!(tracked.verdict, "unknown");
+    }
+
+    #[test]
+    fn the_datapaths_rule_reference_names_the_rule_when_known() {
+        use controlplane::policy::{RuleRemote, SgRuleIndex, SgRuleInfo};
+        let mut names = Names::new(&doc(), "h2", |_| None);
+        names.sg_rules.insert(
+            4,
+            SgRuleIndex::new(
+                vec![SgRuleInfo {
+                    group: "sg-web".into(),
+                    direction: dataplane_common::policy::INGRESS,
+                    position: 1,
+                    reference: 1,
+                    proto: Some(PROTO_TCP),
+                    ports: (443, 443),
+                    remote: RuleRemote::Cidr("10.0.0.0/16".parse().unwrap()),
+                }],
+                BTreeMap::new(),
+            ),
+        );
+        let ctx = HopContext {
+            sender: None,
+            flow: Some(flow(443)),
+        };
+        let r = render(
+            &[
+                ev(TraceStage::Endpoint, 7, 4, 2, 0, [0; 4]),
+                ev(TraceStage::SgIngress, 1, 4, 0, 0, [0; 4]),
+            ],
+            &names,
+            &ctx,
+        );
+        assert_eq!(
+            r.stages[1].detail,
+            "sg-web ingress tcp 443 from 10.0.0.0/16"
+        );
+    }
+
+    #[test]
+    fn a_destination_hop_without_an_endpoint_stage_finds_the_receiver_by_address() {
+        let names = Names::new(&doc(), "h2", |n| (n == "portdst").then_some(21));
+        let ctx = HopContext {
+            sender: None,
+            flow: Some(flow(443)),
+        };
+        let r = render(
+            &[ev(TraceStage::SgIngress, 5, 1, 0, 0, [0; 4])],
+            &names,
+            &ctx,
+        );
+        assert_eq!(r.stages[0].detail, "sg-web: tcp 443 from 10.0.0.0/16");
     }
 }
