@@ -14,12 +14,16 @@ pub const TRACE_MARK: u32 = 0x7ace_0b5e;
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TraceStage {
-    /// The port's endpoint: `a` VNI, `b` policy id, `c` ACL id, `d` flags.
+    /// The endpoint (the sender in the port program, the receiver of a decapsulated
+    /// packet): `a` VNI, `b` policy id, `c` ACL id, `d` flags, `addr` its address.
     Endpoint = 1,
-    /// Route lookup: `a` neighbor kind (overlay::NEIGH_*), `b` local port ifindex or 0,
-    /// `addr` remote VTEP (IPv4-mapped) or the neighbor's address.
+    /// The port program's forwarding decision: `a` the `port::Forward` number, `b` local
+    /// port ifindex or 0, `c` the drop reason number when `a` is `Drop`, `addr` the remote
+    /// VTEP (IPv4-mapped) when `a` is `Remote`. A packet to a VIP has two (before and after
+    /// the load balancer).
     Route = 2,
-    /// Conntrack: `a` 1 if the flow is tracked (security groups skipped), `b` state.
+    /// Conntrack: `a` 1 if the flow is tracked (security groups skipped), `b` the packet's
+    /// TCP flags.
     Conntrack = 3,
     /// Outbound security group: `a` rule reference (0: none matched), `b` policy id.
     SgEgress = 4,
@@ -36,9 +40,11 @@ pub enum TraceStage {
     Encap = 9,
     /// Local delivery: `a` destination port ifindex.
     Deliver = 10,
-    /// Conntrack budget: `a` limit, `b` count (only when a budget exists).
+    /// Conntrack budget of a new flow's VPC: `a` limit, `b` count, `c` 1 if it admits the
+    /// flow (only when a budget exists).
     CtBudget = 11,
-    /// Final verdict: `a` `stats::Action` number, `b` drop reason number (0: none).
+    /// Final verdict: `a` `stats::Action` number, `b` drop reason number (0: none), `c`
+    /// the port a drop is charged to.
     Verdict = 12,
 }
 

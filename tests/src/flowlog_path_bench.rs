@@ -242,7 +242,7 @@ pub fn run(opts: &Options) -> Result<()> {
         rows.push((on, median(&mut est), median(&mut new), drained, lost));
     }
     println!(
-        "\nflow logging on the per-packet path (vpc_port, BPF_PROG_TEST_RUN, medians of {} rounds)",
+        "\nflow logging on the per-packet path (vpc_port, single BPF_PROG_TEST_RUN runs, medians of {} rounds)",
         opts.rounds
     );
     println!(
