@@ -19,7 +19,6 @@ use serde::{Deserialize, Serialize};
 
 /// A network load balancer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct LoadBalancer {
     /// Id (`lb-...`).
     pub id: String,
@@ -67,7 +66,6 @@ impl LbProtocol {
 
 /// A listener: connections to VIP:port go to the target group.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Listener {
     /// Protocol.
     pub protocol: LbProtocol,
@@ -79,7 +77,6 @@ pub struct Listener {
 
 /// A target group.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TargetGroup {
     /// Id (`tg-...`).
     pub id: String,
@@ -108,7 +105,6 @@ pub const fn default_deregistration_delay() -> u32 {
 
 /// A registered target: an instance (endpoint id) and optionally its own port and a weight.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TargetRef {
     /// Endpoint (instance) id.
     pub id: String,
@@ -136,7 +132,7 @@ pub enum HealthCheckProtocol {
 /// default 2). Times are seconds and may be fractional; `limits.min_health_check_interval_ms`
 /// lowers the interval floor (tests).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct HealthCheck {
     /// Protocol.
     pub protocol: HealthCheckProtocol,
@@ -184,7 +180,7 @@ impl HealthCheck {
 
 /// Load-balancer limits (AWS quotas where they exist).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct LbLimits {
     /// Listeners per load balancer (AWS: 50).
     pub listeners_per_lb: usize,

@@ -63,7 +63,6 @@ impl TrafficType {
 
 /// A flow log as hosts need it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct FlowLogDoc {
     /// `fl-` id.
     pub id: String,

@@ -20,7 +20,6 @@ use crate::policy::{
 
 /// The document.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct StateFile {
     /// VPCs.
     #[serde(default)]
@@ -75,7 +74,7 @@ pub struct StateFile {
 
 /// Connection-tracking idle timeouts, in seconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct ConntrackDoc {
     /// TCP established (AWS: 432000, configurable 60..=432000).
     pub tcp_established_timeout: u32,
@@ -135,7 +134,6 @@ impl ConntrackDoc {
 
 /// A VPC.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct VpcDoc {
     /// Id.
     pub id: String,
@@ -147,7 +145,6 @@ pub struct VpcDoc {
 
 /// A subnet.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SubnetDoc {
     /// Id.
     pub id: String,
@@ -163,7 +160,6 @@ pub struct SubnetDoc {
 
 /// A host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HostDoc {
     /// Id.
     pub id: String,
@@ -173,7 +169,6 @@ pub struct HostDoc {
 
 /// An endpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct EndpointDoc {
     /// Id.
     pub id: String,
@@ -331,10 +326,40 @@ impl StateFile {
             path: path.display().to_string(),
             source,
         })?;
-        serde_json::from_str(&text).map_err(|source| StateFileError::Parse {
+        Self::parse_strict(&text).map_err(|source| StateFileError::Parse {
             path: path.display().to_string(),
             source,
         })
+    }
+
+    /// Parses a document a person wrote (`vpc-agent --state FILE`): a field this build does
+    /// not know is an error (most likely a typo), named with its path.
+    pub fn parse_strict(text: &str) -> Result<Self, serde_json::Error> {
+        let (doc, unknown) = Self::parse(&mut serde_json::Deserializer::from_str(text))?;
+        match unknown.first() {
+            None => Ok(doc),
+            Some(path) => Err(<serde_json::Error as serde::de::Error>::custom(format!(
+                "unknown field `{path}`"
+            ))),
+        }
+    }
+
+    /// Parses a document streamed by a control plane, which may be newer than this agent
+    /// (upgrades replace agents and control planes one at a time): fields this build does
+    /// not know are skipped and returned as paths (`vpcs.0.new_field`) for the caller to
+    /// log, instead of failing the whole document. What an old agent cannot apply, it
+    /// leaves out; everything it knows keeps converging.
+    pub fn parse_streamed(bytes: &[u8]) -> Result<(Self, Vec<String>), serde_json::Error> {
+        Self::parse(&mut serde_json::Deserializer::from_slice(bytes))
+    }
+
+    fn parse<'de, R: serde_json::de::Read<'de>>(
+        de: &mut serde_json::Deserializer<R>,
+    ) -> Result<(Self, Vec<String>), serde_json::Error> {
+        let mut unknown = Vec::new();
+        let doc = serde_ignored::deserialize(&mut *de, |path| unknown.push(path.to_string()))?;
+        de.end()?;
+        Ok((doc, unknown))
     }
 
     /// The desired state as seen from host `local_host`: local endpoints get the ifindex
@@ -472,7 +497,23 @@ mod tests {
         ] {
             assert_eq!(parse_mac(bad), None, "{bad}");
         }
-        let err = serde_json::from_str::<StateFile>(r#"{"vpcs": [], "extra": 1}"#).unwrap_err();
+        let err = StateFile::parse_strict(r#"{"vpcs": [], "extra": 1}"#).unwrap_err();
         assert!(err.to_string().contains("extra"), "{err}");
+    }
+
+    #[test]
+    fn streamed_documents_skip_unknown_fields_and_name_them() {
+        let doc = br#"{"vpcs": [{"id": "vpc-1", "vni": 7, "cidr": "10.0.0.0/16", "newer": true}],
+            "next_feature": {"x": 1}}"#;
+        let (parsed, unknown) = StateFile::parse_streamed(doc).unwrap();
+        assert_eq!(parsed.vpcs.len(), 1);
+        assert_eq!(parsed.vpcs[0].vni, 7);
+        assert_eq!(unknown, ["vpcs.0.newer", "next_feature"]);
+        // The same document written by hand is refused, naming the first unknown field.
+        let text = std::str::from_utf8(doc).unwrap();
+        let err = StateFile::parse_strict(text).unwrap_err();
+        assert!(err.to_string().contains("vpcs.0.newer"), "{err}");
+        // Trailing garbage is still an error in both modes.
+        assert!(StateFile::parse_streamed(b"{} x").is_err());
     }
 }

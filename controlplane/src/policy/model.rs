@@ -133,7 +133,6 @@ impl<'de> Deserialize<'de> for Protocol {
 
 /// A security group: stateful, allow-only rules for the endpoints that have it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SecurityGroup {
     /// `sg-...` id, unique.
     pub id: String,
@@ -157,7 +156,6 @@ pub struct SecurityGroup {
 /// A security-group rule: allows `protocol` (and ports) from (inbound) or to (outbound) a
 /// CIDR or the members of a group.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SgRule {
     /// Protocol.
     pub protocol: Protocol,
@@ -190,7 +188,6 @@ pub enum AclAction {
 /// A network ACL: stateless, numbered allow and deny rules for the subnets associated with
 /// it. The lowest-numbered matching rule decides; no match denies.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct NetworkAcl {
     /// `acl-...` id, unique.
     pub id: String,
@@ -211,7 +208,6 @@ pub struct NetworkAcl {
 
 /// A network ACL rule.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AclRule {
     /// Rule number, 1..=32766, unique within its list; lower numbers are evaluated first.
     pub rule: u16,
@@ -231,7 +227,7 @@ pub struct AclRule {
 
 /// Quotas, AWS's defaults unless configured (all adjustable, as in AWS).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct PolicyLimits {
     /// Inbound rules per security group (60).
     pub sg_inbound_rules: usize,

@@ -1426,8 +1426,12 @@ fn serde_model() {
             .unwrap();
     assert!(g.outbound.is_empty() && g.inbound.is_empty() && g.default);
 
+    // Unknown fields are refused where people write documents (`StateFile::parse_strict`),
+    // and skipped in streamed ones (a newer control plane).
+    let doc = r#"{"security_groups": [{"id": "sg-1", "vpc": "vpc-1", "name": "x"}]}"#;
+    let err = crate::overlay::statefile::StateFile::parse_strict(doc).unwrap_err();
+    assert!(err.to_string().contains("security_groups.0.name"), "{err}");
     for bad in [
-        r#"{"id": "sg-1", "vpc": "vpc-1", "name": "x"}"#,
         r#"{"id": "sg-1", "vpc": "vpc-1", "inbound": [{"protocol": "sctp", "cidr": "0.0.0.0/0"}]}"#,
         r#"{"id": "sg-1", "vpc": "vpc-1", "inbound": [{"protocol": 256, "cidr": "0.0.0.0/0"}]}"#,
         r#"{"id": "sg-1", "vpc": "vpc-1", "inbound": [{"protocol": -2, "cidr": "0.0.0.0/0"}]}"#,
@@ -1460,7 +1464,8 @@ fn serde_model() {
     let l: PolicyLimits = serde_json::from_str(r#"{"groups_per_endpoint": 16}"#).unwrap();
     assert_eq!(l.groups_per_endpoint, 16);
     assert_eq!(l.sg_inbound_rules, 60);
-    assert!(serde_json::from_str::<PolicyLimits>(r#"{"groups": 1}"#).is_err());
+    let doc = r#"{"limits": {"groups": 1}}"#;
+    assert!(crate::overlay::statefile::StateFile::parse_strict(doc).is_err());
 
     for (text, p) in [
         ("tcp", Protocol::TCP),

@@ -453,8 +453,11 @@ async fn run(args: RunArgs) -> Result<()> {
             Some(got) = recv_bounded(&mut cp_rx) => {
                 let Some(r) = overlay.as_mut() else { continue };
                 let revision = got.revision;
-                let result = match serde_json::from_slice(&got.document) {
-                    Ok(doc) => {
+                let result = match controlplane::overlay::statefile::StateFile::parse_streamed(&got.document) {
+                    Ok((doc, unknown)) => {
+                        if !unknown.is_empty() {
+                            warn!(revision, ?unknown, "desired state has fields this agent does not know (a newer control plane): skipped");
+                        }
                         let live = last_ct.as_ref().map(|c| c.per_vni.iter().map(|f| (f.vni, f.flows as usize)).collect()).unwrap_or_default();
                         if let Err(e) = budget::apply(&policy_maps, &doc, args.host.as_deref().unwrap_or_default(), args.conntrack_vpc_share, ct_capacity, &live) {
                             warn!(error = format!("{e:#}"), "writing conntrack budgets");
