@@ -108,6 +108,33 @@ fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Result<Option
     }
 }
 
+/// The metrics of host `i`'s agent (`GET /metrics` from inside the host's namespace, at the
+/// address it printed).
+fn agent_metrics(c: &Cluster, i: usize) -> Result<String> {
+    let addr = c
+        .agent_lines(i)
+        .iter()
+        .find_map(|l| l.strip_prefix("metrics on ").map(str::to_owned))
+        .context("the agent printed no `metrics on` line")?;
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", c.host(i).path().display()))
+        .args(["curl", "-sf", "--max-time", "10"])
+        .arg(format!("http://{addr}/metrics"))
+        .output()?;
+    ensure!(out.status.success(), "curl: {out:?}");
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// The value of the unlabelled series `name` in a Prometheus exposition.
+fn counter(text: &str, name: &str) -> Result<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .with_context(|| format!("no series {name}"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("value of {name}"))
+}
+
 /// The JSON-lines records of a flow log on host `i` (none: no file yet).
 fn file_records(c: &Cluster, i: usize, fl: &str) -> Result<Vec<Value>> {
     let path: PathBuf = c.data_dir(i).join("flowlogs").join(format!("{fl}.jsonl"));
@@ -398,6 +425,15 @@ fn flow_logs_record_accepts_and_rejects_with_rule_and_reason() -> Result<()> {
     // each connection was admitted by connection tracking.
     let on_server = file_records(&c, 1, &fl)?;
     let on_client = file_records(&c, 0, &fl)?;
+    // The server host's agent counts what its consumer did on its metrics endpoint.
+    let m = agent_metrics(&c, 1)?;
+    let records = counter(&m, "vpc_flowlog_records_total")?;
+    ensure!(
+        records >= on_server.len() as f64 && counter(&m, "vpc_flowlog_events_total")? >= records,
+        "flow-log metrics {records} records for {} in the file:\n{m}",
+        on_server.len()
+    );
+    ensure!(counter(&m, "vpc_flowlog_events_lost_total")? == 0.0, "{m}");
     let rules = |recs: &[Value], inst: &str, dir: &str| -> Vec<(String, u64)> {
         recs.iter()
             .filter(|r| {

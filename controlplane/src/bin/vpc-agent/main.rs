@@ -378,7 +378,12 @@ async fn run(args: RunArgs) -> Result<()> {
             .unwrap_or_else(|| PathBuf::from("/var/lib/vpc/agent").join(host))
             .join("flowlogs");
         match flowlogs::FlowLogAgent::start(&layout, dir, flow_cp) {
-            Ok(a) => r.set_flow_logs(a),
+            Ok(a) => {
+                r.set_flow_logs(a);
+                if let Some(stats) = r.flow_log_stats() {
+                    metrics::get().register(metrics::flow_log_collector(stats));
+                }
+            }
             Err(e) => warn!(error = format!("{e:#}"), "flow logs are off"),
         }
     }

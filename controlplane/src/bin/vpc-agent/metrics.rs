@@ -161,7 +161,6 @@ impl AgentMetrics {
     }
 
     /// Adds a collector run at every scrape (after the datapath's families).
-    #[allow(dead_code)] // the extension point for other agent modules
     pub fn register(&self, c: Collector) {
         self.collectors
             .lock()
@@ -184,6 +183,39 @@ impl AgentMetrics {
     fn recorded(&self) -> Recorded {
         self.with(|r| r.clone())
     }
+}
+
+/// The flow-log consumer's counters (`vpc_flowlog_*`): what it read, aggregated, wrote and
+/// could not keep, so loss on the agent's side is as visible as the kernel's
+/// (`vpc_flowlog_events_lost_total`).
+pub fn flow_log_collector(stats: Arc<controlplane::flowlogs::FlowLogStats>) -> Collector {
+    Arc::new(move |e: &mut Exposition| {
+        let c = stats.snapshot();
+        for (name, help, value) in [
+            (
+                "vpc_flowlog_events_total",
+                "Flow events read from the FLOW_EVENTS ring buffer",
+                c.events,
+            ),
+            (
+                "vpc_flowlog_records_total",
+                "Flow-log records produced (AWS v2 plus rule and reason)",
+                c.records,
+            ),
+            (
+                "vpc_flowlog_agent_dropped_total",
+                "Flow events read but not aggregated (aggregation table full; the window is SKIPDATA)",
+                c.agent_dropped,
+            ),
+            (
+                "vpc_flowlog_stream_dropped_total",
+                "Flow-log records not streamed to the control plane (queue full; still in the host's file)",
+                c.stream_dropped,
+            ),
+        ] {
+            e.counter(name, help, &[], value as f64);
+        }
+    })
 }
 
 type Topology = (
