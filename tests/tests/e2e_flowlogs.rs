@@ -434,7 +434,7 @@ fn flow_logs_record_accepts_and_rejects_with_rule_and_reason() -> Result<()> {
         on_server.len()
     );
     ensure!(counter(&m, "vpc_flowlog_events_lost_total")? == 0.0, "{m}");
-    let rules = |recs: &[Value], inst: &str, dir: &str| -> Vec<(String, u64)> {
+    let rules = |recs: &[Value], inst: &str, dir: &str| -> Vec<(String, u64, u64)> {
         recs.iter()
             .filter(|r| {
                 s(r, "instance-id") == inst
@@ -446,6 +446,7 @@ fn flow_logs_record_accepts_and_rejects_with_rule_and_reason() -> Result<()> {
                 (
                     s(r, "rule").to_owned(),
                     r["tcp-flags"].as_u64().unwrap_or(0),
+                    r["packets"].as_u64().unwrap_or(0),
                 )
             })
             .collect()
@@ -457,21 +458,24 @@ fn flow_logs_record_accepts_and_rejects_with_rule_and_reason() -> Result<()> {
         "vpcs[0].defaultSecurityGroupId",
     )?;
     let default_acl = q(&c, &["vpcs", "list", &vpc], "vpcs[0].defaultNetworkAclId")?;
+    // One record per connection and window (AWS): the SYN's rules name it, and the
+    // connection's tracked packets are counted in it (AWS flags: SYN 2, ACK not reported).
     ensure!(
-        server_rules.iter().any(|(r, flags)| *r
+        server_rules.iter().any(|(r, flags, packets)| *r
             == format!("{sg} ingress tcp 8080 from 10.0.0.0/16; {acl} rule 100 allow")
-            && flags & 0x02 != 0),
-        "the SYN's rule at the server: {server_rules:?}"
+            && flags & 0x02 != 0
+            && *packets >= 2),
+        "the connection's record at the server: {server_rules:?}"
     );
     ensure!(
-        server_rules
-            .iter()
-            .any(|(r, _)| *r == format!("tracked; {acl} rule 100 allow")),
-        "tracked packets at the server: {server_rules:?}"
+        server_rules.iter().all(|(r, flags, _)| flags & !0x17 == 0
+            && (r.starts_with(&format!("{sg} ingress tcp 8080"))
+                || *r == format!("tracked; {acl} rule 100 allow"))),
+        "AWS TCP flags and rules only: {server_rules:?}"
     );
     let client_rules = rules(&on_client, &client, "egress");
     ensure!(
-        client_rules.iter().any(|(r, _)| *r
+        client_rules.iter().any(|(r, _, _)| *r
             == format!("{default_sg} egress all to 0.0.0.0/0; {default_acl} rule 100 allow")),
         "the SYN's rule at the client: {client_rules:?}"
     );

@@ -123,19 +123,38 @@ struct Key {
     dst_port: u16,
     proto: u8,
     accepted: bool,
-    tracked: bool,
-    sg: u32,
-    acl: u32,
     reason: u32,
 }
 
+/// One record's counts. AWS keeps one record per (interface, 5-tuple, action) per window, so
+/// the rules are not part of the key: a record names the rules of its first packet that the
+/// security group evaluated (a connection's SYN), or `tracked` when conntrack admitted
+/// every packet of it in this window.
 #[derive(Clone, Copy, Debug)]
 struct Value {
     packets: u64,
     bytes: u64,
     first_ns: u64,
     last_ns: u64,
+    /// AWS's flags ([`aws_tcp_flags`]), OR-ed over the packets.
     tcp_flags: u8,
+    /// Every packet so far was admitted by conntrack.
+    tracked: bool,
+    /// The deciding security-group rule reference and ACL rule (see `Decision`).
+    sg: u32,
+    acl: u32,
+}
+
+/// The TCP flags AWS flow logs report for one packet: FIN 1, SYN 2, RST 4, and SYN-ACK as
+/// 18; ACK, PSH and URG alone are not reported (0). Records OR them over their packets.
+pub fn aws_tcp_flags(flags: u8) -> u8 {
+    const SYN_ACK: u8 = 0x12;
+    let basic = flags & 0x07;
+    if flags & SYN_ACK == SYN_ACK {
+        basic | 0x10
+    } else {
+        basic
+    }
 }
 
 #[derive(Debug, Default)]
@@ -264,11 +283,10 @@ impl Aggregator {
                 dst_port: ev.dst_port,
                 proto: ev.proto,
                 accepted,
-                tracked: d.tracked != 0,
-                sg,
-                acl,
                 reason,
             };
+            let tracked = d.tracked != 0;
+            let flags = aws_tcp_flags(d.tcp_flags);
             for &f in &ep.flow_logs {
                 let Some(fl) = self.ctx.flow_logs.get(f) else {
                     continue;
@@ -285,7 +303,10 @@ impl Aggregator {
                         v.bytes += u64::from(ev.bytes);
                         v.first_ns = v.first_ns.min(ev.ts_ns);
                         v.last_ns = v.last_ns.max(ev.ts_ns);
-                        v.tcp_flags |= d.tcp_flags;
+                        v.tcp_flags |= flags;
+                        if v.tracked && !tracked {
+                            (v.tracked, v.sg, v.acl) = (false, sg, acl);
+                        }
                     }
                     None if self.held >= self.max_entries => {
                         self.stats.agent_dropped.fetch_add(1, Relaxed);
@@ -299,7 +320,10 @@ impl Aggregator {
                                 bytes: u64::from(ev.bytes),
                                 first_ns: ev.ts_ns,
                                 last_ns: ev.ts_ns,
-                                tcp_flags: d.tcp_flags,
+                                tcp_flags: flags,
+                                tracked,
+                                sg,
+                                acl,
                             },
                         );
                     }
@@ -420,10 +444,9 @@ fn build_record(
         vpc_id: ep.vpc.clone(),
         subnet_id: ep.subnet.clone(),
         instance_id: ep.instance.clone(),
-        // AWS's bits are the TCP header's (FIN 1 ... URG 32).
-        tcp_flags: v.tcp_flags & 0x3f,
+        tcp_flags: v.tcp_flags,
         flow_direction: if k.egress { "egress" } else { "ingress" }.into(),
-        rule: rule_text(ctx, ep, k),
+        rule: rule_text(ctx, ep, k, v),
         reason: DropReason::from_u32(k.reason)
             .map(|r| r.name().to_owned())
             .unwrap_or_default(),
@@ -434,7 +457,7 @@ fn build_record(
 }
 
 /// The rule that decided, as text.
-fn rule_text(ctx: &FlowContext, ep: &LocalEndpoint, k: &Key) -> String {
+fn rule_text(ctx: &FlowContext, ep: &LocalEndpoint, k: &Key, v: &Value) -> String {
     let dir = if k.egress { "egress" } else { "ingress" };
     let groups = if ep.groups.is_empty() {
         "security groups".to_owned()
@@ -454,24 +477,24 @@ fn rule_text(ctx: &FlowContext, ep: &LocalEndpoint, k: &Key) -> String {
             Some(DropReason::SgEgress | DropReason::SgIngress) => {
                 format!("{groups} {dir}: no rule allows")
             }
-            Some(DropReason::AclEgress | DropReason::AclIngress) if k.acl != DECISION_NONE => {
-                format!("{acl} rule {} deny", acl_rule(k.acl))
+            Some(DropReason::AclEgress | DropReason::AclIngress) if v.acl != DECISION_NONE => {
+                format!("{acl} rule {} deny", acl_rule(v.acl))
             }
             _ => String::new(),
         };
     }
     let mut parts = Vec::new();
-    if k.tracked {
+    if v.tracked {
         parts.push("tracked".to_owned());
-    } else if k.sg != DECISION_NONE {
+    } else if v.sg != DECISION_NONE {
         let remote = Ipv4Addr::from(v4(if k.egress { &k.dst } else { &k.src }));
         let named = ctx
             .rules
             .admitting(&ep.groups, k.egress, remote, k.proto, k.dst_port);
-        parts.push(named.unwrap_or_else(|| format!("{groups} {dir} rule #{}", k.sg)));
+        parts.push(named.unwrap_or_else(|| format!("{groups} {dir} rule #{}", v.sg)));
     }
-    if k.acl != DECISION_NONE {
-        parts.push(format!("{acl} rule {} allow", acl_rule(k.acl)));
+    if v.acl != DECISION_NONE {
+        parts.push(format!("{acl} rule {} allow", acl_rule(v.acl)));
     }
     parts.join("; ")
 }

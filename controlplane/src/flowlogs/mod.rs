@@ -23,5 +23,6 @@ mod tests;
 
 pub use aggregate::{Aggregator, FlowContext, LocalEndpoint};
 pub use record::FlowRecord;
+pub use rules::RuleBook;
 pub use source::{EventSource, RingSource, VecSource};
 pub use stats::{FlowLogCounts, FlowLogStats};

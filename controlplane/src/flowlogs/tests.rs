@@ -113,6 +113,25 @@ fn agg(stats: &Arc<FlowLogStats>) -> Aggregator {
 }
 
 #[test]
+fn aws_tcp_flags_report_fin_syn_rst_and_syn_ack_only() {
+    use crate::flowlogs::aggregate::aws_tcp_flags;
+    // FIN 1, SYN 2, RST 4, SYN-ACK 18; ACK (16), PSH (8), URG (32) alone: 0.
+    for (header, aws) in [
+        (0x02, 2),
+        (0x12, 18),
+        (0x10, 0),
+        (0x18, 0),
+        (0x11, 1),
+        (0x14, 4),
+        (0x20, 0),
+    ] {
+        assert_eq!(aws_tcp_flags(header), aws, "{header:#x}");
+    }
+    // A SYN and a later ACK OR-ed: 2, not 18 (no SYN-ACK was seen).
+    assert_eq!(aws_tcp_flags(0x02) | aws_tcp_flags(0x10), 2);
+}
+
+#[test]
 fn local_pair_gives_an_egress_and_an_ingress_record_with_their_rules() {
     let stats = Arc::new(FlowLogStats::default());
     let mut a = agg(&stats);
@@ -149,7 +168,8 @@ fn local_pair_gives_an_egress_and_an_ingress_record_with_their_rules() {
     assert_eq!(a.next_due(), Some(102 * SEC));
     assert!(a.flush(101 * SEC, &clock(), false).is_empty());
     let out = a.flush(102 * SEC, &clock(), false);
-    // Tracked and untracked packets are separate aggregates (the rule differs).
+    // One record per interface and 5-tuple (AWS): the rules of the SYN, the packets of the
+    // whole connection, AWS's TCP flags (SYN 2; ACK alone is not reported).
     let summary: Vec<(String, String, u64, String, u8)> = out
         .iter()
         .map(|r| {
@@ -168,36 +188,22 @@ fn local_pair_gives_an_egress_and_an_ingress_record_with_their_rules() {
             (
                 "i-0000000000000000a".into(),
                 "egress".into(),
-                1,
+                3,
                 "sg-web egress all to 0.0.0.0/0; acl-subnet-1 rule 100 allow".into(),
                 0x02
             ),
             (
-                "i-0000000000000000a".into(),
-                "egress".into(),
-                2,
-                "tracked; acl-subnet-1 rule 100 allow".into(),
-                0x10
-            ),
-            (
                 "i-0000000000000000b".into(),
                 "ingress".into(),
-                1,
+                3,
                 "sg-db ingress tcp 5432 from 10.0.1.0/24; acl-subnet-2 rule 200 allow".into(),
                 0x02
             ),
-            (
-                "i-0000000000000000b".into(),
-                "ingress".into(),
-                2,
-                "tracked; acl-subnet-2 rule 200 allow".into(),
-                0x10
-            ),
         ]
     );
-    let r = &out[1];
+    let r = &out[0];
     assert_eq!((r.start, r.end), (1_700_000_100, 1_700_000_101));
-    assert_eq!(r.bytes, 200);
+    assert_eq!(r.bytes, 300);
     assert_eq!(r.interface_id, "eni-0000000000000000a");
     assert_eq!(
         (r.action.as_str(), r.log_status.as_str(), r.reason.as_str()),
@@ -218,8 +224,27 @@ fn local_pair_gives_an_egress_and_an_ingress_record_with_their_rules() {
     );
     // The subnet log is REJECT only: nothing.
     assert!(out.iter().all(|r| r.flow_log_id == "fl-vpc"));
-    assert_eq!(stats.records.load(Relaxed), 4);
+    assert_eq!(stats.records.load(Relaxed), 2);
     assert_eq!(a.held(), 0);
+    // A later window with only tracked packets of the connection says so.
+    a.add(&ev(
+        102 * SEC + SEC / 2,
+        10,
+        20,
+        5432,
+        FLOW_ACCEPT,
+        0,
+        dec(n, 100, 200, n, 0x11, true),
+    ));
+    let out = a.flush(104 * SEC, &clock(), false);
+    let rules: Vec<(&str, u8)> = out.iter().map(|r| (r.rule.as_str(), r.tcp_flags)).collect();
+    assert_eq!(
+        rules,
+        [
+            ("tracked; acl-subnet-1 rule 100 allow", 1),
+            ("tracked; acl-subnet-2 rule 200 allow", 1)
+        ]
+    );
 }
 
 #[test]

@@ -25,11 +25,15 @@ use controlplane::{
 use dataplane_common::conntrack::CtBudget;
 use vpc_proto::v1 as pb;
 
-/// Top sources and top flows reported per VPC.
-pub const TOP_N: usize = 5;
+/// Top sources and top flows reported per VPC: what the GC keeps
+/// (`policy_maps::TOP_N`).
+pub use controlplane::datapath::policy_maps::TOP_N;
 
-/// VNI -> entry limit for the VPCs with instances on `host` (VPCs at 100 % are absent: no
-/// budget). `default_share` applies to VPCs without their own share.
+/// VNI -> entry limit for the VPCs with instances on `host`. `default_share` (the agent's
+/// `--conntrack-vpc-share`, set by the operator) applies to VPCs without their own share and
+/// is also the ceiling: a VPC's own share (an attribute its tenant sets) can only lower its
+/// budget, never raise it or remove it, or one tenant could take the whole table back. At a
+/// default of 100 % only VPCs that asked for less have a budget.
 pub fn limits(
     doc: &StateFile,
     host: &str,
@@ -56,7 +60,8 @@ pub fn limits(
                 .get(&vni)
                 .copied()
                 .unwrap_or(default_share)
-                .clamp(1, 100);
+                .clamp(1, 100)
+                .min(default_share);
             (share < 100).then(|| (vni, limit(share, conntrack_max)))
         })
         .collect()
@@ -275,11 +280,11 @@ mod tests {
 
     #[test]
     fn limits_cover_the_hosts_vpcs_with_their_share_or_the_default() {
-        // vpc-a: its own 10 %; vpc-b: the default 50 %; vpc-c: 100 % = no budget; vpc-d: not
-        // on this host.
+        // vpc-a: its own 10 %; vpc-b: the default 50 %; vpc-c asks for 100 % (no budget) but
+        // a tenant cannot go above the operator's default; vpc-d: not on this host.
         assert_eq!(
             limits(&doc(), "h1", 50, 1000),
-            BTreeMap::from([(7, 100), (8, 500)])
+            BTreeMap::from([(7, 100), (8, 500), (9, 500)])
         );
         assert_eq!(limits(&doc(), "h1", 100, 1000), BTreeMap::from([(7, 100)]));
         assert_eq!(limits(&doc(), "h2", 50, 1000), BTreeMap::from([(10, 500)]));

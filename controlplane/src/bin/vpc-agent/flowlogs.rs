@@ -126,8 +126,10 @@ fn emit(
 /// Runs until the agent stops: (re)connects the record stream and forwards batches.
 async fn publish_loop(cfg: CpConfig, mut rx: mpsc::Receiver<Vec<FlowRecord>>) {
     let mut backoff = Duration::from_millis(200);
+    // A batch the last stream could not take: sent first on the next one, not dropped.
+    let mut pending = None;
     loop {
-        match publish(&cfg, &mut rx).await {
+        match publish(&cfg, &mut rx, &mut pending).await {
             Ok(true) => return,
             Ok(false) => backoff = Duration::from_millis(200),
             Err(e) => warn!(
@@ -141,10 +143,18 @@ async fn publish_loop(cfg: CpConfig, mut rx: mpsc::Receiver<Vec<FlowRecord>>) {
 }
 
 /// One stream: `Ok(true)` when the agent is stopping (no more records).
-async fn publish(cfg: &CpConfig, rx: &mut mpsc::Receiver<Vec<FlowRecord>>) -> Result<bool> {
+/// `pending` is a batch a broken stream could not take; it goes first, and a batch this
+/// stream cannot take is left there for the next. (The stream is the live tail: every record
+/// is in the host's JSON-lines file first.)
+async fn publish(
+    cfg: &CpConfig,
+    rx: &mut mpsc::Receiver<Vec<FlowRecord>>,
+    pending: &mut Option<Vec<FlowRecord>>,
+) -> Result<bool> {
     let (channel, bearer) = connect_channel(cfg).await?;
     let mut client = FlowLogServiceClient::with_interceptor(channel, bearer);
-    let (tx, out) = mpsc::channel(16);
+    // One batch in flight: what a breaking stream can lose is at most that (the file has it).
+    let (tx, out) = mpsc::channel(1);
     tx.send(pb::FlowRecordBatch {
         host_id: cfg.host_id.clone(),
         records: Vec::new(),
@@ -154,6 +164,16 @@ async fn publish(cfg: &CpConfig, rx: &mut mpsc::Receiver<Vec<FlowRecord>>) -> Re
     tokio::pin!(call);
     info!("flow-record stream open");
     loop {
+        if let Some(records) = pending.take() {
+            let batch = pb::FlowRecordBatch {
+                host_id: String::new(),
+                records: records.iter().map(pb::FlowLogRecord::from).collect(),
+            };
+            if tx.send(batch).await.is_err() {
+                *pending = Some(records);
+                return Ok(false);
+            }
+        }
         tokio::select! {
             done = &mut call => {
                 done?;
@@ -161,13 +181,7 @@ async fn publish(cfg: &CpConfig, rx: &mut mpsc::Receiver<Vec<FlowRecord>>) -> Re
             }
             got = rx.recv() => {
                 let Some(records) = got else { return Ok(true) };
-                let batch = pb::FlowRecordBatch {
-                    host_id: String::new(),
-                    records: records.iter().map(pb::FlowLogRecord::from).collect(),
-                };
-                if tx.send(batch).await.is_err() {
-                    return Ok(false);
-                }
+                *pending = Some(records);
             }
         }
     }

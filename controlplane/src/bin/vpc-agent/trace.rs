@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use controlplane::{
     overlay::statefile::{StateFile, parse_mac},
-    policy::model::{AclAction, Protocol, SgRule},
+    policy::model::{AclAction, Protocol},
 };
 use dataplane_common::{
     DropReason,
@@ -234,12 +234,13 @@ pub struct Names {
     pub policy_of: BTreeMap<String, (Option<String>, Vec<String>)>,
     /// VPC id -> its default security group (used by endpoints naming none).
     pub default_sg: BTreeMap<String, String>,
-    /// The document's groups and ACLs.
-    pub groups: BTreeMap<String, controlplane::policy::model::SecurityGroup>,
+    /// The document's ACLs.
     pub acls: BTreeMap<String, controlplane::policy::model::NetworkAcl>,
     /// Security-group policy id -> the rules behind its references (what the datapath
     /// reports), when the agent has them.
     pub sg_rules: BTreeMap<u32, controlplane::policy::SgRuleIndex>,
+    /// The document's rules and group members, to name a rule when no reference resolves.
+    pub rules: controlplane::flowlogs::RuleBook,
 }
 
 impl Names {
@@ -255,11 +256,6 @@ impl Names {
             host: host.to_owned(),
             vpcs: doc.vpcs.iter().map(|v| (v.vni, v.id.clone())).collect(),
             vteps: doc.hosts.iter().map(|h| (h.vtep, h.id.clone())).collect(),
-            groups: doc
-                .security_groups
-                .iter()
-                .map(|g| (g.id.clone(), g.clone()))
-                .collect(),
             acls: doc
                 .network_acls
                 .iter()
@@ -271,6 +267,7 @@ impl Names {
                 .filter(|g| g.default)
                 .map(|g| (g.vpc.clone(), g.id.clone()))
                 .collect(),
+            rules: controlplane::flowlogs::RuleBook::build(doc),
             ..Names::default()
         };
         for e in &doc.endpoints {
@@ -322,20 +319,6 @@ impl Names {
     }
 }
 
-fn port_matches(from: Option<u16>, to: Option<u16>, port: u16) -> bool {
-    match (from, to) {
-        (Some(f), Some(t)) => (f..=t).contains(&port),
-        _ => true,
-    }
-}
-
-fn proto_matches(p: Protocol, proto: u8) -> bool {
-    match p.number() {
-        None => true,
-        Some(n) => n == proto,
-    }
-}
-
 fn ports_text(proto: Protocol, from: Option<u16>, to: Option<u16>) -> String {
     match (from, to) {
         (Some(f), Some(t)) if f == t => format!("{proto} {f}"),
@@ -345,53 +328,25 @@ fn ports_text(proto: Protocol, from: Option<u16>, to: Option<u16>) -> String {
 }
 
 /// The first rule of `endpoint`'s security groups that admits `flow` (inbound: remote is the
-/// source; outbound: the destination), as "sg-...: tcp 443 from 10.0.0.0/16". The kernel
-/// decides with a union of all rules, so any matching rule explains the allow; this one is
-/// the first in document order.
+/// source; outbound: the destination), as "sg-... ingress tcp 443 from 10.0.0.0/16": the
+/// flow logs' naming (`flowlogs::RuleBook`, groups in the policy compiler's order), used
+/// when the datapath's rule reference cannot be resolved. The kernel decides with a union of
+/// all rules, so any matching rule explains the allow.
 pub fn sg_rule_text(names: &Names, endpoint: &str, flow: &Flow, inbound: bool) -> Option<String> {
     let (_, groups) = names.policy_of.get(endpoint)?;
+    let mut groups = groups.clone();
+    groups.sort_unstable();
+    groups.dedup();
     let remote = if inbound { flow.src } else { flow.dst };
-    let members = |group: &str| -> bool {
-        names
-            .policy_of
-            .iter()
-            .filter(|(_, (_, gs))| gs.iter().any(|g| g == group))
-            .any(|(id, _)| {
-                names
-                    .endpoints
-                    .iter()
-                    .any(|(&(_, ip), e)| e == id && ip == remote)
-            })
+    // The rule book matches ICMP like the datapath: the type in the high byte.
+    let port = if flow.proto == 1 {
+        flow.port << 8
+    } else {
+        flow.port
     };
-    for gid in groups {
-        let Some(g) = names.groups.get(gid) else {
-            continue;
-        };
-        let rules: &[SgRule] = if inbound { &g.inbound } else { &g.outbound };
-        for r in rules {
-            let remote_ok = match (&r.cidr, &r.group) {
-                (Some(c), _) => c.contains(remote),
-                (None, Some(grp)) => members(grp),
-                _ => false,
-            };
-            if remote_ok
-                && proto_matches(r.protocol, flow.proto)
-                && port_matches(r.from_port, r.to_port, flow.port)
-            {
-                let who = match (&r.cidr, &r.group) {
-                    (Some(c), _) => c.to_string(),
-                    (None, Some(grp)) => grp.clone(),
-                    _ => String::new(),
-                };
-                let dir = if inbound { "from" } else { "to" };
-                return Some(format!(
-                    "{gid}: {} {dir} {who}",
-                    ports_text(r.protocol, r.from_port, r.to_port)
-                ));
-            }
-        }
-    }
-    None
+    names
+        .rules
+        .admitting(&groups, !inbound, remote, flow.proto, port)
 }
 
 /// The ACL rule numbered `rule` in the list of `endpoint`'s subnet ACL, as "acl-...: rule
@@ -530,7 +485,7 @@ pub fn render(events: &[TraceEvent], names: &Names, ctx: &HopContext) -> Rendere
                     push(
                         "conntrack",
                         "tracked",
-                        format!("existing flow (state {}): security groups skipped", e.b),
+                        format!("existing flow (TCP flags {:#04x}): security groups skipped", e.b),
                     );
                 } else {
                     push("conntrack", "new", "no tracked flow".into());
@@ -1030,7 +985,7 @@ mod tests {
         assert!(r.stages[0].detail.contains("i-src") && r.stages[0].detail.contains("vpc-a"));
         assert!(r.stages[1].detail.contains("host h2"), "{:?}", r.stages[1]);
         // No explicit outbound rules: the group's default rule allows all (AWS).
-        assert_eq!(r.stages[3].detail, "sg-web: all to 0.0.0.0/0");
+        assert_eq!(r.stages[3].detail, "sg-web egress all to 0.0.0.0/0");
         assert_eq!(r.stages[4].detail, "acl-1: rule 100 allow all to 0.0.0.0/0");
         assert_eq!(
             (r.verdict.as_str(), r.next_vtep.as_str()),
@@ -1061,7 +1016,7 @@ mod tests {
         assert_eq!(delivered.delivered_to, "i-dst");
         assert_eq!(
             delivered.stages[2].detail,
-            "sg-web: tcp 443 from 10.0.0.0/16"
+            "sg-web ingress tcp 443 from 10.0.0.0/16"
         );
         // Port 22: the ACL's rule 90 denies.
         let ctx22 = HopContext {
@@ -1179,6 +1134,6 @@ mod tests {
             &names,
             &ctx,
         );
-        assert_eq!(r.stages[0].detail, "sg-web: tcp 443 from 10.0.0.0/16");
+        assert_eq!(r.stages[0].detail, "sg-web ingress tcp 443 from 10.0.0.0/16");
     }
 }
