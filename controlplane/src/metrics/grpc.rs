@@ -205,9 +205,14 @@ mod tests {
         m.collect(&mut e);
         let text = e.render();
         assert!(text.contains(r#"method="CreateVpc""#), "{text}");
-        assert!(!text.contains("NoSuchMethod") && !text.contains("evil"), "{text}");
         assert!(
-            text.contains(r#"vpc_api_requests_total{service="other",method="other",code="UNAUTHENTICATED"} 1"#),
+            !text.contains("NoSuchMethod") && !text.contains("evil"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"vpc_api_requests_total{service="other",method="other",code="UNAUTHENTICATED"} 1"#
+            ),
             "{text}"
         );
     }

@@ -77,6 +77,8 @@ pub type Collector = Arc<dyn Fn(&mut Exposition) + Send + Sync>;
 #[derive(Default)]
 pub struct AgentMetrics {
     recorded: Mutex<Recorded>,
+    /// Per-VPC sums kept monotonic across scrapes.
+    vpc_totals: Mutex<VpcTotals>,
     collectors: Mutex<Vec<Collector>>,
     /// Documents received and not applied yet: revision -> when.
     pending: Mutex<BTreeMap<i64, Instant>>,
@@ -391,7 +393,9 @@ fn read_lb(
 fn render(layout: &PinLayout) -> String {
     let m = get();
     let mut e = Exposition::new();
-    families(&mut e, &read(layout), &m.recorded());
+    let mut totals = m.vpc_totals.lock().unwrap_or_else(|p| p.into_inner());
+    families(&mut e, &read(layout), &m.recorded(), &mut totals);
+    drop(totals);
     e.histogram(
         "vpc_agent_reconcile_duration_seconds",
         "Duration of the agent's reconcile passes (desired state -> maps, ports, instances)",
@@ -433,7 +437,7 @@ fn proto_name(p: u8) -> String {
 }
 
 /// Every family from one reading and what the agent recorded. Pure.
-pub fn families(e: &mut Exposition, r: &Reading, rec: &Recorded) {
+pub fn families(e: &mut Exposition, r: &Reading, rec: &Recorded, totals: &mut VpcTotals) {
     e.gauge(
         "vpc_agent_info",
         "The agent (1), labelled with its host id",
@@ -441,7 +445,7 @@ pub fn families(e: &mut Exposition, r: &Reading, rec: &Recorded) {
         1.0,
     );
     datapath_families(e, r);
-    endpoint_families(e, r, rec);
+    endpoint_families(e, r, rec, totals);
     conntrack_families(e, r, rec);
     lb_families(e, r, rec);
     const APPLIED: &str = "vpc_agent_applied_revision";
@@ -504,7 +508,71 @@ fn datapath_families(e: &mut Exposition, r: &Reading) {
     }
 }
 
-fn endpoint_families(e: &mut Exposition, r: &Reading, rec: &Recorded) {
+/// Per-VPC packet, byte and drop counters that never go down. A VPC's value is the sum of
+/// its endpoints' counters, and endpoints leave (terminated instances, an LRU-evicted
+/// `ENDPOINT_STATS` entry): what a series had counted when it went away (or went down, a
+/// re-created entry) is kept as the VPC's retired part, so the sum is a true Prometheus
+/// counter (no false resets, no `rate()` spikes). Pure bookkeeping over scrapes.
+#[derive(Debug, Default)]
+pub struct VpcTotals {
+    /// Series seen at the last scrape: (ifindex, direction, action) -> (VPC, value).
+    stats: BTreeMap<(u32, u32, u32), (String, Counter)>,
+    /// Drop series at the last scrape: (ifindex, reason) -> (VPC, value).
+    drops: BTreeMap<(u32, u32), (String, Counter)>,
+    /// (VPC, direction, action) -> what departed series had counted.
+    retired_stats: BTreeMap<(String, u32, u32), Counter>,
+    /// (VPC, reason) -> what departed drop series had counted.
+    retired_drops: BTreeMap<(String, u32), Counter>,
+}
+
+/// Folds `now` into `last`, moving departed or decreased series into `retired` (under
+/// `group` of the series), and returns the per-group totals (current plus retired).
+fn fold<K: Ord + Copy, G: Ord + Clone>(
+    last: &mut BTreeMap<K, (String, Counter)>,
+    retired: &mut BTreeMap<G, Counter>,
+    now: BTreeMap<K, (String, Counter)>,
+    group: impl Fn(&str, &K) -> G,
+) -> BTreeMap<G, Counter> {
+    for (k, (vpc, old)) in last.iter() {
+        let gone = match now.get(k) {
+            None => true,
+            Some((v, c)) => v != vpc || c.packets < old.packets || c.bytes < old.bytes,
+        };
+        if gone {
+            retired.entry(group(vpc, k)).or_default().add(old);
+        }
+    }
+    let mut out = retired.clone();
+    for (k, (vpc, c)) in &now {
+        out.entry(group(vpc, k)).or_default().add(c);
+    }
+    *last = now;
+    out
+}
+
+impl VpcTotals {
+    /// Per-(VPC, direction, action) packets/bytes and per-(VPC, reason) drops for this
+    /// scrape's endpoint series.
+    #[allow(clippy::type_complexity)]
+    fn update(
+        &mut self,
+        stats: BTreeMap<(u32, u32, u32), (String, Counter)>,
+        drops: BTreeMap<(u32, u32), (String, Counter)>,
+    ) -> (
+        BTreeMap<(String, u32, u32), Counter>,
+        BTreeMap<(String, u32), Counter>,
+    ) {
+        let s = fold(&mut self.stats, &mut self.retired_stats, stats, |vpc, k| {
+            (vpc.to_owned(), k.1, k.2)
+        });
+        let d = fold(&mut self.drops, &mut self.retired_drops, drops, |vpc, k| {
+            (vpc.to_owned(), k.1)
+        });
+        (s, d)
+    }
+}
+
+fn endpoint_families(e: &mut Exposition, r: &Reading, rec: &Recorded, totals: &mut VpcTotals) {
     const EP: &str = "vpc_endpoint_packets_total";
     const EP_HELP: &str =
         "Packets per local endpoint by direction (ingress: to the instance) and action";
@@ -530,6 +598,8 @@ fn endpoint_families(e: &mut Exposition, r: &Reading, rec: &Recorded) {
     }
     // Counters of ports that are not (or no longer) local endpoints are left out: their
     // names are unknown, and an ifindex alone names nothing an operator can act on.
+    let mut vpc_stats = BTreeMap::new();
+    let mut vpc_drops = BTreeMap::new();
     for (k, c) in r.endpoint_stats.iter().flatten() {
         let Some(n) = rec.endpoints.get(&k.ifindex) else {
             continue;
@@ -545,19 +615,13 @@ fn endpoint_families(e: &mut Exposition, r: &Reading, rec: &Recorded) {
         ];
         e.counter(EP, EP_HELP, &l, c.packets as f64);
         e.counter(EB, EB_HELP, &l, c.bytes as f64);
-        let vl = [
-            ("vpc", n.vpc.as_str()),
-            ("direction", dir),
-            ("action", action),
-        ];
-        e.counter(VP, VP_HELP, &vl, c.packets as f64);
-        e.counter(VB, VB_HELP, &vl, c.bytes as f64);
+        vpc_stats.insert((k.ifindex, k.direction, k.action), (n.vpc.clone(), *c));
     }
-    for ((ifindex, reason), c) in r.endpoint_drops.iter().flatten() {
+    for ((ifindex, reason_num), c) in r.endpoint_drops.iter().flatten() {
         let Some(n) = rec.endpoints.get(ifindex) else {
             continue;
         };
-        let reason = reason_name(*reason);
+        let reason = reason_name(*reason_num);
         let l = [
             ("vpc", n.vpc.as_str()),
             ("subnet", n.subnet.as_str()),
@@ -566,12 +630,25 @@ fn endpoint_families(e: &mut Exposition, r: &Reading, rec: &Recorded) {
             ("reason", reason),
         ];
         e.counter(ED, ED_HELP, &l, c.packets as f64);
-        e.counter(
-            VD,
-            VD_HELP,
-            &[("vpc", n.vpc.as_str()), ("reason", reason)],
-            c.packets as f64,
-        );
+        vpc_drops.insert((*ifindex, *reason_num), (n.vpc.clone(), *c));
+    }
+    // Unreadable maps leave the totals as they were (no false departures).
+    if r.endpoint_stats.is_none() || r.endpoint_drops.is_none() {
+        return;
+    }
+    let (stats, drops) = totals.update(vpc_stats, vpc_drops);
+    for ((vpc, dir, action), c) in &stats {
+        let vl = [
+            ("vpc", vpc.as_str()),
+            ("direction", direction_name(*dir)),
+            ("action", action_name(*action)),
+        ];
+        e.counter(VP, VP_HELP, &vl, c.packets as f64);
+        e.counter(VB, VB_HELP, &vl, c.bytes as f64);
+    }
+    for ((vpc, reason), c) in &drops {
+        let l = [("vpc", vpc.as_str()), ("reason", reason_name(*reason))];
+        e.counter(VD, VD_HELP, &l, c.packets as f64);
     }
 }
 
@@ -833,7 +910,7 @@ mod tests {
             }]),
         };
         let mut e = Exposition::new();
-        families(&mut e, &reading, &rec);
+        families(&mut e, &reading, &rec, &mut VpcTotals::default());
         let text = e.render();
         has(
             &text,
@@ -884,5 +961,33 @@ mod tests {
         assert_eq!(series("vpc_endpoint_packets_total{"), 2, "{text}");
         assert_eq!(series("vpc_endpoint_drops_total{"), 1, "{text}");
         assert_eq!(series("vpc_vpc_packets_total{"), 2, "{text}");
+    }
+
+    #[test]
+    fn per_vpc_counters_never_go_down_when_endpoints_leave_or_restart() {
+        let c = |p: u64| Counter {
+            packets: p,
+            bytes: p * 100,
+        };
+        let mut t = VpcTotals::default();
+        let vpc = |v: &str| v.to_owned();
+        let pkts = |t: &mut VpcTotals, now: &[(u32, &str, u64)]| -> u64 {
+            let stats = now
+                .iter()
+                .map(|&(i, v, p)| ((i, DIR_EGRESS, Action::Encap as u32), (vpc(v), c(p))))
+                .collect();
+            let (s, _) = t.update(stats, BTreeMap::new());
+            s.get(&(vpc("vpc-1"), DIR_EGRESS, Action::Encap as u32))
+                .map_or(0, |c| c.packets)
+        };
+        assert_eq!(pkts(&mut t, &[(1, "vpc-1", 10), (2, "vpc-1", 5)]), 15);
+        assert_eq!(pkts(&mut t, &[(1, "vpc-1", 12), (2, "vpc-1", 7)]), 19);
+        // Endpoint 2 is terminated: its 7 packets stay in the VPC's total.
+        assert_eq!(pkts(&mut t, &[(1, "vpc-1", 13)]), 20);
+        // Endpoint 1's entry was evicted and re-created (counts from 1 again).
+        assert_eq!(pkts(&mut t, &[(1, "vpc-1", 1)]), 21);
+        // Another VPC's port does not count here; a port reused by another VPC neither.
+        assert_eq!(pkts(&mut t, &[(1, "vpc-1", 2), (3, "vpc-2", 50)]), 22);
+        assert_eq!(pkts(&mut t, &[(1, "vpc-2", 60)]), 22);
     }
 }

@@ -485,7 +485,10 @@ pub fn render(events: &[TraceEvent], names: &Names, ctx: &HopContext) -> Rendere
                     push(
                         "conntrack",
                         "tracked",
-                        format!("existing flow (TCP flags {:#04x}): security groups skipped", e.b),
+                        format!(
+                            "existing flow (TCP flags {:#04x}): security groups skipped",
+                            e.b
+                        ),
                     );
                 } else {
                     push("conntrack", "new", "no tracked flow".into());
@@ -1134,6 +1137,9 @@ mod tests {
             &names,
             &ctx,
         );
-        assert_eq!(r.stages[0].detail, "sg-web ingress tcp 443 from 10.0.0.0/16");
+        assert_eq!(
+            r.stages[0].detail,
+            "sg-web ingress tcp 443 from 10.0.0.0/16"
+        );
     }
 }
