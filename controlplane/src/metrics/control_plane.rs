@@ -120,17 +120,10 @@ pub fn host_families(
     const CT: &str = "vpc_host_conntrack_entries";
     const CT_CAP: &str = "vpc_host_conntrack_capacity";
     const CT_VPC: &str = "vpc_conntrack_vpc_entries";
-    const HEALTHY: &str = "vpc_lb_target_healthy";
-    const STATE: &str = "vpc_lb_target_state";
     const CT_VPC_HELP: &str =
         "Live tracked flows per VPC and host, from the host's last conntrack GC report";
-    const HEALTHY_HELP: &str =
-        "1 when the host's health checks see the target healthy, per target group, target and port";
-    const STATE_HELP: &str =
-        "The target's health state as the host's checks see it (1 for the current state)";
     e.declare(CT_VPC, CT_VPC_HELP, Kind::Gauge);
-    e.declare(HEALTHY, HEALTHY_HELP, Kind::Gauge);
-    e.declare(STATE, STATE_HELP, Kind::Gauge);
+    super::declare_target_health(e);
     for (host, h) in hosts {
         let l = [("host", *host)];
         let connected = h.streams > 0;
@@ -179,22 +172,7 @@ pub fn host_families(
             }
         }
         for t in &h.target_health {
-            let port = t.port.to_string();
-            let tl = [
-                ("host", *host),
-                ("target_group", t.target_group_id.as_str()),
-                ("target", t.target_id.as_str()),
-                ("port", port.as_str()),
-            ];
-            e.gauge(
-                HEALTHY,
-                HEALTHY_HELP,
-                &tl,
-                if t.state == "healthy" { 1.0 } else { 0.0 },
-            );
-            let mut sl = tl.to_vec();
-            sl.push(("state", t.state.as_str()));
-            e.gauge(STATE, STATE_HELP, &sl, 1.0);
+            super::target_health(e, &[("host", *host)], t);
         }
     }
 }

@@ -734,14 +734,8 @@ fn conntrack_families(e: &mut Exposition, r: &Reading, rec: &Recorded) {
 fn lb_families(e: &mut Exposition, r: &Reading, rec: &Recorded) {
     const CONN: &str = "vpc_lb_target_connections";
     const CONN_HELP: &str = "Balanced flows bound to a target on this host (LB_FLOWS entries, counted at scrape time), per listener and target";
-    const HEALTHY: &str = "vpc_lb_target_healthy";
-    const HEALTHY_HELP: &str = "1 when this host's health checks see the target healthy, per target group, target and port";
-    const STATE: &str = "vpc_lb_target_state";
-    const STATE_HELP: &str =
-        "The target's health state as this host's checks see it (1 for the current state)";
     e.declare(CONN, CONN_HELP, Kind::Gauge);
-    e.declare(HEALTHY, HEALTHY_HELP, Kind::Gauge);
-    e.declare(STATE, STATE_HELP, Kind::Gauge);
+    controlplane::metrics::declare_target_health(e);
     for t in r.lb_targets.iter().flatten() {
         let vpc = rec.vpcs.get(&t.vni).map_or("", String::as_str);
         let target = rec
@@ -772,21 +766,7 @@ fn lb_families(e: &mut Exposition, r: &Reading, rec: &Recorded) {
         );
     }
     for t in &rec.targets {
-        let port = t.port.to_string();
-        let l = [
-            ("target_group", t.target_group_id.as_str()),
-            ("target", t.target_id.as_str()),
-            ("port", port.as_str()),
-        ];
-        e.gauge(
-            HEALTHY,
-            HEALTHY_HELP,
-            &l,
-            if t.state == "healthy" { 1.0 } else { 0.0 },
-        );
-        let mut sl = l.to_vec();
-        sl.push(("state", t.state.as_str()));
-        e.gauge(STATE, STATE_HELP, &sl, 1.0);
+        controlplane::metrics::target_health(e, &[], t);
     }
 }
 
