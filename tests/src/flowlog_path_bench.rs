@@ -22,7 +22,6 @@ use std::{
 use anyhow::{Result, ensure};
 use controlplane::{
     datapath::{FlowCounters, FlowEvents},
-    overlay::MapOp,
     policy::SecurityGroup,
 };
 use dataplane_common::{
@@ -87,14 +86,7 @@ fn seg(sport: u16, flags: u8) -> Vec<u8> {
 
 fn set_logging(f: &mut Fixture, on: bool) -> Result<()> {
     for port in [f.me, f.peer] {
-        let overlay = f.dp.overlay();
-        let mut e = overlay.read()?.endpoints[&port];
-        e.flags = if on {
-            e.flags | EP_LOG_ANY
-        } else {
-            e.flags & !EP_LOG_ANY
-        };
-        overlay.apply(&[MapOp::PutEndpoint(port, e)])?;
+        f.set_flow_log_flags(port, if on { EP_LOG_ANY } else { 0 });
     }
     Ok(())
 }

@@ -67,6 +67,60 @@ pub struct Fixture {
     pub lb_targets: Vec<TargetStatus>,
 }
 
+/// `p0`'s instance (`me`, subnet a1).
+pub const ME_IP: [u8; 4] = [10, 0, 1, 10];
+/// `p1`'s instance (`peer`, subnet a2).
+pub const PEER_IP: [u8; 4] = [10, 0, 2, 20];
+/// The instance of VPC A on host h1 (`remote`, subnet a1).
+pub const REMOTE_IP: [u8; 4] = [10, 0, 1, 30];
+
+/// The policy the flow-log and trace tests share: `sg-web` (peer) admits tcp/80 from the
+/// VPC; `sg-client` (me, remote) has no inbound rule and allows all outbound. Subnet a2's
+/// ACL: inbound 90 denies tcp/81 from 10.0.1.0/24, 100 allows all; outbound 100 allows all.
+///
+/// # Panics
+///
+/// Never: the JSON is fixed and valid.
+pub fn web_client_policy() -> PolicySpec {
+    let group = |v: serde_json::Value| -> SecurityGroup {
+        serde_json::from_value(v).expect("valid security group")
+    };
+    PolicySpec {
+        security_groups: vec![
+            group(
+                serde_json::json!({"id": "sg-web", "vpc": "vpc-a", "inbound": [
+                {"protocol": "tcp", "from_port": 80, "to_port": 80, "cidr": "10.0.0.0/16"}]}),
+            ),
+            group(serde_json::json!({"id": "sg-client", "vpc": "vpc-a"})),
+        ],
+        memberships: vec![
+            ("peer".into(), vec!["sg-web".into()]),
+            ("me".into(), vec!["sg-client".into()]),
+            ("remote".into(), vec!["sg-client".into()]),
+        ],
+        network_acls: vec![
+            serde_json::from_value(serde_json::json!({"id": "acl-a2", "vpc": "vpc-a",
+                "inbound": [
+                    {"rule": 90, "protocol": "tcp", "from_port": 81, "to_port": 81,
+                     "cidr": "10.0.1.0/24", "action": "deny"},
+                    {"rule": 100, "protocol": "all", "cidr": "0.0.0.0/0", "action": "allow"}],
+                "outbound": [
+                    {"rule": 100, "protocol": "all", "cidr": "0.0.0.0/0", "action": "allow"}]}))
+            .expect("valid network ACL"),
+        ],
+        subnet_acls: vec![("a2".into(), "acl-a2".into())],
+        ..PolicySpec::default()
+    }
+}
+
+/// A TCP frame `src` -> `dst` as the sender's port sees it (`me`'s MAC from [`ME_IP`], else
+/// `peer`'s).
+pub fn tcp_frame(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    use dataplane_common::testpkt::{tcp, v4, with_macs};
+    let mac = if src == ME_IP { ME_MAC } else { PEER_MAC };
+    with_macs(&tcp(v4(src, dst), sport, dport, flags, &[]), ROUTER, mac)
+}
+
 /// Security groups and ACLs for [`Fixture::apply_policy`].
 #[derive(Clone, Debug, Default)]
 pub struct PolicySpec {
@@ -134,6 +188,23 @@ impl PolicySpec {
 }
 
 impl Fixture {
+    /// Sets the endpoint of port `ifindex`'s flow-log flags to `flags` (a subset of
+    /// `EP_LOG_ANY`; 0 turns logging off), keeping its other flags: what the agent's overlay
+    /// compile does for an endpoint in a logged VPC or subnet.
+    ///
+    /// # Panics
+    ///
+    /// If the port has no endpoint or the map write fails.
+    pub fn set_flow_log_flags(&mut self, ifindex: u32, flags: u32) {
+        use dataplane_common::flowlog::EP_LOG_ANY;
+        let overlay = self.dp.overlay();
+        let mut e = overlay.read().expect("overlay maps").endpoints[&ifindex];
+        e.flags = (e.flags & !EP_LOG_ANY) | flags;
+        overlay
+            .apply(&[controlplane::overlay::MapOp::PutEndpoint(ifindex, e)])
+            .expect("endpoint written");
+    }
+
     /// Programs `policy` (and the overlay again) the way the agent does; returns the report.
     ///
     /// # Panics

@@ -10,8 +10,7 @@ use std::net::Ipv4Addr;
 
 use controlplane::{
     datapath::{FlowCounters, FlowEvents, PolicyMaps, policy_maps::now_ns},
-    overlay::{EndpointSpec, MapOp},
-    policy::SecurityGroup,
+    overlay::EndpointSpec,
 };
 use dataplane_common::{
     Action, Counter, DropReason, Hook,
@@ -22,56 +21,26 @@ use dataplane_common::{
         FlowEvent,
     },
     stats::{DIR_EGRESS, DIR_INGRESS, EndpointStatsKey},
-    testpkt::{tcp, udp, v4, with_macs},
+    testpkt::{udp, v4, with_macs},
 };
-use serde_json::json;
 use vpc_tests::{
-    overlay_fixture::{Fixture, ME_MAC, PEER_MAC, PolicySpec, ROUTER, fixture},
+    overlay_fixture::{
+        Fixture, ME_IP, ME_MAC, PEER_IP, PolicySpec, REMOTE_IP, ROUTER, fixture, tcp_frame,
+        web_client_policy,
+    },
     testrun::{TC_ACT_REDIRECT, TC_ACT_SHOT},
 };
 
-const ME: [u8; 4] = [10, 0, 1, 10];
-const PEER: [u8; 4] = [10, 0, 2, 20];
-const REMOTE: [u8; 4] = [10, 0, 1, 30];
+const ME: [u8; 4] = ME_IP;
+const PEER: [u8; 4] = PEER_IP;
+const REMOTE: [u8; 4] = REMOTE_IP;
 
-fn group(v: serde_json::Value) -> SecurityGroup {
-    serde_json::from_value(v).expect("valid security group")
-}
-
-/// `web` (peer): inbound tcp/80 from the VPC; `client` (me): no inbound, all outbound.
-/// Subnet a2's ACL: inbound 90 deny tcp/81 from 10.0.1.0/24, 100 allow all; outbound 100
-/// allow all.
 fn spec() -> PolicySpec {
-    PolicySpec {
-        security_groups: vec![
-            group(json!({"id": "sg-web", "vpc": "vpc-a", "inbound": [
-                {"protocol": "tcp", "from_port": 80, "to_port": 80, "cidr": "10.0.0.0/16"}]})),
-            group(json!({"id": "sg-client", "vpc": "vpc-a"})),
-        ],
-        memberships: vec![
-            ("peer".into(), vec!["sg-web".into()]),
-            ("me".into(), vec!["sg-client".into()]),
-            ("remote".into(), vec!["sg-client".into()]),
-        ],
-        network_acls: vec![
-            serde_json::from_value(json!({"id": "acl-a2", "vpc": "vpc-a",
-                "inbound": [
-                    {"rule": 90, "protocol": "tcp", "from_port": 81, "to_port": 81,
-                     "cidr": "10.0.1.0/24", "action": "deny"},
-                    {"rule": 100, "protocol": "all", "cidr": "0.0.0.0/0", "action": "allow"}],
-                "outbound": [
-                    {"rule": 100, "protocol": "all", "cidr": "0.0.0.0/0", "action": "allow"}]}))
-            .unwrap(),
-        ],
-        subnet_acls: vec![("a2".into(), "acl-a2".into())],
-        ..PolicySpec::default()
-    }
+    web_client_policy()
 }
 
-/// A TCP frame `src` -> `dst` as the sender's port sees it.
 fn seg(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mac = if src == ME { ME_MAC } else { PEER_MAC };
-    with_macs(&tcp(v4(src, dst), sport, dport, flags, &[]), ROUTER, mac)
+    tcp_frame(src, dst, sport, dport, flags)
 }
 
 /// Sends `frame` from port `from`; returns the TC verdict.
@@ -81,13 +50,8 @@ fn send(f: &Fixture, from: u32, frame: &[u8]) -> u32 {
         .retval
 }
 
-/// Sets `flags` (in addition to what the reconciler set) on the endpoint of port `ifindex`,
-/// as the agent does when a VPC or subnet has flow logs.
 fn set_flags(f: &mut Fixture, ifindex: u32, flags: u32) {
-    let overlay = f.dp.overlay();
-    let mut e = overlay.read().unwrap().endpoints[&ifindex];
-    e.flags = (e.flags & !EP_LOG_ANY) | flags;
-    overlay.apply(&[MapOp::PutEndpoint(ifindex, e)]).unwrap();
+    f.set_flow_log_flags(ifindex, flags);
 }
 
 fn drain(events: &mut FlowEvents) -> Vec<FlowEvent> {

@@ -5,10 +5,7 @@
 //! Fixture (`vpc_tests::overlay_fixture`): `me` 10.0.1.10 (p0, subnet a1), `peer` 10.0.2.20
 //! (p1, subnet a2) here, `remote` 10.0.1.30 (subnet a1) behind the peer VTEP; VNI 100.
 
-use controlplane::{
-    datapath::{FlowCounters, FlowEvents, PolicyMaps, trace::TraceProgram},
-    policy::SecurityGroup,
-};
+use controlplane::datapath::{FlowCounters, FlowEvents, PolicyMaps, trace::TraceProgram};
 use dataplane_common::{
     Action, DropReason, Hook,
     conntrack::tcp_flags::{ACK, SYN},
@@ -18,52 +15,24 @@ use dataplane_common::{
     testpkt::{tcp, udp, v4, with_macs},
     trace::{TraceEvent, TraceStage},
 };
-use serde_json::json;
 use vpc_tests::{
-    overlay_fixture::{Fixture, ME_MAC, PEER_MAC, PolicySpec, ROUTER, VTEP_ME, VTEP_PEER, fixture},
+    overlay_fixture::{
+        Fixture, ME_IP, ME_MAC, PEER_IP, PEER_MAC, PolicySpec, REMOTE_IP, ROUTER, VTEP_ME,
+        VTEP_PEER, fixture, tcp_frame, web_client_policy,
+    },
     testrun::{TC_ACT_REDIRECT, TC_ACT_SHOT},
 };
 
-const ME: [u8; 4] = [10, 0, 1, 10];
-const PEER: [u8; 4] = [10, 0, 2, 20];
-const REMOTE: [u8; 4] = [10, 0, 1, 30];
+const ME: [u8; 4] = ME_IP;
+const PEER: [u8; 4] = PEER_IP;
+const REMOTE: [u8; 4] = REMOTE_IP;
 
-fn group(v: serde_json::Value) -> SecurityGroup {
-    serde_json::from_value(v).expect("valid security group")
-}
-
-/// `sg-web` (peer): inbound tcp/80 from the VPC; `sg-client` (me, remote): outbound all.
-/// Subnet a2's ACL: inbound 90 deny tcp/81 from 10.0.1.0/24, 100 allow all; outbound all.
 fn spec() -> PolicySpec {
-    PolicySpec {
-        security_groups: vec![
-            group(json!({"id": "sg-web", "vpc": "vpc-a", "inbound": [
-                {"protocol": "tcp", "from_port": 80, "to_port": 80, "cidr": "10.0.0.0/16"}]})),
-            group(json!({"id": "sg-client", "vpc": "vpc-a"})),
-        ],
-        memberships: vec![
-            ("peer".into(), vec!["sg-web".into()]),
-            ("me".into(), vec!["sg-client".into()]),
-            ("remote".into(), vec!["sg-client".into()]),
-        ],
-        network_acls: vec![
-            serde_json::from_value(json!({"id": "acl-a2", "vpc": "vpc-a",
-                "inbound": [
-                    {"rule": 90, "protocol": "tcp", "from_port": 81, "to_port": 81,
-                     "cidr": "10.0.1.0/24", "action": "deny"},
-                    {"rule": 100, "protocol": "all", "cidr": "0.0.0.0/0", "action": "allow"}],
-                "outbound": [
-                    {"rule": 100, "protocol": "all", "cidr": "0.0.0.0/0", "action": "allow"}]}))
-            .unwrap(),
-        ],
-        subnet_acls: vec![("a2".into(), "acl-a2".into())],
-        ..PolicySpec::default()
-    }
+    web_client_policy()
 }
 
 fn seg(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mac = if src == ME { ME_MAC } else { PEER_MAC };
-    with_macs(&tcp(v4(src, dst), sport, dport, flags, &[]), ROUTER, mac)
+    tcp_frame(src, dst, sport, dport, flags)
 }
 
 fn stages(events: &[TraceEvent]) -> Vec<TraceStage> {
@@ -96,12 +65,7 @@ fn state(f: &Fixture) -> String {
 }
 
 fn set_log_flags(f: &mut Fixture, port: u32) {
-    let overlay = f.dp.overlay();
-    let mut e = overlay.read().unwrap().endpoints[&port];
-    e.flags |= EP_LOG_ANY;
-    overlay
-        .apply(&[controlplane::overlay::MapOp::PutEndpoint(port, e)])
-        .unwrap();
+    f.set_flow_log_flags(port, EP_LOG_ANY);
 }
 
 #[test]
