@@ -443,13 +443,13 @@ async fn run(args: RunArgs) -> Result<()> {
             Some((hop, reply)) = recv_bounded(&mut trace_rx) => {
                 let doc = overlay.as_ref().and_then(|r| r.document().ok());
                 let host = args.host.as_deref().unwrap_or_default();
-                let _ = reply.send(trace::run_hop(&datapath, trace_events.as_mut(), doc.as_ref(), &trace::Local { host, underlay: &ifaces[0], router_mac: args.router_mac }, |id| overlay.as_ref().and_then(|r| r.sg_rules(id).cloned()), &hop));
+                let _ = reply.send(trace::run_hop(&datapath, trace_events.as_mut(), doc.as_deref(), &trace::Local { host, underlay: &ifaces[0], router_mac: args.router_mac }, |id| overlay.as_ref().and_then(|r| r.sg_rules(id).cloned()), &hop));
             }
             _ = gc.tick() => {
                 if let Some(s) = conntrack_gc(&policy_maps) {
                     metrics::get().set_conntrack(&s);
                     let doc = overlay.as_ref().and_then(|r| r.document().ok());
-                    last_ct = Some(budget_pass(&policy_maps, &s, doc.as_ref(), args.host.as_deref().unwrap_or_default(), args.conntrack_vpc_share, ct_capacity));
+                    last_ct = Some(budget_pass(&policy_maps, &s, doc.as_deref(), args.host.as_deref().unwrap_or_default(), args.conntrack_vpc_share, ct_capacity));
                 }
                 if let Some(r) = overlay.as_ref() {
                     lb_gc(r.lb_maps(), &policy_maps);

@@ -184,10 +184,11 @@ impl Reconciler {
     }
 
     /// The desired-state document being applied.
-    pub fn document(&self) -> Result<StateFile> {
+    pub fn document(&self) -> Result<std::borrow::Cow<'_, StateFile>> {
         match &self.source {
-            Source::File(path) => Ok(StateFile::load(path)?),
-            Source::Pushed(Some(pushed)) => Ok(pushed.1.clone()),
+            Source::File(path) => Ok(std::borrow::Cow::Owned(StateFile::load(path)?)),
+            // Borrowed: readers between passes (conntrack budgets, traces) need no copy.
+            Source::Pushed(Some(pushed)) => Ok(std::borrow::Cow::Borrowed(&pushed.1)),
             Source::Pushed(None) => bail!("no desired state received yet"),
         }
     }
@@ -295,7 +296,7 @@ impl Reconciler {
 
     async fn reconcile_pass(&mut self, datapath: &mut Datapath, full: bool) -> Result<usize> {
         let stamp = self.stamp();
-        let mut doc = self.document()?;
+        let mut doc = self.document()?.into_owned();
         let plan = controlplane::lb::plan(&doc)?;
         let mut compute_changes = match self.workloads.as_mut() {
             Some(w) => w.wind_down(&doc).await,
