@@ -483,6 +483,34 @@ impl Cluster {
             .with_context(|| format!("running vpc {args:?}"))
     }
 
+    /// A successful `vpc ARGS` (as [`Cluster::cli`]): its stdout; a failure is an error
+    /// with the command's output.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "vpc {args:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// A successful `vpc ARGS -o json --query QUERY` as a plain string (a JSON string's
+    /// content, anything else as JSON text).
+    pub fn cli_query(&self, args: &[&str], query: &str) -> Result<String> {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["-o", "json", "--query", query]);
+        let text = self.cli_ok(&all)?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("vpc {all:?}: {text}"))?;
+        Ok(match v {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        })
+    }
+
     /// The fabric namespace (where the control plane listens).
     pub fn fabric(&self) -> &NetNs {
         &self.fabric

@@ -8,33 +8,17 @@
 //! load balancers and listeners; hosts, latency, status, drops; lists in table, wide, json
 //! and yaml; errors exit 2 with the field named.
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use vpc_tests::cluster::Cluster;
 
 /// A successful `vpc ARGS`: its stdout.
 fn ok(c: &Cluster, args: &[&str]) -> Result<String> {
-    let out = c.cli(args)?;
-    ensure!(
-        out.status.success(),
-        "vpc {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
+    c.cli_ok(args)
 }
 
 /// `vpc ARGS -o json --query Q`, as a plain string (ids, states).
 fn q(c: &Cluster, args: &[&str], query: &str) -> Result<String> {
-    let mut all = args.to_vec();
-    all.extend_from_slice(&["-o", "json", "--query", query]);
-    let text = ok(c, &all)?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("vpc {all:?}: {text}"))?;
-    Ok(match v {
-        serde_json::Value::String(s) => s,
-        other => other.to_string(),
-    })
+    c.cli_query(args, query)
 }
 
 #[test]

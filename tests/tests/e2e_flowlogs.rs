@@ -25,27 +25,12 @@ use vpc_tests::{
 
 /// A successful `vpc ARGS`: its stdout.
 fn ok(c: &Cluster, args: &[&str]) -> Result<String> {
-    let out = c.cli(args)?;
-    ensure!(
-        out.status.success(),
-        "vpc {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
+    c.cli_ok(args)
 }
 
 /// `vpc ARGS -o json --query Q` as a string.
 fn q(c: &Cluster, args: &[&str], query: &str) -> Result<String> {
-    let mut all = args.to_vec();
-    all.extend_from_slice(&["-o", "json", "--query", query]);
-    let text = ok(c, &all)?;
-    let v: Value = serde_json::from_str(&text).with_context(|| format!("vpc {all:?}: {text}"))?;
-    Ok(match v {
-        Value::String(s) => s,
-        other => other.to_string(),
-    })
+    c.cli_query(args, query)
 }
 
 /// A `vpc flows --follow` process collecting its JSON lines (killed on drop).

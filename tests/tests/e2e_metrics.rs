@@ -344,19 +344,7 @@ fn the_parser_rejects_malformed_expositions() {
 
 /// A successful `vpc ARGS -o json --query Q`, as a plain string.
 fn q(c: &Cluster, args: &[&str], query: &str) -> Result<String> {
-    let mut all = args.to_vec();
-    all.extend_from_slice(&["-o", "json", "--query", query]);
-    let out = c.cli(&all)?;
-    ensure!(
-        out.status.success(),
-        "vpc {all:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(match v {
-        serde_json::Value::String(s) => s,
-        other => other.to_string(),
-    })
+    c.cli_query(args, query)
 }
 
 /// Polls `f` every 250 ms until it returns `Some`, at most `timeout`; the last error or
